@@ -66,9 +66,8 @@ def main():
           f"B={B} G={G} T={T}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
 
     # 1. group sampling against generate(num_return_sequences=G)
-    gen = torch.Generator(device).manual_seed(0)
     ours = lambda: gs.sample_groups(model, batch, G, max_new_tokens=T, eos_id=-1, pad_id=tok.pad_token_id,
-                                    temperature=1.0, generator=gen)
+                                    temperature=1.0)
     def hf():
         with torch.no_grad():
             model.generate(input_ids=batch.input_ids, input_features=batch.features,
@@ -87,7 +86,8 @@ def main():
         loss, _ = gs.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
         loss.backward()
         m.zero_grad(set_to_none=True)
-    expanded = gs.Batch(batch.features.repeat_interleave(G, 0), batch.features_mask.repeat_interleave(G, 0),
+    expanded = gs.Batch(batch.features.repeat_interleave(G, 0), batch.frames.repeat_interleave(G, 0),
+                        batch.features_mask.repeat_interleave(G, 0),
                         batch.input_ids.repeat_interleave(G, 0), batch.attention_mask.repeat_interleave(G, 0),
                         [], [])
     t_once = timed(lambda: update(model, batch, G), args.repeats)

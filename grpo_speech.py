@@ -431,7 +431,8 @@ class SpeechData:
 @dataclass
 class Batch:
     """B prompts ready for the model. Prompts are left-padded so that completions line up."""
-    features: torch.Tensor        # (B, F, 160) log-mel frame pairs
+    features: torch.Tensor        # (B, F, 160) log-mel frame pairs, each utterance's own, zero-padded
+    frames: torch.Tensor          # (B,) frame pairs of each utterance
     features_mask: torch.Tensor   # (B, A) which projector outputs are real audio
     input_ids: torch.Tensor       # (B, P) chat-templated prompts, <|audio|> expanded
     attention_mask: torch.Tensor  # (B, P) 0 on left padding
@@ -440,11 +441,21 @@ class Batch:
 
     def to(self, device):
         return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
-                                            ("features", "features_mask", "input_ids", "attention_mask")})
+                                            ("features", "frames", "features_mask", "input_ids", "attention_mask")})
+
+    def select(self, b0: int, b1: int) -> "Batch":
+        """Prompts b0..b1-1 (a micro-batch)."""
+        return Batch(self.features[b0:b1], self.frames[b0:b1], self.features_mask[b0:b1], self.input_ids[b0:b1],
+                     self.attention_mask[b0:b1], self.targets[b0:b1], self.rows[b0:b1])
 
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int) -> Batch:
-    feats, n_audio = log_mel_batch([data.wave(i) for i in idx])
+    """Features of each utterance alone: the encoder has no padding mask, so batch padding would
+    leak into the audio embeddings and make an answer depend on its batch mates."""
+    waves = [data.wave(i) for i in idx]
+    feats = [log_mel(w) for w in waves]
+    frames = torch.tensor([f.shape[0] for f in feats])
+    n_audio = torch.tensor([num_audio_tokens(w.numel()) for w in waves])
     prompts = [encode_prompt(tokenizer, data.rows[i]["text"], int(n), audio_token_id) for i, n in zip(idx, n_audio)]
     P = max(map(len, prompts))
     input_ids = torch.full((len(idx), P), tokenizer.pad_token_id)
@@ -453,8 +464,8 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int) ->
         input_ids[b, P - len(p):] = torch.tensor(p)
         attention_mask[b, P - len(p):] = 1
     features_mask = torch.arange(int(n_audio.max()))[None] < n_audio[:, None]
-    return Batch(feats, features_mask, input_ids, attention_mask, [data.rows[i]["target"] for i in idx],
-                 [data.rows[i] for i in idx])
+    return Batch(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), frames, features_mask, input_ids,
+                 attention_mask, [data.rows[i]["target"] for i in idx], [data.rows[i] for i in idx])
 
 
 # ----------------------------------------------------------------------------- model ----
@@ -496,15 +507,26 @@ def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Ten
     return torch.tensor(sorted(bad), dtype=torch.long)
 
 
+def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
+    """Encoder + projector, each utterance alone on its own frames (no padding reaches the
+    encoder): (B, A, D), zero rows past each utterance's audio tokens. A frozen encoder runs
+    without autograd, so none of its activations are kept."""
+    audio = []
+    for feats, n in zip(batch.features, batch.frames.tolist()):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+            encoded = model.model.encoder(feats[None, :n]).last_hidden_state   # (1, F_b, H)
+        audio.append(model.model.projector(encoded)[0])                         # (A_b, D)
+    audio = torch.nn.utils.rnn.pad_sequence(audio, batch_first=True)            # (B, A_b max, D)
+    return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
+
+
 def prompt_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
     """The LM's input embeddings for B prompts, with the audio spliced in: (B, P, D).
 
     The encoder runs once per prompt; the G completions of a group share its output (repeat the
-    result, not the encoder). A frozen encoder runs without autograd: no activations are kept.
+    result, not the encoder).
     """
-    with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
-        encoded = model.model.encoder(batch.features).last_hidden_state         # (B, F, H)
-    audio = model.model.projector(encoded)                                      # (B, A, D)
+    audio = audio_embeddings(model, batch, train_encoder)
     return model.model.get_merged_audio_embeddings(batch.input_ids, audio, batch.features_mask)
 
 
@@ -549,13 +571,15 @@ class Samples:
 @torch.no_grad()
 def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int, pad_id: int,
                   temperature: float = 1.0, top_p: float = 1.0, suppress: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> Samples:
+                  uniforms: torch.Tensor | None = None) -> Samples:
     """G completions for each of B prompts from one shared prefill, decoded with a KV cache.
 
     The audio encoder and the prompt prefill run once per prompt; the cache is then repeated
     G times (generate(num_return_sequences=G) would run the encoder G times). temperature 0
     decodes greedily. Returned log-probs are those of the tempered, unsuppressed softmax, which
     is what the teacher-forced pass computes; top-p and suppression only choose the token.
+    Token t of row i is drawn by inverting the CDF at uniforms[i, t] (N, max_new_tokens): pass
+    draws seeded per prompt (row_uniforms) and a completion does not depend on its batch mates.
     """
     B, G = batch.input_ids.shape[0], group_size
     N = B * G
@@ -573,6 +597,9 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     logps = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.full((N,), max_new_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    if uniforms is None:
+        uniforms = torch.rand(N, max_new_tokens)
+    uniforms = uniforms.to(device)
     for t in range(max_new_tokens):
         logits = logits / temperature if temperature > 0 else logits
         logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
@@ -582,7 +609,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         if temperature <= 0:
             token = choose.argmax(-1)
         else:
-            token = torch.multinomial(torch.softmax(top_p_filter(choose, top_p), -1), 1, generator=generator).squeeze(1)
+            cdf = torch.softmax(top_p_filter(choose, top_p), -1).cumsum(-1)            # (N, V)
+            token = torch.searchsorted(cdf, uniforms[:, t:t + 1] * cdf[:, -1:]).squeeze(1).clamp(max=cdf.shape[1] - 1)
         token = torch.where(done, pad_id, token)
         tokens[:, t] = token
         logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
@@ -596,6 +624,14 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         cache, logits, next_pos = out.cache, out.logits[:, -1].float(), next_pos + 1
     T = int(lengths.max())
     return Samples(tokens[:, :T], lengths, logps[:, :T])
+
+
+def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int, length: int) -> torch.Tensor:
+    """(len(prompts) * G, length) uniform draws, a pure function of (seed, step, prompt): the same
+    completions whatever the batch size, the number of processes or the point of resumption."""
+    draws = [torch.rand(group_size, length, generator=torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + p))
+             for p in prompts]
+    return torch.cat(draws)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -704,6 +740,54 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     return loss, metrics
 
 
+# ---------------------------------------------------------------------- distributed ----
+# `torchrun --nproc_per_node N grpo_speech.py ...` runs N processes. Each takes B/N whole
+# prompts (a group never straddles two processes), gradients are summed over processes after
+# every backward, and only rank 0 writes files. Without torchrun, world = 1 and all of this is
+# a no-op.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """In place: x summed over processes."""
+        if self.world > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+    def gather(self, items: list) -> list:
+        """Every process's list, concatenated in rank order, on every process."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
+    """gloo on CPU, nccl on GPU, one GPU per process (LOCAL_RANK); torchrun sets the variables."""
+    if "RANK" not in os.environ:
+        return Dist(), pick_device(cfg.device)
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+
+
 # ------------------------------------------------------------------------ evaluation ----
 
 
@@ -720,9 +804,10 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
 
 def corpus_scores(hyps: list[str], refs: list[str], task: str) -> dict:
     """Corpus BLEU and chrF (sacrebleu, 0-100), and WER (%) for asr."""
-    bleu = sacrebleu.corpus_bleu(hyps, [refs])
-    chrf = sacrebleu.corpus_chrf(hyps, [refs])
-    scores = {"bleu": round(bleu.score, 2), "chrf": round(chrf.score, 2), "n": len(hyps)}
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    scores = {"bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
+              "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2), "n": len(hyps),
+              "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
     if task == "asr":
         errs, words = map(sum, zip(*(word_errors(h, r) for h, r in zip(hyps, refs))))
         scores["wer"] = round(100 * errs / max(words, 1), 2)
@@ -730,31 +815,30 @@ def corpus_scores(hyps: list[str], refs: list[str], task: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy, or the paper's T=0.9 top-p 0.9) and score them."""
+def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, desc: str = "eval",
+             dist: Dist = Dist()) -> tuple[dict, list[dict]]:
+    """Decode the first `limit` utterances (greedy, or the paper's T=0.9 top-p 0.9) and score them.
+    Under torchrun each process decodes every world-th utterance; all get the gathered scores."""
     model.eval()
-    idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))
+    idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
     idx.sort(key=lambda i: data.wave(i).numel())                           # similar lengths batch well
     audio_id = model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
     greedy = cfg.eval_decoding == "greedy"
-    gen = torch.Generator(model.device).manual_seed(cfg.seed)
     hyps: dict[int, str] = {}
-    for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False, disable=None):
+    for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False, disable=None if dist.main else True):
         b_idx = idx[k:k + cfg.eval_batch_size]
         batch = collate(data, b_idx, tokenizer, audio_id).to(model.device)
         with amp():
             s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
                               pad_id=tokenizer.pad_token_id, temperature=0.0 if greedy else 0.9,
-                              top_p=1.0 if greedy else 0.9, suppress=suppress, generator=gen)
+                              top_p=1.0 if greedy else 0.9, suppress=suppress,
+                              uniforms=None if greedy else row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens))
         hyps.update(zip(b_idx, decode(tokenizer, s)))
+    hyps = dict(dist.gather(list(hyps.items())))
     order = sorted(hyps)
     rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]} for i in order]
     return corpus_scores([r["hyp"] for r in rows], [r["ref"] for r in rows], cfg.task), rows
-
-
-def bleu_signature() -> str:
-    return str(sacrebleu.BLEU().get_signature())
 
 
 # ----------------------------------------------------------------------- checkpoints ----
@@ -834,18 +918,19 @@ class Stop:
         self.requested = True
 
 
-def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, suppress, reward_fn):
+def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids: list[int], suppress, reward_fn):
     """Sample the groups (MP-GRPO: G-1 samples + the reference) and score them.
 
     Returns completions (N, T), lengths (N,), rewards (N,), off_policy (N,) or None, and metrics.
     """
     G = cfg.group_size
     mixed = cfg.mode == "mp-grpo"
-    gen = torch.Generator(batch.input_ids.device).manual_seed(cfg.seed * 1_000_003 + step)
+    n = G - 1 if mixed else G
+    uniforms = row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens)
     t0 = time.perf_counter()
-    s = sample_groups(raw_model, batch, G - 1 if mixed else G, max_new_tokens=cfg.max_new_tokens,
+    s = sample_groups(raw_model, batch, n, max_new_tokens=cfg.max_new_tokens,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                      top_p=cfg.top_p, suppress=suppress, generator=gen)
+                      top_p=cfg.top_p, suppress=suppress, uniforms=uniforms)
     t_sample = time.perf_counter() - t0
     texts, rows, lengths = decode(tokenizer, s), s.tokens.tolist(), s.lengths.tolist()
     off_policy = None
@@ -872,7 +957,8 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, suppress, r
     return completions, lengths, rewards.to(completions.device), off_policy, metrics
 
 
-def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out: Path, amp, device) -> Path:
+def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out: Path, amp, device,
+          dist: Dist = Dist()) -> Path:
     """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
 
     Returns the directory of the best-on-dev weights (best/), which results.json reports.
@@ -894,6 +980,7 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     reward_fn = REWARDS[cfg.reward]
     G = cfg.group_size if grpo else 1
     B = cfg.batch_size if grpo else cfg.sft_batch_size
+    B_local = B // dist.world                                   # this process's share of prompts
     ckpt, best = out / "checkpoint", out / "best"
 
     step, bad_steps, best_dev = 0, 0, -1.0
@@ -903,40 +990,47 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
         scheduler.load_state_dict(state["scheduler"])
         step, bad_steps, best_dev = state["step"], state["bad_steps"], state["best_dev"]
         torch.set_rng_state(state["rng"]["torch"])
-        print(f"resumed from {ckpt} at step {step}")
-        # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        if dist.main:
+            print(f"resumed from {ckpt} at step {step}")
+            # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
 
     def checkpoint():
-        save_model(raw_model, tokenizer, ckpt, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                 "step": step, "bad_steps": bad_steps, "best_dev": best_dev, "rng": rng_state()})
+        if dist.main:
+            save_model(raw_model, tokenizer, ckpt, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                     "step": step, "bad_steps": bad_steps, "best_dev": best_dev,
+                                                     "rng": rng_state()})
+        dist.barrier()
 
     def dev_eval():
         nonlocal best_dev
-        scores, _ = evaluate(raw_model, tokenizer, splits["dev"], cfg, cfg.dev_limit, amp, desc="dev")
+        scores, _ = evaluate(raw_model, tokenizer, splits["dev"], cfg, cfg.dev_limit, amp, desc="dev", dist=dist)
         if scores["bleu"] > best_dev:
             best_dev = scores["bleu"]
-            save_model(raw_model, tokenizer, best)
-        return {f"eval/dev_{k}": v for k, v in scores.items() if k != "n"} | {"eval/best_dev_bleu": best_dev}
+            if dist.main:
+                save_model(raw_model, tokenizer, best)
+            dist.barrier()
+        return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | {"eval/best_dev_bleu": best_dev}
 
     stop = Stop()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode)
-    log = Logger(out / "metrics.jsonl", bar)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode, disable=not dist.main)
+    log = Logger(out / "metrics.jsonl", bar) if dist.main else (lambda step, metrics: None)
     if step == 0:
         log(0, dev_eval())  # the start model is a candidate too: best-on-dev may be step 0
     train_data = splits["train"]
     try:
-        while step < cfg.max_steps and not stop.requested:
+        while step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.requested))):
             t_step = time.perf_counter()
-            idx = train_data.batch_indices(cfg.seed, step, B)
+            first = dist.rank * B_local                          # this process's prompts of the step
+            idx = train_data.batch_indices(cfg.seed, step, B)[first:first + B_local]
             batch = collate(train_data, idx, tokenizer, audio_id).to(device)
             metrics = {}
             if grpo:
                 with amp():
                     completions, lengths, rewards, off_policy, metrics = grpo_rollout(
-                        cfg, raw_model, tokenizer, batch, step, suppress, reward_fn)
+                        cfg, raw_model, tokenizer, batch, step, list(range(first, first + B_local)), suppress, reward_fn)
                 advantages = group_advantages(rewards, G, cfg.scale_rewards)
             else:
                 refs = [encode_target(tokenizer, t) for t in batch.targets]
@@ -954,15 +1048,16 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
                     old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
             metrics["perf/ref_logp_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            # policy update: mu passes over the rollout, prompts split into micro-batches
-            n_tok = mask.sum().clamp(min=1)
+            # policy update: mu passes over the rollout, prompts split into micro-batches. Each
+            # micro-batch's loss is weighted by its share of the global batch, so that summing the
+            # gradients of every micro-batch and every process gives the full batch's gradient.
+            n_tok = dist.sum(mask.sum().float()).clamp(min=1)
             for _ in range(cfg.num_iterations if grpo else 1):
                 agg: dict[str, float] = {}
                 for chunk in torch.arange(len(idx)).chunk(cfg.grad_accum):
                     b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
                     rows = slice(b0 * G, b1 * G)
-                    mb = dataclasses.replace(batch, features=batch.features[b0:b1], features_mask=batch.features_mask[b0:b1],
-                                             input_ids=batch.input_ids[b0:b1], attention_mask=batch.attention_mask[b0:b1])
+                    mb = batch.select(b0, b1)
                     mb_mask = mask[rows]
                     with amp():
                         logp, entropy = completion_logprobs(policy, mb, completions[rows], G, cfg.temperature if grpo else 1.0,
@@ -972,7 +1067,7 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
                                             None if ref_logp is None else ref_logp[rows], advantages[rows], mb_mask,
                                             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                             loss_type=cfg.loss_type, off_policy=None if off_policy is None else off_policy[rows])
-                        weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / len(idx)
+                        weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
                     else:
                         loss, m = sft_loss(logp, mb_mask), {}
                         weight = mb_mask.sum() / n_tok
@@ -981,6 +1076,8 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
                     m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
                     for k, v in m.items():
                         agg[k] = agg.get(k, 0.0) + v * float(weight)
+                for p in params:
+                    dist.sum(p.grad)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if torch.isfinite(grad_norm) and math.isfinite(agg["loss/total"]):
                     optimizer.step()
@@ -991,7 +1088,12 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
                     if bad_steps >= cfg.max_bad_steps:
                         raise InputError(f"aborting: {bad_steps} non-finite losses/gradients in a row at step {step}")
                 optimizer.zero_grad(set_to_none=True)
-            metrics.update(agg)
+            names = sorted(agg)
+            totals = dist.sum(torch.tensor([agg[k] for k in names], dtype=torch.float64))
+            rollout = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
+            means = dist.sum(torch.tensor([metrics[k] for k in rollout], dtype=torch.float64)) / dist.world
+            metrics.update(zip(names, totals.tolist()))
+            metrics.update(zip(rollout, means.tolist()))
             if not grpo:
                 metrics["loss/sft"] = metrics.pop("loss/total")
             metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": float(grad_norm),
@@ -1006,11 +1108,14 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if stop.requested and step < cfg.max_steps:
+    if step < cfg.max_steps:  # a process was asked to stop
         checkpoint()
-        print(f"stopped at step {step}; checkpoint in {ckpt} (continue with --resume)")
+        if dist.main:
+            print(f"stopped at step {step}; checkpoint in {ckpt} (continue with --resume)")
         raise SystemExit(130)
-    save_model(raw_model, tokenizer, out / "final")
+    if dist.main:
+        save_model(raw_model, tokenizer, out / "final")
+    dist.barrier()
     return best
 
 
@@ -1192,7 +1297,7 @@ def pretrain(cfg: Config, device) -> None:
     embed = model.get_input_embeddings()
     with torch.no_grad():  # audio embeddings start ~10x the norm of text ones: scale them down
         b = collate(both, list(range(8)), tokenizer, audio_id).to(device)
-        audio = model.model.projector(encoder(b.features).last_hidden_state)
+        audio = audio_embeddings(model, b)
         model.model.projector.linear.weight *= embed.weight.norm(dim=-1).mean() / audio.norm(dim=-1).mean()
     def joint_loss(idx):
         batch = collate(both, idx, tokenizer, audio_id).to(device)
@@ -1201,7 +1306,7 @@ def pretrain(cfg: Config, device) -> None:
         completions = torch.tensor([r + [pad] * (int(lengths.max()) - len(r)) for r in refs], device=device)
         logp = completion_logprobs(model, batch, completions, 1)
         mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]
-        audio = model.model.projector(encoder(batch.features).last_hidden_state)       # (B, A, D)
+        audio = audio_embeddings(model, batch)                                         # (B, A, D)
         ctc_logits = audio @ embed.weight.T
         n_audio = batch.features_mask.sum(1).cpu()
         transcripts = [words(english[r["audio"]]) for r in batch.rows]
@@ -1252,7 +1357,9 @@ def prepare_out(cfg: Config) -> Path:
 def run(cfg: Config) -> dict:
     """Everything `python grpo_speech.py` does; returns results.json's contents."""
     cfg = resolve_config(cfg)
-    device = pick_device(cfg.device)
+    dist, device = init_distributed(cfg)
+    if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
+        raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible by the {dist.world} processes")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.mode == "pretrain":
@@ -1263,28 +1370,35 @@ def run(cfg: Config) -> dict:
     splits = {k: SpeechData(v, cfg.max_audio_seconds)
               for k, v in load_splits(cfg.data, cfg.task, wanted, cfg.max_audio_seconds).items()}
     model, tokenizer = load_model(cfg.model, device)
-    out = prepare_out(cfg)
+    out = Path(cfg.out)
+    if dist.main:
+        prepare_out(cfg)
+    dist.barrier()
+    say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forward passes, fp32 weights and log-probs
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    print(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}")
-    print(f"sacrebleu {bleu_signature()}")
+    say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, processes {dist.world}")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}
+    if dist.main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if "base" not in results:
-        results["base"], hyps = evaluate(model, tokenizer, splits["test"], cfg, cfg.eval_limit, amp, desc="test (start)")
-        write_json(results_file, results)
-        write_jsonl(out / "hyps_base.jsonl", hyps)
-    print(f"start model on test: {fmt(results['base'])}")
+        results["base"], hyps = evaluate(model, tokenizer, splits["test"], cfg, cfg.eval_limit, amp, "test (start)", dist)
+        if dist.main:
+            write_json(results_file, results)
+            write_jsonl(out / "hyps_base.jsonl", hyps)
+    say(f"sacrebleu: {results['base']['signature']}")
+    say(f"start model on test: {fmt(results['base'])}")
     if cfg.mode == "eval":
         return results
-    best = train(cfg, model, tokenizer, splits, out, amp, device)
+    best = train(cfg, model, tokenizer, splits, out, amp, device, dist)
     best_model, _ = load_model(str(best), device)
-    results["final"], hyps = evaluate(best_model, tokenizer, splits["test"], cfg, cfg.eval_limit, amp, desc="test (best)")
+    results["final"], hyps = evaluate(best_model, tokenizer, splits["test"], cfg, cfg.eval_limit, amp, "test (best)", dist)
     results["final"]["checkpoint"] = "best-on-dev"
-    write_json(results_file, results)
-    write_jsonl(out / "hyps_final.jsonl", hyps)
-    print(f"best-on-dev model on test: {fmt(results['final'])}")
+    if dist.main:
+        write_json(results_file, results)
+        write_jsonl(out / "hyps_final.jsonl", hyps)
+    say(f"best-on-dev model on test: {fmt(results['final'])}")
     return results
 
 
