@@ -127,9 +127,14 @@ class Config:
     pretrain_steps: str = opt("600,1200,400,2500", "steps of the 4 stages: char CTC, word CTC, LM on stretched text, joint")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage, then exit code 2
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse from the dataclass, so --help lists every field with its default and meaning."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         name = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
@@ -321,6 +326,8 @@ def check_audio_files(rows: list[dict], source: Path, max_seconds: float = float
             raise InputError(f"{audio}: not a readable audio file (listed in {source})") from None
         if info.frames == 0:
             raise InputError(f"{audio}: audio file has 0 samples (listed in {source})")
+        if info.duration < 0.025:
+            raise InputError(f"{audio}: {info.frames} samples is shorter than one 25 ms analysis window (listed in {source})")
         if info.duration > max_seconds:
             raise InputError(f"{audio}: {info.duration:.1f} s is longer than --max-audio-seconds {max_seconds}")
         converted += info.samplerate != SAMPLE_RATE or info.channels != 1
@@ -610,7 +617,9 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
             token = choose.argmax(-1)
         else:
             cdf = torch.softmax(top_p_filter(choose, top_p), -1).cumsum(-1)            # (N, V)
-            token = torch.searchsorted(cdf, uniforms[:, t:t + 1] * cdf[:, -1:]).squeeze(1).clamp(max=cdf.shape[1] - 1)
+            # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
+            u = uniforms[:, t:t + 1] * cdf[:, -1:]
+            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
         token = torch.where(done, pad_id, token)
         tokens[:, t] = token
         logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
@@ -719,6 +728,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     else:
         kl = torch.zeros_like(logp)
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
+    per_token = torch.where(mask.bool(), per_token, 0.0)   # padding never reaches the loss, not even as inf * 0
     # normalisation: dapo averages over every completion token of the group (the paper's)
     if loss_type == "dapo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -860,17 +870,14 @@ def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
 
 def load_checkpoint(model, path: Path) -> dict:
     """Weights into `model` (in place) and the trainer state of <out>/checkpoint."""
-    from safetensors.torch import load_file
-    files = sorted(path.glob("*.safetensors"))
-    if not files or not (path / "trainer_state.pt").is_file():
+    if not (path / "trainer_state.pt").is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]                # tied to the embeddings
-    if missing or unexpected:
-        raise InputError(f"{path}: checkpoint does not match --model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    # from_pretrained maps the saved (hub) names back onto the module's; then copy in place
+    saved = type(model).from_pretrained(path, dtype=torch.float32)
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as e:
+        raise InputError(f"{path}: checkpoint does not match --model ({str(e).splitlines()[1].strip()[:120]})") from None
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
