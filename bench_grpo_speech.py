@@ -1,6 +1,16 @@
-"""Speed benchmark of grpo_speech.py's hot loop: prints figures and ratios, asserts nothing.
+"""Benchmarks of grpo_speech.py: the paper's comparison at small scale, and the hot loop's speed.
 
-  python bench_grpo_speech.py --speed      # same process, same model, same inputs
+  python bench_grpo_speech.py --compare           # base vs SFT vs GRPO vs MP-GRPO, ast + sqa, 3 seeds
+  python bench_grpo_speech.py --compare --quick   # one seed, fewer steps
+  python bench_grpo_speech.py --speed             # same process, same model, same inputs
+
+--compare runs the real command line once per (task, method, seed) into runs/compare/, writes
+runs/compare/table.md (corpus BLEU and chrF on the test split, mean +- std over seeds, of each
+method's best-on-dev checkpoint) and puts it into README.md between the compare markers, with
+the command and its wall time; with matplotlib installed it also draws runs/compare/curves.png.
+SFT and GRPO get an equal budget of updates and sequences: the same number of steps, each
+step pushing B x G = 32 sequences through the policy (SFT: 32 references; GRPO: 4 prompts x 8
+samples; MP-GRPO: 4 x (7 samples + the reference)).
 
 Each ratio is (baseline time) / (our time), median of --repeats runs after a warm-up:
   * group sampling (B prompts x G samples, every row forced to the same length) against
@@ -13,9 +23,15 @@ Each ratio is (baseline time) / (our time), median of --repeats runs after a war
 """
 
 import argparse
+import json
+import os
+import re
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -42,9 +58,90 @@ def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
     return 2 * n**3 / timed(lambda: a @ b, repeats)
 
 
+def run_method(task: str, mode: str, seed: int, steps: int, out: Path) -> dict:
+    """One training run through the real command line; returns its results.json."""
+    if not (out / "results.json").exists() or "final" not in json.loads((out / "results.json").read_text()):
+        cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode, "--seed", str(seed),
+               "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--sft-batch-size", "32",
+               "--out", str(out), "--overwrite"]
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        print(f"  {task} {mode} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def compare(args) -> None:
+    seeds = [0] if args.quick else [0, 1, 2]
+    steps = 20 if args.quick else args.steps
+    root = gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
+    t0 = time.time()
+    rows, curves = [], {}
+    for task in ("ast", "sqa"):
+        results = {m: [run_method(task, m, s, steps, root / f"{task}-{m}-s{s}") for s in seeds]
+                   for m in ("sft", "grpo", "mp-grpo")}
+        base = results["sft"][0]["base"]  # greedy decoding: the start model's score has no seed
+        rows.append((task, "start model", f"{base['bleu']:.1f}", f"{base['chrf']:.1f}"))
+        for m, rs in results.items():
+            rows.append((task, m.upper(), mean_std([r["final"]["bleu"] for r in rs]),
+                         mean_std([r["final"]["chrf"] for r in rs])))
+            curves[(task, m)] = [[json.loads(l) for l in (root / f"{task}-{m}-s{s}" / "metrics.jsonl").open()]
+                                 for s in seeds]
+    minutes = (time.time() - t0) / 60
+    command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "")
+    table = "\n".join(["| task | method | test BLEU | test chrF |", "|---|---|---|---|"] +
+                       [f"| {' | '.join(r)} |" for r in rows])
+    text = (f"`{command}` ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}; "
+            f"{steps} steps per run; {minutes:.0f} min on this machine, {os.cpu_count()} CPU cores). "
+            f"Each cell: best-on-dev checkpoint, corpus score on the test split (200 ast / 150 sqa utterances, "
+            f"greedy), mean ± std over seeds.\n\n{table}\n")
+    (root / "table.md").write_text(text)
+    print(text)
+    readme = gs.HERE / "README.md"
+    marks = ("<!-- compare:begin -->", "<!-- compare:end -->") if not args.quick else \
+            ("<!-- compare-quick:begin -->", "<!-- compare-quick:end -->")
+    old = readme.read_text()
+    if marks[0] in old:
+        readme.write_text(re.sub(re.escape(marks[0]) + ".*?" + re.escape(marks[1]),
+                                 lambda _: f"{marks[0]}\n{text}{marks[1]}", old, flags=re.S))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no curves.png")
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, task in enumerate(("ast", "sqa")):
+        for m in ("sft", "grpo", "mp-grpo"):
+            runs = curves[(task, m)]
+            if m != "sft":
+                xs = [r["step"] for r in runs[0] if "reward/mean" in r]
+                ys = [statistics.mean(r["reward/mean"] for r in run if r["step"] == x and "reward/mean" in r)
+                      for x in xs for run in runs[:1]]
+                axes[0, col].plot(xs, ys, label=m)
+            ev = [(r["step"], r["eval/dev_bleu"]) for r in runs[0] if "eval/dev_bleu" in r]
+            axes[1, col].plot(*zip(*ev), marker="o", label=m)
+        axes[0, col].set(title=f"{task}: group reward (seed 0)", xlabel="step", ylabel="mean sentence BLEU")
+        axes[1, col].set(title=f"{task}: dev BLEU (seed 0)", xlabel="step", ylabel="corpus BLEU")
+        for ax in axes[:, col]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=90)
+    print(f"wrote {root / 'curves.png'}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
+    p.add_argument("--compare", action="store_true", help="run the base/SFT/GRPO/MP-GRPO comparison")
+    p.add_argument("--quick", action="store_true", help="with --compare: one seed, 20 steps")
+    p.add_argument("--steps", type=int, default=60, help="with --compare: steps per run")
     p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
     p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
     p.add_argument("--batch-size", type=int, default=4, help="B prompts")
@@ -53,8 +150,10 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    if args.compare:
+        return compare(args)
     if not args.speed:
-        p.error("nothing to do: pass --speed")
+        p.error("nothing to do: pass --speed or --compare")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)

@@ -31,11 +31,13 @@ ast).  GRPO then runs on ``train`` and is evaluated on ``dev``/``test``.  If
 those splits looked like ``pretrain`` the converged model would already be
 near-perfect and RL would have nothing to do, so they are *shifted*:
 
-* ``pretrain``: short simple sentences (3-8 words): subject + verb + object
-  with at most one adjective, an optional place phrase, "X is ADJ", "X has
-  two dogs", an adverb at the END ("the man saw the dog yesterday"), and - so
-  that every word is known - a rare, very short "anna is happy when tom is
-  tired" clause.  Voices from set A.
+* ``pretrain``: simple sentences (3-12 words): subject + verb + object with
+  up to two adjectives, numbers with plurals and place phrases (a third of
+  them are as long as the shifted sentences, so that a converged model knows
+  long outputs and the shift is one of construction, not of length), "X is
+  ADJ", "X has two dogs", an adverb at the END ("the man saw the dog
+  yesterday"), and - so that every word is known - a rare, very short "anna
+  is happy when tom is tired" clause.  Voices from set A.
 * ``train``/``dev``/``test``: longer (7-14 words), differently built
   sentences: two adjectives, numbers with adjective + plural, FRONTED adverbs
   (German verb-second inversion), subordinate "because"/"when" clauses with
@@ -434,7 +436,11 @@ SIMPLE_OBJ = ["def", "indef", "indef", "defpl"]
 
 
 def pretrain_sentence(rng):
-    """Short, simple sentences: 3-8 words, at most one adjective."""
+    """Simple sentences, 3-12 words: plain word order, adverbs at the end."""
+    if rng.random() < 0.33:   # long but simple: two adjectives, number + plural, place
+        c = random_transitive(rng, rich_np_adjs(rng), rich_np_adjs(rng),
+                              RICH_SUBJ, RICH_OBJ, place_p=0.5)
+        return c.english(), capitalise(c.german())
     r = rng.random()
     if r < 0.45:      # S V O (+ one adjective) (+ place)
         n_adj = rng.choice([0, 1])
@@ -609,7 +615,7 @@ def build_text(rng, scale):
     sizes = {s: max(1, round(n * scale)) for s, n in SIZES["speech"].items()}
     seen = set()
     speech = {"pretrain": sample_unique(rng, pretrain_sentence, sizes["pretrain"],
-                                        seen, 3, 8)}
+                                        seen, 3, 12)}
     for split in ("train", "dev", "test"):
         speech[split] = sample_unique(rng, shifted_sentence, sizes[split], seen, 7, 14)
 
@@ -636,7 +642,7 @@ def build_text(rng, scale):
     while missing and tries < 500000:
         tries += 1
         en, de = pretrain_sentence(rng)
-        if en in seen or not (3 <= n_words(en) <= 8) or not (set(en.split()) & missing):
+        if en in seen or not (3 <= n_words(en) <= 12) or not (set(en.split()) & missing):
             continue
         seen.add(en)
         speech["pretrain"].append((en, de))
