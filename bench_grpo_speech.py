@@ -62,8 +62,7 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path) -> dict:
     """One training run through the real command line; returns its results.json."""
     if not (out / "results.json").exists() or "final" not in json.loads((out / "results.json").read_text()):
         cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode, "--seed", str(seed),
-               "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--sft-batch-size", "32",
-               "--out", str(out), "--overwrite"]
+               "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--out", str(out), "--overwrite"]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode:

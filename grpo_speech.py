@@ -9,17 +9,21 @@ MP-GRPO (the reference answer as an off-policy group member), evaluation, and th
 that pre-trains the tiny Granite Speech shipped in data/tiny-granite-speech.
 
 Read it top to bottom: config, audio, text, data sets, model, sampling, rewards, advantages,
-losses, evaluation, checkpoints, training loops, pre-training, main.
+losses, distributed, evaluation, checkpoints, training loops, pre-training, main.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by this project on espeak-ng
     speech (data/), not the 2B/8B checkpoints; `--model ibm-granite/granite-speech-3.3-2b`
     runs the same code on the real one.
-  * Rollouts and GRPO log-probs run with the model in eval mode (no dropout, BatchNorm on
-    running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
+  * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm
+    on running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
+  * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
+    conformer, which has no padding mask, hears the padding): an answer never depends on its
+    batch mates, so batch size, process count and resumption leave results unchanged.
+  * MP-GRPO keeps the KL term on the reference answer's tokens too.
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
-    48 tokens (the paper: 200), dev evaluation every 20 steps with greedy decoding (the paper
+    48 tokens (the paper: 200), dev evaluation every 15 steps with greedy decoding (the paper
     decodes with temperature 0.9, top-p 0.9: `--eval-decoding sample`).
   * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1.
 
@@ -107,9 +111,9 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     grad_accum: int = opt(1, "split each step's prompts into this many micro-batches")
     train_encoder: bool = opt(False, "also train the audio encoder (default: projector + LM)")
-    sft_batch_size: int = opt(16, "SFT: references per step")
+    sft_batch_size: int = opt(32, "SFT: references per step (default B x G: the same sequences per update as GRPO)")
     # evaluation
-    eval_every: int = opt(20, "steps between dev evaluations; the best-on-dev weights go to best/")
+    eval_every: int = opt(15, "steps between dev evaluations; the best-on-dev weights go to best/")
     eval_limit: int = opt(200, "test utterances scored for results.json (0: all)")
     dev_limit: int = opt(100, "dev utterances scored every --eval-every steps (0: all)")
     eval_decoding: str = opt("greedy", "greedy, or sample (the paper: temperature 0.9, top-p 0.9)", choices=("greedy", "sample"))
