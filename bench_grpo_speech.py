@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -58,13 +59,14 @@ def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
     return 2 * n**3 / timed(lambda: a @ b, repeats)
 
 
-def run_method(task: str, mode: str, seed: int, steps: int, out: Path) -> dict:
-    """One training run through the real command line; returns its results.json."""
+def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int) -> dict:
+    """One training run through the real command line (resumed if already done); its results.json."""
     if not (out / "results.json").exists() or "final" not in json.loads((out / "results.json").read_text()):
         cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode, "--seed", str(seed),
                "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--out", str(out), "--overwrite"]
         t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
         print(f"  {task} {mode} seed {seed}: {time.time() - t0:.0f} s", flush=True)
@@ -81,9 +83,12 @@ def compare(args) -> None:
     root = gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
     t0 = time.time()
     rows, curves = [], {}
+    jobs = [(task, m, s) for task in ("ast", "sqa") for m in ("sft", "grpo", "mp-grpo") for s in seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
+        done = dict(zip(jobs, pool.map(lambda j: run_method(*j, steps, root / f"{j[0]}-{j[1]}-s{j[2]}", threads), jobs)))
     for task in ("ast", "sqa"):
-        results = {m: [run_method(task, m, s, steps, root / f"{task}-{m}-s{s}") for s in seeds]
-                   for m in ("sft", "grpo", "mp-grpo")}
+        results = {m: [done[(task, m, s)] for s in seeds] for m in ("sft", "grpo", "mp-grpo")}
         base = results["sft"][0]["base"]  # greedy decoding: the start model's score has no seed
         rows.append((task, "start model", f"{base['bleu']:.1f}", f"{base['chrf']:.1f}"))
         for m, rs in results.items():
@@ -92,7 +97,8 @@ def compare(args) -> None:
             curves[(task, m)] = [[json.loads(l) for l in (root / f"{task}-{m}-s{s}" / "metrics.jsonl").open()]
                                  for s in seeds]
     minutes = (time.time() - t0) / 60
-    command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "")
+    command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "") + \
+        (f" --jobs {args.jobs}" if args.jobs != 2 else "")
     table = "\n".join(["| task | method | test BLEU | test chrF |", "|---|---|---|---|"] +
                        [f"| {' | '.join(r)} |" for r in rows])
     text = (f"`{command}` ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}; "
@@ -141,6 +147,7 @@ def main():
     p.add_argument("--compare", action="store_true", help="run the base/SFT/GRPO/MP-GRPO comparison")
     p.add_argument("--quick", action="store_true", help="with --compare: one seed, 20 steps")
     p.add_argument("--steps", type=int, default=60, help="with --compare: steps per run")
+    p.add_argument("--jobs", type=int, default=2, help="with --compare: runs side by side (one thread each on 2 cores)")
     p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
     p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
     p.add_argument("--batch-size", type=int, default=4, help="B prompts")

@@ -601,9 +601,13 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     cache = out.cache
     cache.batch_repeat_interleave(G)                                       # (B, ...) -> (N, ...)
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)             # (N, V)
-    attn = batch.attention_mask.repeat_interleave(G, 0)                    # (N, P)
+    P, device = batch.input_ids.shape[1], logits.device
+    attn = torch.cat([batch.attention_mask.repeat_interleave(G, 0),        # (N, P + max_new_tokens)
+                      torch.ones(N, max_new_tokens, dtype=batch.attention_mask.dtype, device=device)], dim=1)
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                     # (N, 1)
-    device = logits.device
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+    if suppress is not None:
+        banned[suppress.to(device)] = True
     tokens = torch.full((N, max_new_tokens), pad_id, device=device)
     logps = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.full((N,), max_new_tokens, device=device)
@@ -611,16 +615,18 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     if uniforms is None:
         uniforms = torch.rand(N, max_new_tokens)
     uniforms = uniforms.to(device)
+    lm, lm_head = model.model.language_model, model.lm_head                # decode steps skip the audio plumbing
     for t in range(max_new_tokens):
         logits = logits / temperature if temperature > 0 else logits
         logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
-        choose = logits.clone()
-        if suppress is not None:
-            choose[:, suppress.to(device)] = -float("inf")
         if temperature <= 0:
-            token = choose.argmax(-1)
+            token = logits.masked_fill(banned, -float("inf")).argmax(-1)
         else:
-            cdf = torch.softmax(top_p_filter(choose, top_p), -1).cumsum(-1)            # (N, V)
+            if top_p < 1.0:
+                probs = torch.softmax(top_p_filter(logits.masked_fill(banned, -float("inf")), top_p), -1)
+            else:
+                probs = logp_all.exp().masked_fill(banned, 0.0)
+            cdf = probs.cumsum(-1)                                          # (N, V)
             # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
             u = uniforms[:, t:t + 1] * cdf[:, -1:]
             token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
@@ -632,9 +638,9 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         done |= finished_now
         if bool(done.all()):
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
-        cache, logits, next_pos = out.cache, out.logits[:, -1].float(), next_pos + 1
+        out = lm(input_ids=token[:, None], attention_mask=attn[:, :P + t + 1], position_ids=next_pos,
+                 cache=cache, use_cache=True)
+        cache, logits, next_pos = out.cache, lm_head(out.last_hidden_state[:, -1]).float(), next_pos + 1
     T = int(lengths.max())
     return Samples(tokens[:, :T], lengths, logps[:, :T])
 
