@@ -79,7 +79,7 @@ def mean_std(xs: list[float]) -> str:
 
 def compare(args) -> None:
     seeds = [0] if args.quick else [0, 1, 2]
-    steps = 20 if args.quick else args.steps
+    steps = 100 if args.quick else args.steps
     root = gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
     t0 = time.time()
     rows, curves = [], {}
@@ -145,8 +145,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
     p.add_argument("--compare", action="store_true", help="run the base/SFT/GRPO/MP-GRPO comparison")
-    p.add_argument("--quick", action="store_true", help="with --compare: one seed, 20 steps")
-    p.add_argument("--steps", type=int, default=60, help="with --compare: steps per run")
+    p.add_argument("--quick", action="store_true", help="with --compare: one seed, 100 steps")
+    p.add_argument("--steps", type=int, default=300, help="with --compare: steps per run")
     p.add_argument("--jobs", type=int, default=2, help="with --compare: runs side by side (one thread each on 2 cores)")
     p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
     p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
