@@ -63,7 +63,8 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: 
     """One training run through the real command line (resumed if already done); its results.json."""
     if not (out / "results.json").exists() or "final" not in json.loads((out / "results.json").read_text()):
         cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode, "--seed", str(seed),
-               "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--out", str(out), "--overwrite"]
+               "--max-steps", str(steps), "--eval-every", str(min(30, max(1, steps // 4))), "--out", str(out),
+               "--overwrite"]
         t0 = time.time()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
