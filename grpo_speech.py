@@ -893,7 +893,12 @@ def load_checkpoint(model, path: Path) -> dict:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    """torch's generators. Sampling and data order need none of it (they are pure functions of
+    (seed, step, index)); it is kept so that any other draw also resumes exactly."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 # ----------------------------------------------------------------------------- train ----
@@ -1008,6 +1013,8 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
         scheduler.load_state_dict(state["scheduler"])
         step, bad_steps, best_dev = state["step"], state["bad_steps"], state["best_dev"]
         torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if dist.main:
             print(f"resumed from {ckpt} at step {step}")
             # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
