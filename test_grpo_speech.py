@@ -934,13 +934,16 @@ def test_non_finite_losses_are_skipped_then_abort(tiny_data, fixture_model_dir, 
 
 
 def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, tmp_path):
-    args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast",
+    # SFT: the sharding, the summed gradients and the gathered evaluation, without sampling. (GRPO
+    # matched to ~1e-7 too, but a float difference at the 1e-7 level can flip one sampled token of
+    # an untrained model, which then changes that step's reward: a flaky test.)
+    args = ["--task", "ast", "--mode", "sft", "--model", fixture_model_dir, "--data", tiny_data / "ast",
             "--max-steps", "2", "--eval-every", "2", "--eval-limit", "4", "--dev-limit", "4", "--batch-size", "4",
-            "--group-size", "3", "--max-new-tokens", "8", "--lr", "1e-3", "--reward", "chrf", "--temperature", "1.5"]
+            "--sft-batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-3"]
     one = run_cli(*args, "--out", tmp_path / "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "grpo_speech.py"), *map(str, args)]
     two = subprocess.run(cmd + ["--out", str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=240)
@@ -948,7 +951,7 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
     a, b = _step_metrics(tmp_path / "one"), _step_metrics(tmp_path / "two")
     assert sorted(a) == sorted(b) == [0, 1, 2]
     for step in (1, 2):
-        for key in ("reward/mean", "loss/total", "kl/mean", "perf/grad_norm"):
+        for key in ("loss/sft", "perf/grad_norm"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
     assert a[2]["eval/dev_chrf"] == b[2]["eval/dev_chrf"]
     # a global batch that does not split into whole prompts per process is refused
