@@ -798,9 +798,9 @@ class Dist:
 
 def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     """gloo on CPU, nccl on GPU, one GPU per process (LOCAL_RANK); torchrun sets the variables."""
-    if "RANK" not in os.environ:
-        return Dist(), pick_device(cfg.device)
     device = pick_device(cfg.device)
+    if "RANK" not in os.environ:
+        return Dist(), device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
