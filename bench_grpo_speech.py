@@ -27,6 +27,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,23 +124,29 @@ def compare(args) -> None:
         print("matplotlib not installed: no curves.png")
         return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    smooth = lambda ys, k=20: [statistics.mean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
     for col, task in enumerate(("ast", "sqa")):
         for m in ("sft", "grpo", "mp-grpo"):
             runs = curves[(task, m)]
-            if m != "sft":
-                xs = [r["step"] for r in runs[0] if "reward/mean" in r]
-                ys = [statistics.mean(r["reward/mean"] for r in run if r["step"] == x and "reward/mean" in r)
-                      for x in xs for run in runs[:1]]
-                axes[0, col].plot(xs, ys, label=m)
-            ev = [(r["step"], r["eval/dev_bleu"]) for r in runs[0] if "eval/dev_bleu" in r]
-            axes[1, col].plot(*zip(*ev), marker="o", label=m)
-        axes[0, col].set(title=f"{task}: group reward (seed 0)", xlabel="step", ylabel="mean sentence BLEU")
-        axes[1, col].set(title=f"{task}: dev BLEU (seed 0)", xlabel="step", ylabel="corpus BLEU")
+            if m != "sft":  # SFT samples nothing: no reward
+                per_step = [[r["reward/mean"] for r in run if "reward/mean" in r] for run in runs]
+                ys = smooth([statistics.mean(v) for v in zip(*per_step)])
+                axes[0, col].plot(range(1, len(ys) + 1), ys, label=m.upper())
+            evals = [[(r["step"], r["eval/dev_bleu"]) for r in run if "eval/dev_bleu" in r] for run in runs]
+            xs = [x for x, _ in evals[0]]
+            axes[1, col].plot(xs, [statistics.mean(y for _, y in pts) for pts in zip(*evals)], marker="o", label=m.upper())
+        axes[1, col].axhline(evals[0][0][1], color="grey", linestyle="--", label="start model")
+        axes[0, col].set(title=f"{task}: group reward ({n}, 20-step average)", xlabel="step",
+                         ylabel="mean sentence BLEU / 100 (MP-GRPO: with the reference)")
+        axes[1, col].set(title=f"{task}: dev BLEU (mean of {n})", xlabel="step", ylabel="corpus BLEU")
         for ax in axes[:, col]:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(root / "curves.png", dpi=90)
+    fig.savefig(root / "curves.png", dpi=80)
     print(f"wrote {root / 'curves.png'}")
+    if not args.quick:  # the README shows it; runs/ is not in git
+        shutil.copy(root / "curves.png", gs.HERE / "data" / "compare-curves.png")
 
 
 def main():

@@ -36,8 +36,10 @@ near-perfect and RL would have nothing to do, so they are *shifted*:
   them are as long as the shifted sentences, so that a converged model knows
   long outputs and the shift is one of construction, not of length), "X is
   ADJ", "X has two dogs", an adverb at the END ("the man saw the dog
-  yesterday"), and - so that every word is known - a rare, very short "anna
-  is happy when tom is tired" clause.  Voices from set A.
+  yesterday"), and a share --bridge (15%) of short sentences built like the
+  shifted ones: a fronted adverb or a because/when clause with plain noun
+  phrases ("yesterday max saw the apple", "when paul is happy they need the
+  cake").  Voices from set A.
 * ``train``/``dev``/``test``: longer (7-14 words), differently built
   sentences: two adjectives, numbers with adjective + plural, FRONTED adverbs
   (German verb-second inversion), subordinate "because"/"when" clauses with
@@ -435,8 +437,42 @@ SIMPLE_SUBJ = ["def", "def", "indef", "defpl", "name", "they"]
 SIMPLE_OBJ = ["def", "indef", "indef", "defpl"]
 
 
+BRIDGE = 0.15   # share of pretrain sentences built like train's, but short (--bridge)
+
+
+def bridge_sentence(rng):
+    """The shifted constructions in short form (3-12 words): a fronted adverb,
+    or a because/when clause, with plain noun phrases (at most one adjective,
+    no numbers).  They keep the shift one of combination, length and voice
+    rather than of never-heard word orders."""
+    if rng.random() < 0.5:      # yesterday the dog saw a ball
+        adverb = rng.choice(sorted(ADVERBS))
+        n_adj = rng.choice([0, 0, 1])
+        on_subj = rng.random() < 0.5
+        c = random_transitive(rng, n_adj if on_subj else 0, 0 if on_subj else n_adj,
+                              SIMPLE_SUBJ, SIMPLE_OBJ, 0.2, ADVERBS[adverb][1])
+        c.adverb = adverb
+        return c.english(front_adverb=True), capitalise(c.german(front_adverb=True))
+    conj = rng.choice(sorted(CONJ))
+    main = random_transitive(rng, 0, rng.choice([0, 1]), SIMPLE_SUBJ, SIMPLE_OBJ, 0.0)
+    if rng.random() < 0.5:
+        sub = random_copula(rng, ["def", "name"], 0, place_ok=False)
+    else:
+        sub = random_transitive(rng, 0, 0, ["def", "name"], ["def", "indef"], 0.0)
+    if conj == "when" and rng.random() < 0.5:
+        en = f"when {sub.english()} {main.english()}"
+        de = f"wenn {sub.german('sub')}, {main.german('inverted')}"
+    else:
+        en = f"{main.english()} {conj} {sub.english()}"
+        de = f"{main.german()}, {CONJ[conj]} {sub.german('sub')}"
+    return en, capitalise(de)
+
+
 def pretrain_sentence(rng):
-    """Simple sentences, 3-12 words: plain word order, adverbs at the end."""
+    """Simple sentences, 3-12 words: plain word order, adverbs at the end,
+    and a share BRIDGE of short sentences built like the shifted ones."""
+    if rng.random() < BRIDGE:
+        return bridge_sentence(rng)
     if rng.random() < 0.33:   # long but simple: two adjectives, number + plural, place
         c = random_transitive(rng, rich_np_adjs(rng), rich_np_adjs(rng),
                               RICH_SUBJ, RICH_OBJ, place_p=0.5)
@@ -727,7 +763,10 @@ def main():
     ap.add_argument("--out", default=here, help="output data directory")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies all sizes")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--bridge", type=float, default=BRIDGE,
+                    help="share of pretrain sentences with train's constructions, short")
     args = ap.parse_args()
+    globals()["BRIDGE"] = args.bridge
     t0 = time.time()
     rng = random.Random(args.seed)
 
