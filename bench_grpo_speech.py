@@ -132,13 +132,14 @@ def compare(args) -> None:
             if m != "sft":  # SFT samples nothing: no reward
                 per_step = [[r["reward/mean"] for r in run if "reward/mean" in r] for run in runs]
                 ys = smooth([statistics.mean(v) for v in zip(*per_step)])
-                axes[0, col].plot(range(1, len(ys) + 1), ys, label=m.upper())
+                label = "MP-GRPO (group incl. the reference)" if m == "mp-grpo" else m.upper()
+                axes[0, col].plot(range(1, len(ys) + 1), ys, label=label)
             evals = [[(r["step"], r["eval/dev_bleu"]) for r in run if "eval/dev_bleu" in r] for run in runs]
             xs = [x for x, _ in evals[0]]
             axes[1, col].plot(xs, [statistics.mean(y for _, y in pts) for pts in zip(*evals)], marker="o", label=m.upper())
         axes[1, col].axhline(evals[0][0][1], color="grey", linestyle="--", label="start model")
         axes[0, col].set(title=f"{task}: group reward ({n}, 20-step average)", xlabel="step",
-                         ylabel="mean sentence BLEU / 100 (MP-GRPO: with the reference)")
+                         ylabel="mean sentence BLEU / 100")
         axes[1, col].set(title=f"{task}: dev BLEU (mean of {n})", xlabel="step", ylabel="corpus BLEU")
         for ax in axes[:, col]:
             ax.legend()

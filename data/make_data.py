@@ -437,6 +437,19 @@ SIMPLE_SUBJ = ["def", "def", "indef", "defpl", "name", "they"]
 SIMPLE_OBJ = ["def", "indef", "indef", "defpl"]
 
 
+def subordinate(main, conj, sub, clause_first=False):
+    """main + because/when + verb-final clause, or (when only) the clause first:
+    "when the dog sees the cat the bird is happy" ->
+    "Wenn der Hund die Katze sieht, ist der Vogel glücklich"."""
+    if clause_first:
+        en = f"when {sub.english()} {main.english()}"
+        de = f"wenn {sub.german('sub')}, {main.german('inverted')}"
+    else:
+        en = f"{main.english()} {conj} {sub.english()}"
+        de = f"{main.german()}, {CONJ[conj]} {sub.german('sub')}"
+    return en, capitalise(de)
+
+
 BRIDGE = 0.15   # share of pretrain sentences built like train's, but short (--bridge)
 
 
@@ -459,13 +472,7 @@ def bridge_sentence(rng):
         sub = random_copula(rng, ["def", "name"], 0, place_ok=False)
     else:
         sub = random_transitive(rng, 0, 0, ["def", "name"], ["def", "indef"], 0.0)
-    if conj == "when" and rng.random() < 0.5:
-        en = f"when {sub.english()} {main.english()}"
-        de = f"wenn {sub.german('sub')}, {main.german('inverted')}"
-    else:
-        en = f"{main.english()} {conj} {sub.english()}"
-        de = f"{main.german()}, {CONJ[conj]} {sub.german('sub')}"
-    return en, capitalise(de)
+    return subordinate(main, conj, sub, clause_first=conj == "when" and rng.random() < 0.5)
 
 
 def pretrain_sentence(rng):
@@ -541,17 +548,10 @@ def shifted_sentence(rng):
     else:
         sub = random_transitive(rng, 0, rng.choice([0, 1]), ["def", "name"],
                                 ["def", "indef", "num"], 0.3)
-    if conj == "when" and rng.random() < 0.5:
-        # "when the dog sees the cat the bird is happy" ->
-        # "Wenn der Hund die Katze sieht, ist der Vogel glücklich"
-        if rng.random() < 0.5:
-            main = random_copula(rng, ["def", "name"], rng.choice([0, 1]))
-        en = f"when {sub.english()} {main.english()}"
-        de = f"wenn {sub.german('sub')}, {main.german('inverted')}"
-    else:
-        en = f"{main.english()} {conj} {sub.english()}"
-        de = f"{main.german()}, {CONJ[conj]} {sub.german('sub')}"
-    return en, capitalise(de)
+    first = conj == "when" and rng.random() < 0.5
+    if first and rng.random() < 0.5:
+        main = random_copula(rng, ["def", "name"], rng.choice([0, 1]))
+    return subordinate(main, conj, sub, first)
 
 
 # ---------------------------------------------------------------------------
