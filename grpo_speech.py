@@ -148,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         name = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
+        text = meta["help"].replace("%", "%%")  # argparse %-formats help texts
         if f.type in ("bool", bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"].replace("%", "%%"))
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str, "float | None": float}[f.type]
-            p.add_argument(name, type=kind, default=f.default, help=meta["help"].replace("%", "%%"),
-                           choices=meta.get("choices"))
+            p.add_argument(name, type=kind, default=f.default, help=text, choices=meta.get("choices"))
     return p
 
 
