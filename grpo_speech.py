@@ -24,8 +24,7 @@ Where this file departs from the paper (each is a flag or a stated default):
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
     48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps with
-    greedy decoding (the paper
-    decodes with temperature 0.9, top-p 0.9: `--eval-decoding sample`).
+    greedy decoding (the paper decodes with temperature 0.9, top-p 0.9: `--eval-decoding sample`).
   * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1.
 
 First commands:
