@@ -60,18 +60,20 @@ def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
     return 2 * n**3 / timed(lambda: a @ b, repeats)
 
 
-def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int) -> dict:
+def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int, model: str | None = None) -> dict:
     """One training run through the real command line (resumed if already done); its results.json."""
     if not (out / "results.json").exists() or "final" not in json.loads((out / "results.json").read_text()):
         cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode, "--seed", str(seed),
                "--max-steps", str(steps), "--eval-every", str(min(30, max(1, steps // 4))), "--out", str(out),
-               "--overwrite"]
+               "--overwrite"] + (["--model", model] if model else [])
         t0 = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+        env = dict(os.environ, TQDM_DISABLE="1")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
-        print(f"  {task} {mode} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+        print(f"  {task} {mode} seed {seed}{' from ' + model if model else ''}: {time.time() - t0:.0f} s", flush=True)
     return json.loads((out / "results.json").read_text())
 
 
@@ -79,43 +81,69 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
 
 
+# (label, mode, starts from the same seed's SFT best checkpoint)
+METHODS = [("SFT", "sft", False), ("GRPO", "grpo", False), ("MP-GRPO", "mp-grpo", False),
+           ("SFT → GRPO", "grpo", True), ("SFT → SFT", "sft", True)]
+
+
+def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
+    name = {"SFT": "sft", "GRPO": "grpo", "MP-GRPO": "mp-grpo", "SFT → GRPO": "sft-grpo", "SFT → SFT": "sft-sft"}[label]
+    return root / f"{task}-{name}-s{seed}"
+
+
 def compare(args) -> None:
     seeds = [0] if args.quick else [0, 1, 2]
-    steps = 100 if args.quick else args.steps
-    root = gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
+    steps = args.steps or (100 if args.quick else 300)
+    root = Path(args.out) if args.out else gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
+    tasks = ("ast", "sqa")
     t0 = time.time()
-    rows, curves = [], {}
-    jobs = [(task, m, s) for task in ("ast", "sqa") for m in ("sft", "grpo", "mp-grpo") for s in seeds]
+    # SFT runs first: the SFT -> X runs start from their best/ checkpoint, and are queued last
+    jobs = sorted(((task, m, seed) for task in tasks for m in METHODS for seed in seeds), key=lambda j: j[1][2])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def job(j):
+        task, (label, mode, from_sft), seed = j
+        model = str(run_dir(root, task, "SFT", seed) / "best") if from_sft else None
+        return run_method(task, mode, seed, steps, run_dir(root, task, label, seed), threads, model)
     with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
-        done = dict(zip(jobs, pool.map(lambda j: run_method(*j, steps, root / f"{j[0]}-{j[1]}-s{j[2]}", threads), jobs)))
-    for task in ("ast", "sqa"):
-        results = {m: [done[(task, m, s)] for s in seeds] for m in ("sft", "grpo", "mp-grpo")}
-        base = results["sft"][0]["base"]  # greedy decoding: the start model's score has no seed
-        rows.append((task, "start model", f"{base['bleu']:.1f}", f"{base['chrf']:.1f}"))
-        for m, rs in results.items():
-            rows.append((task, m.upper(), mean_std([r["final"]["bleu"] for r in rs]),
-                         mean_std([r["final"]["chrf"] for r in rs])))
-            curves[(task, m)] = [[json.loads(l) for l in (root / f"{task}-{m}-s{s}" / "metrics.jsonl").open()]
-                                 for s in seeds]
+        done = {(t, m[0], s): r for (t, m, s), r in zip(jobs, pool.map(job, jobs))}
     minutes = (time.time() - t0) / 60
+    rows = []
+    for task in tasks:
+        sft = [done[(task, "SFT", s)] for s in seeds]
+        rows.append((task, "start model", f"{sft[0]['base']['bleu']:.1f}", f"{sft[0]['base']['chrf']:.1f}",
+                     mean_std([r["base_sample"]["bleu"] for r in sft]), mean_std([r["base_sample"]["chrf"] for r in sft])))
+        for label, _, _ in METHODS:
+            rs = [done[(task, label, s)] for s in seeds]
+            rows.append((task, label, *(mean_std([r[k][m] for r in rs]) for k in ("final", "final_sample")
+                                        for m in ("bleu", "chrf"))))
     command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "") + \
-        (f" --jobs {args.jobs}" if args.jobs != 2 else "")
-    table = "\n".join(["| task | method | test BLEU | test chrF |", "|---|---|---|---|"] +
-                       [f"| {' | '.join(r)} |" for r in rows])
-    text = (f"`{command}` ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}; "
-            f"{steps} steps per run; {minutes:.0f} min on this machine, {os.cpu_count()} CPU cores). "
-            f"Each cell: best-on-dev checkpoint, corpus score on the test split (200 ast / 150 sqa utterances, "
-            f"greedy), mean ± std over seeds.\n\n{table}\n")
+        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + (f" --steps {args.steps}" if args.steps else "")
+    table = "\n".join(["| task | method | greedy BLEU | greedy chrF | sampled BLEU | sampled chrF |",
+                       "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
+    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; {minutes:.0f} min on this "
+            f"machine, {os.cpu_count()} CPU cores, {args.jobs} runs side by side). Each cell: the best-on-dev "
+            f"checkpoint (greedy dev BLEU over every dev utterance, step 0 and every "
+            f"{min(30, max(1, steps // 4))} steps), corpus score on the test split (200 ast / 150 sqa utterances), "
+            f"mean ± std over seeds; greedy, and sampled with the paper's decoding (temperature 0.9, top-p 0.9, "
+            f"utterance i drawn from seeds (run seed, i)). SFT → X starts from the same seed's SFT best "
+            f"checkpoint and runs {steps} more steps of X (fresh optimizer and schedule, reference model = that "
+            f"checkpoint).\n\n{table}\n")
     (root / "table.md").write_text(text)
     print(text)
     readme = gs.HERE / "README.md"
     marks = ("<!-- compare:begin -->", "<!-- compare:end -->") if not args.quick else \
             ("<!-- compare-quick:begin -->", "<!-- compare-quick:end -->")
     old = readme.read_text()
-    if marks[0] in old:
+    if marks[0] in old and not args.out:
         readme.write_text(re.sub(re.escape(marks[0]) + ".*?" + re.escape(marks[1]),
                                  lambda _: f"{marks[0]}\n{text}{marks[1]}", old, flags=re.S))
+    plot_curves(root, tasks, seeds, args.quick or bool(args.out))
+
+
+def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
+    """Sampled reward, policy entropy and greedy dev BLEU against step, each the mean over seeds."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -123,31 +151,65 @@ def compare(args) -> None:
     except ImportError:
         print("matplotlib not installed: no curves.png")
         return
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(3, len(tasks), figsize=(11, 10))
     n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     smooth = lambda ys, k=20: [statistics.mean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-    for col, task in enumerate(("ast", "sqa")):
-        for m in ("sft", "grpo", "mp-grpo"):
-            runs = curves[(task, m)]
-            if m != "sft":  # SFT samples nothing: no reward
-                per_step = [[r["reward/mean"] for r in run if "reward/mean" in r] for run in runs]
-                ys = smooth([statistics.mean(v) for v in zip(*per_step)])
-                label = "MP-GRPO (group incl. the reference)" if m == "mp-grpo" else m.upper()
+    for col, task in enumerate(tasks):
+        for label, mode, _ in METHODS:
+            runs = [[json.loads(l) for l in (run_dir(root, task, label, s) / "metrics.jsonl").open()] for s in seeds]
+            mean_of = lambda key: [statistics.mean(v) for v in zip(*[[r[key] for r in run if key in r] for run in runs])]
+            if mode != "sft":  # SFT samples nothing: no reward
+                ys = smooth(mean_of("reward/mean"))
                 axes[0, col].plot(range(1, len(ys) + 1), ys, label=label)
-            evals = [[(r["step"], r["eval/dev_bleu"]) for r in run if "eval/dev_bleu" in r] for run in runs]
-            xs = [x for x, _ in evals[0]]
-            axes[1, col].plot(xs, [statistics.mean(y for _, y in pts) for pts in zip(*evals)], marker="o", label=m.upper())
-        axes[1, col].axhline(evals[0][0][1], color="grey", linestyle="--", label="start model")
-        axes[0, col].set(title=f"{task}: group reward ({n}, 20-step average)", xlabel="step",
-                         ylabel="mean sentence BLEU / 100")
-        axes[1, col].set(title=f"{task}: dev BLEU (mean of {n})", xlabel="step", ylabel="corpus BLEU")
+            ys = smooth(mean_of("perf/entropy"))
+            axes[1, col].plot(range(1, len(ys) + 1), ys, label=label)
+            xs = [r["step"] for r in runs[0] if "eval/dev_bleu" in r]
+            axes[2, col].plot(xs, mean_of("eval/dev_bleu"), marker="o", label=label)
+        axes[0, col].set(title=f"{task}: reward of the on-policy samples ({n}, 20-step mean)", xlabel="step",
+                         ylabel="sentence BLEU / 100")
+        axes[1, col].set(title=f"{task}: policy entropy on the trained tokens (nats/token)", xlabel="step")
+        axes[2, col].set(title=f"{task}: greedy dev BLEU (mean of {n})", xlabel="step", ylabel="corpus BLEU")
         for ax in axes[:, col]:
-            ax.legend()
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(root / "curves.png", dpi=80)
+    fig.savefig(root / "curves.png", dpi=75)
     print(f"wrote {root / 'curves.png'}")
-    if not args.quick:  # the README shows it; runs/ is not in git
+    if not scratch:  # the README shows it; runs/ is not in git
         shutil.copy(root / "curves.png", gs.HERE / "data" / "compare-curves.png")
+
+
+def default_runs(args) -> None:
+    """The README's first command for seeds 0, 1, 2 at torch's default thread count, one at a time."""
+    root = Path(args.out) if args.out else gs.HERE / "runs" / "default"
+    rows, times = [], []
+    for seed in (0, 1, 2):
+        t0 = time.time()
+        r = run_method("ast", "grpo", seed, 300, root / f"s{seed}", 0)
+        times.append(time.time() - t0)
+        rows.append(r)
+    base = rows[0]["base"]
+    gains = [r["final"]["bleu"] - base["bleu"] for r in rows]
+    table = "\n".join(["| | greedy test BLEU | greedy test chrF | sampled test BLEU |", "|---|---|---|---|",
+                       f"| start model | {base['bleu']:.2f} | {base['chrf']:.2f} | "
+                       f"{mean_std([r['base_sample']['bleu'] for r in rows])} |"] +
+                      [f"| GRPO seed {s} | {r['final']['bleu']:.2f} | {r['final']['chrf']:.2f} | "
+                       f"{r['final_sample']['bleu']:.2f} |" for s, r in enumerate(rows)] +
+                      [f"| GRPO mean ± std | {mean_std([r['final']['bleu'] for r in rows])} | "
+                       f"{mean_std([r['final']['chrf'] for r in rows])} | "
+                       f"{mean_std([r['final_sample']['bleu'] for r in rows])} |"])
+    text = (f"`python grpo_speech.py --task ast --mode grpo --seed S`, S = 0, 1, 2, one after another with "
+            f"torch's default threads ({torch.get_num_threads()} here), through `python bench_grpo_speech.py "
+            f"--default-runs`: {min(times):.0f}-{max(times):.0f} s a run. Every seed above the start model: "
+            f"{'yes' if min(gains) > 0 else 'no'} (greedy BLEU gains {', '.join(f'{g:+.2f}' for g in gains)}).\n\n"
+            f"{table}\n")
+    print(text)
+    (root / "table.md").write_text(text)
+    readme = gs.HERE / "README.md"
+    marks = ("<!-- default-table:begin -->", "<!-- default-table:end -->")
+    old = readme.read_text()
+    if marks[0] in old and not args.out:
+        readme.write_text(re.sub(re.escape(marks[0]) + ".*?" + re.escape(marks[1]),
+                                 lambda _: f"{marks[0]}\n{text}{marks[1]}", old, flags=re.S))
 
 
 def main():
@@ -155,7 +217,10 @@ def main():
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
     p.add_argument("--compare", action="store_true", help="run the base/SFT/GRPO/MP-GRPO comparison")
     p.add_argument("--quick", action="store_true", help="with --compare: one seed, 100 steps")
-    p.add_argument("--steps", type=int, default=300, help="with --compare: steps per run")
+    p.add_argument("--steps", type=int, default=0, help="with --compare: steps per run (default 300, --quick 100)")
+    p.add_argument("--out", default="", help="with --compare / --default-runs: run root (then README untouched)")
+    p.add_argument("--default-runs", action="store_true",
+                   help="the README's first command, seeds 0-2, at torch's default threads")
     p.add_argument("--jobs", type=int, default=2, help="with --compare: runs side by side (one thread each on 2 cores)")
     p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
     p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
@@ -167,6 +232,8 @@ def main():
     args = p.parse_args()
     if args.compare:
         return compare(args)
+    if args.default_runs:
+        return default_runs(args)
     if not args.speed:
         p.error("nothing to do: pass --speed or --compare")
     torch.manual_seed(0)

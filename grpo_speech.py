@@ -98,10 +98,11 @@ class Config:
     epsilon_high: float | None = opt(None, "upper clip range (DAPO clip-higher); default: epsilon")
     loss_type: str = opt("dapo", "dapo: token mean over the group (the paper); grpo: per-sequence mean; "
                                  "dr_grpo: sum / (N * T)", choices=("dapo", "grpo", "dr_grpo"))
-    num_iterations: int = opt(1, "mu: policy updates per rollout (old log-probs reused)")
+    num_iterations: int = opt(1, "mu: policy updates per rollout (old log-probs reused); a step is one "
+                                 "rollout: its mu updates share the step's learning rate, metrics average them")
     scale_rewards: bool = opt(True, "divide advantages by the group's std (off: Dr. GRPO)")
     reward: str = opt("bleu", "reward: bleu (the paper), chrf, or bleu+chrf (their mean)", choices=("bleu", "chrf", "bleu+chrf"))
-    temperature: float = opt(1.0, "sampling temperature for rollouts (the paper: 1)")
+    temperature: float = opt(1.0, "sampling temperature for rollouts, > 0 (the paper: 1)")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     max_new_tokens: int = opt(48, "longest completion in tokens (the paper: 200)")
     # optimisation
@@ -111,12 +112,14 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     grad_accum: int = opt(1, "split each step's prompts into this many micro-batches")
     train_encoder: bool = opt(False, "also train the audio encoder (default: projector + LM)")
-    sft_batch_size: int = opt(32, "SFT: references per step (default B x G: the same sequences per update as GRPO)")
+    sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G: the same sequences per "
+                                           "update as GRPO)")
     # evaluation
     eval_every: int = opt(30, "steps between dev evaluations; the best-on-dev weights go to best/")
     eval_limit: int = opt(200, "test utterances scored for results.json (0: all)")
-    dev_limit: int = opt(100, "dev utterances scored every --eval-every steps (0: all)")
-    eval_decoding: str = opt("greedy", "greedy, or sample (the paper: temperature 0.9, top-p 0.9)", choices=("greedy", "sample"))
+    dev_limit: int = opt(0, "dev utterances scored every --eval-every steps (0: all); best/ keeps the best")
+    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy, or sample (the paper: T 0.9, "
+                                       "top-p 0.9); the test split is always scored under both", choices=("greedy", "sample"))
     eval_batch_size: int = opt(32, "utterances per evaluation batch")
     # machinery
     seed: int = opt(0, "seed; every random draw derives from (seed, step, index)")
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            kind = {"int": int, "float": float, "str": str, "float | None": float}[f.type]
+            kind = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}[f.type]
             p.add_argument(name, type=kind, default=f.default, help=text, choices=meta.get("choices"))
     return p
 
@@ -172,6 +175,19 @@ def resolve_config(cfg: Config) -> Config:
         raise InputError(f"--group-size {cfg.group_size}: a group needs at least 2 completions to have an advantage")
     if cfg.batch_size < 1 or cfg.batch_size % cfg.grad_accum:
         raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum {cfg.grad_accum}")
+    if cfg.sft_batch_size is None:
+        cfg.sft_batch_size = cfg.batch_size * cfg.group_size
+    # values the objective cannot use: say so now rather than divide by zero at step 1
+    if cfg.mode in ("grpo", "mp-grpo") and cfg.temperature <= 0:
+        raise InputError(f"--temperature {cfg.temperature}: GRPO samples its groups, and the teacher-forced "
+                         "log-probs divide by the temperature; use a value > 0")
+    if not 0 < cfg.top_p <= 1:
+        raise InputError(f"--top-p {cfg.top_p} must be in (0, 1]")
+    for name in ("max_steps", "num_iterations", "max_new_tokens", "sft_batch_size", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
+    if cfg.beta < 0 or cfg.epsilon < 0 or cfg.epsilon_high < 0:
+        raise InputError("--beta, --epsilon and --epsilon-high must be >= 0")
     return cfg
 
 
@@ -675,8 +691,11 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def decode(tokenizer, samples: Samples) -> list[str]:
     """Completion texts, cut at their lengths (never at the first pad id)."""
-    return [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            for row, n in zip(samples.tokens.tolist(), samples.lengths.tolist())]
+    return decode_tokens(tokenizer, [row[:n] for row, n in zip(samples.tokens.tolist(), samples.lengths.tolist())])
+
+
+def decode_tokens(tokenizer, completions: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
 
 
 # --------------------------------------------------------------------------- rewards ----
@@ -724,12 +743,13 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2, epsilon_high=None,
-              loss_type="dapo", off_policy=None):
+              loss_type="dapo", off_policy=None, max_completion_length=None):
     """The KL-regularised clipped GRPO objective, negated (PAPER.md), and its metrics.
 
     logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
     reference; advantages (N,); mask (N, T) from completion lengths. off_policy (N,) marks MP-GRPO
-    rows whose tokens came from the reference answer, not from pi_old.
+    rows whose tokens came from the reference answer, not from pi_old. max_completion_length is
+    dr_grpo's constant denominator, the run's --max-new-tokens (T here is only the batch's widest).
     """
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
@@ -754,7 +774,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     elif loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / mask.numel()
+        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
+        # dependent width would couple every token's gradient to the longest sample (the length
+        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     with torch.no_grad():
@@ -845,15 +870,17 @@ def corpus_scores(hyps: list[str], refs: list[str], task: str) -> dict:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, desc: str = "eval",
-             dist: Dist = Dist()) -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy, or the paper's T=0.9 top-p 0.9) and score them.
+             dist: Dist = Dist(), decoding: str | None = None) -> tuple[dict, list[dict]]:
+    """Decode the first `limit` utterances (greedy, or the paper's T=0.9 top-p 0.9; default
+    --eval-decoding) and score them. Sampled decoding draws utterance i's tokens from seeds
+    (--seed, i), so a score does not depend on batch size, process count or order.
     Under torchrun each process decodes every world-th utterance; all get the gathered scores."""
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
     idx.sort(key=lambda i: data.wave(i).numel())                           # similar lengths batch well
     audio_id = model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
-    greedy = cfg.eval_decoding == "greedy"
+    greedy = (decoding or cfg.eval_decoding) == "greedy"
     hyps: dict[int, str] = {}
     for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False, disable=None if dist.main else True):
         b_idx = idx[k:k + cfg.eval_batch_size]
@@ -915,9 +942,13 @@ def rng_state() -> dict:
 class Logger:
     """One call per step: a JSON line in metrics.jsonl and the numbers on the progress bar."""
 
+    BAR = {"reward/mean": "reward", "kl/mean": "kl", "loss/total": "loss", "loss/sft": "loss",
+           "eval/dev_bleu": "dev", "eval/best_dev_bleu": "best"}
+
     def __init__(self, path: Path | None, bar):
         self.fh = open(path, "a", encoding="utf-8") if path else None
         self.bar = bar
+        self.shown: dict[str, str] = {}                      # dev BLEU stays on the bar between evals
 
     def __call__(self, step: int, metrics: dict) -> None:
         if self.fh:
@@ -925,8 +956,9 @@ class Logger:
             self.fh.flush()
         if self.bar is not None:
             self.bar.n = step
-            keys = [k for k in ("reward/mean", "kl/mean", "loss/total", "loss/sft") if k in metrics]
-            self.bar.set_postfix({k.split("/")[-1] if k != "loss/total" else "loss": f"{metrics[k]:.3f}" for k in keys})
+            self.shown.update({name: f"{metrics[k]:.3f}" if k.startswith(("reward", "kl", "loss")) else f"{metrics[k]:.1f}"
+                               for k, name in self.BAR.items() if k in metrics})
+            self.bar.set_postfix(self.shown)
 
 
 def lr_lambda(cfg: Config, total: int):
@@ -953,39 +985,186 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
     """Sample the groups (MP-GRPO: G-1 samples + the reference) and score them.
 
     Returns completions (N, T), lengths (N,), rewards (N,), off_policy (N,) or None, and metrics.
+    reward/* metrics describe the on-policy samples only; MP-GRPO's reference is logged apart.
     """
     G = cfg.group_size
     mixed = cfg.mode == "mp-grpo"
-    n = G - 1 if mixed else G
+    n = G - 1 if mixed else G                                   # on-policy samples per prompt
     uniforms = row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens)
     t0 = time.perf_counter()
     s = sample_groups(raw_model, batch, n, max_new_tokens=cfg.max_new_tokens,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
                       top_p=cfg.top_p, suppress=suppress, uniforms=uniforms)
     t_sample = time.perf_counter() - t0
-    texts, rows, lengths = decode(tokenizer, s), s.tokens.tolist(), s.lengths.tolist()
-    off_policy = None
-    if mixed:  # the reference answer as the G-th, off-policy, member of each group
-        refs = [encode_target(tokenizer, t)[: cfg.max_new_tokens] for t in batch.targets]
-        k = G - 1
-        texts = sum(([*texts[b * k:(b + 1) * k], batch.targets[b]] for b in range(len(refs))), [])
-        rows = sum(([*rows[b * k:(b + 1) * k], refs[b]] for b in range(len(refs))), [])
-        lengths = sum(([*lengths[b * k:(b + 1) * k], len(refs[b])] for b in range(len(refs))), [])
-        off_policy = torch.tensor([j == k for _ in refs for j in range(G)], device=batch.input_ids.device)
-    T = max(lengths)
-    completions = torch.full((len(rows), T), tokenizer.pad_token_id, device=batch.input_ids.device)
-    for i, (r, n) in enumerate(zip(rows, lengths)):
-        completions[i, :n] = torch.tensor(r[:n])
+    sampled = [row[:k] for row, k in zip(s.tokens.tolist(), s.lengths.tolist())]
     t0 = time.perf_counter()
-    references = [t for t in batch.targets for _ in range(G)]
-    rewards = torch.nan_to_num(reward_fn(texts, references), nan=0.0)      # empty text scores 0
-    r = rewards.view(-1, G)
-    metrics = {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
-               "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item(),
-               "perf/completion_len": s.lengths.float().mean().item(),
-               "perf/sample_s": t_sample, "perf/reward_s": time.perf_counter() - t0}
-    lengths = torch.tensor(lengths, device=completions.device)
-    return completions, lengths, rewards.to(completions.device), off_policy, metrics
+    references = [t for t in batch.targets for _ in range(n)]
+    sampled_rewards = torch.nan_to_num(reward_fn(decode_tokens(tokenizer, sampled), references), nan=0.0)
+    metrics = reward_metrics(sampled_rewards.view(-1, n))
+    groups, rewards, off_policy = [], [], []
+    for b, target in enumerate(batch.targets):
+        groups += sampled[b * n:(b + 1) * n]
+        rewards += sampled_rewards[b * n:(b + 1) * n].tolist()
+        off_policy += [False] * n
+        if mixed:
+            # The reference answer as the G-th, off-policy member. It is cut to the completion
+            # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
+            # less than 1, so the same tokens never score 1 as the reference and less as a sample.
+            ref = encode_target(tokenizer, target)[:cfg.max_new_tokens]
+            groups.append(ref)
+            rewards.append(float(torch.nan_to_num(reward_fn(decode_tokens(tokenizer, [ref]), [target]), nan=0.0)[0]))
+            off_policy.append(True)
+    if mixed:
+        ref_rewards = torch.tensor(rewards).view(-1, G)[:, -1]
+        metrics["reward/ref_mean"] = ref_rewards.mean().item()
+        metrics["reward/ref_truncated_frac"] = sum(
+            len(encode_target(tokenizer, t)) > cfg.max_new_tokens for t in batch.targets) / len(batch.targets)
+    metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
+                    "perf/sample_s": t_sample, "perf/reward_s": time.perf_counter() - t0})
+    device = batch.input_ids.device
+    completions, lengths = pad_completions(groups, tokenizer.pad_token_id, device)
+    return (completions, lengths, torch.tensor(rewards, device=device),
+            torch.tensor(off_policy, device=device) if mixed else None, metrics)
+
+
+def reward_metrics(r: torch.Tensor) -> dict:
+    """Logged statistics of (B, n) on-policy rewards: mean, mean within-group std, and the share of
+    groups whose rewards are all equal (they carry no advantage, so no gradient but the KL's)."""
+    return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
+            "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
+
+
+@dataclass
+class TrainState:
+    """Where a run is, besides its weights and optimizer: what checkpoint/ stores and resumes."""
+    step: int = 0
+    bad_steps: int = 0          # non-finite updates in a row
+    best_dev: float = -1.0      # best dev BLEU so far (best/ holds its weights)
+
+
+@dataclass
+class Rollout:
+    """What one step trains on: N = B*G completions (SFT: the B references, G = 1)."""
+    completions: torch.Tensor                # (N, T) token ids, pad after each length
+    mask: torch.Tensor                       # (N, T) True on tokens up to and including EOS
+    group_size: int                          # G
+    advantages: torch.Tensor | None = None   # (N,) A_i; None for SFT
+    old_logp: torch.Tensor | None = None     # (N, T) pi_old, only when mu > 1 (else logp.detach())
+    ref_logp: torch.Tensor | None = None     # (N, T) pi_ref, for the KL term
+    off_policy: torch.Tensor | None = None   # (N,) MP-GRPO's reference rows
+
+
+def pad_completions(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as an (N, T) tensor padded on the right, and their (N,) lengths."""
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    completions = torch.full((len(rows), int(lengths.max())), pad_id, device=device)
+    for i, r in enumerate(rows):
+        completions[i, :len(r)] = torch.tensor(r)
+    return completions, lengths
+
+
+def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
+    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint; a fresh state otherwise."""
+    ckpt = out / "checkpoint"
+    if not (cfg.resume and ckpt.exists()):
+        return TrainState()
+    state = load_checkpoint(raw_model, ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if dist.main:
+        print(f"resumed from {ckpt} at step {state['step']}")
+        # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
+        log = out / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= state["step"]))
+    return TrainState(state["step"], state["bad_steps"], state["best_dev"])
+
+
+def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, out: Path, dist: Dist) -> None:
+    if dist.main:
+        save_model(raw_model, tokenizer, out / "checkpoint",
+                   {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": ts.step,
+                    "bad_steps": ts.bad_steps, "best_dev": ts.best_dev, "rng": rng_state()})
+    dist.barrier()
+
+
+def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, amp, ts: TrainState,
+                           out: Path, dist: Dist) -> dict:
+    """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper reports)."""
+    scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, desc="dev", dist=dist)
+    if scores["bleu"] > ts.best_dev:
+        ts.best_dev = scores["bleu"]
+        if dist.main:
+            save_model(raw_model, tokenizer, out / "best")
+        dist.barrier()
+    return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | \
+        {"eval/best_dev_bleu": ts.best_dev}
+
+
+def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollout, B: int, ts: TrainState,
+                  amp, dist: Dist) -> tuple[dict, float]:
+    """mu optimizer steps on one rollout (SFT: one), each over micro-batches of whole groups.
+
+    Each micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
+    prompts otherwise), so that the gradients summed over micro-batches and processes are the
+    gradient of the whole batch's loss. Returns metrics averaged over the mu passes, and the last
+    pass's gradient norm.
+    """
+    G, grpo = r.group_size, r.advantages is not None
+    mu = cfg.num_iterations if grpo else 1
+    n_tok = dist.sum(r.mask.sum().float()).clamp(min=1)       # completion tokens, all processes
+    agg: dict[str, float] = {}
+    for _ in range(mu):
+        pass_loss = 0.0
+        for chunk in torch.arange(len(batch.targets)).chunk(cfg.grad_accum):
+            b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
+            rows, mb_mask = slice(b0 * G, b1 * G), r.mask[b0 * G:b1 * G]
+            with amp():
+                logp, entropy = completion_logprobs(policy, batch.select(b0, b1), r.completions[rows], G,
+                                                    cfg.temperature if grpo else 1.0, cfg.train_encoder,
+                                                    with_entropy=True)
+            if grpo:  # mu = 1: pi_old is the policy itself, so logp.detach() (the ratio is 1 in value)
+                loss, m = grpo_loss(logp, logp.detach() if r.old_logp is None else r.old_logp[rows],
+                                    None if r.ref_logp is None else r.ref_logp[rows], r.advantages[rows], mb_mask,
+                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                    loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                                    off_policy=None if r.off_policy is None else r.off_policy[rows])
+                weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
+            else:
+                loss, m = sft_loss(logp, mb_mask), {}
+                weight = mb_mask.sum() / n_tok
+            (loss * weight).backward()
+            pass_loss += loss.item() * float(weight)
+            m["loss/total"] = loss.item()
+            m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v * float(weight) / mu
+        for p in params:
+            dist.sum(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if torch.isfinite(grad_norm) and math.isfinite(pass_loss):
+            optimizer.step()
+            ts.bad_steps = 0
+        else:  # a non-finite loss or gradient never reaches the weights
+            ts.bad_steps += 1
+            agg["loss/skipped"] = agg.get("loss/skipped", 0.0) + 1.0 / mu
+            if ts.bad_steps >= cfg.max_bad_steps:
+                raise InputError(f"aborting: {ts.bad_steps} non-finite losses/gradients in a row at step {ts.step}")
+        optimizer.zero_grad(set_to_none=True)
+    return agg, float(grad_norm)
+
+
+def all_processes(metrics: dict, update: dict, dist: Dist) -> dict:
+    """The step's metrics over every process: update terms summed (they carry their batch
+    weights), rollout statistics averaged."""
+    names = sorted(update)
+    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
+    rollout = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
+    means = dist.sum(torch.tensor([metrics[k] for k in rollout], dtype=torch.float64)) / dist.world
+    return metrics | dict(zip(names, totals.tolist())) | dict(zip(rollout, means.tolist()))
 
 
 def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out: Path, amp, device,
@@ -995,161 +1174,81 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     Returns the directory of the best-on-dev weights (best/), which results.json reports.
     """
     grpo = cfg.mode in ("grpo", "mp-grpo")
+    G = cfg.group_size if grpo else 1
+    B = cfg.batch_size if grpo else cfg.sft_batch_size         # prompts per step, all processes
+    B_local = B // dist.world                                   # this process's share of them
     for name, p in raw_model.named_parameters():
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
     # the frozen reference pi_ref is copied from the start weights, before any compile
-    ref_model = None
-    if grpo and cfg.beta != 0:
-        ref_model = copy.deepcopy(raw_model).eval().requires_grad_(False)
+    ref_model = copy.deepcopy(raw_model).eval().requires_grad_(False) if grpo and cfg.beta != 0 else None
     policy = torch.compile(raw_model, dynamic=True) if cfg.compile else raw_model
     raw_model.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
     audio_id = raw_model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, raw_model.config.text_config.vocab_size, audio_id)
-    reward_fn = REWARDS[cfg.reward]
-    G = cfg.group_size if grpo else 1
-    B = cfg.batch_size if grpo else cfg.sft_batch_size
-    B_local = B // dist.world                                   # this process's share of prompts
-    ckpt, best = out / "checkpoint", out / "best"
-
-    step, bad_steps, best_dev = 0, 0, -1.0
-    if cfg.resume and ckpt.exists():
-        state = load_checkpoint(raw_model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, bad_steps, best_dev = state["step"], state["bad_steps"], state["best_dev"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if dist.main:
-            print(f"resumed from {ckpt} at step {step}")
-            # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-
-    def checkpoint():
-        if dist.main:
-            save_model(raw_model, tokenizer, ckpt, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                     "step": step, "bad_steps": bad_steps, "best_dev": best_dev,
-                                                     "rng": rng_state()})
-        dist.barrier()
-
-    def dev_eval():
-        nonlocal best_dev
-        scores, _ = evaluate(raw_model, tokenizer, splits["dev"], cfg, cfg.dev_limit, amp, desc="dev", dist=dist)
-        if scores["bleu"] > best_dev:
-            best_dev = scores["bleu"]
-            if dist.main:
-                save_model(raw_model, tokenizer, best)
-            dist.barrier()
-        return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | {"eval/best_dev_bleu": best_dev}
-
-    stop = Stop()
+    ts = restore(cfg, raw_model, optimizer, scheduler, out, dist)
+    stop, bar = Stop(), tqdm(total=cfg.max_steps, initial=ts.step, desc=cfg.mode, disable=not dist.main)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode, disable=not dist.main)
     log = Logger(out / "metrics.jsonl", bar) if dist.main else (lambda step, metrics: None)
-    if step == 0:
+    dev_eval = lambda: evaluate_and_keep_best(cfg, raw_model, tokenizer, splits["dev"], amp, ts, out, dist)
+    if ts.step == 0:
         log(0, dev_eval())  # the start model is a candidate too: best-on-dev may be step 0
-    train_data = splits["train"]
     try:
-        while step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.requested))):
+        while ts.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.requested))):
             t_step = time.perf_counter()
             first = dist.rank * B_local                          # this process's prompts of the step
-            idx = train_data.batch_indices(cfg.seed, step, B)[first:first + B_local]
-            batch = collate(train_data, idx, tokenizer, audio_id).to(device)
-            metrics = {}
+            idx = splits["train"].batch_indices(cfg.seed, ts.step, B)[first:first + B_local]
+            batch = collate(splits["train"], idx, tokenizer, audio_id).to(device)
+            # 1. what to learn from: sampled groups scored against the reference (GRPO), or the reference
+            r = Rollout(None, None, G)
             if grpo:
                 with amp():
-                    completions, lengths, rewards, off_policy, metrics = grpo_rollout(
-                        cfg, raw_model, tokenizer, batch, step, list(range(first, first + B_local)), suppress, reward_fn)
-                advantages = group_advantages(rewards, G, cfg.scale_rewards)
+                    r.completions, lengths, rewards, r.off_policy, metrics = grpo_rollout(
+                        cfg, raw_model, tokenizer, batch, ts.step, list(range(first, first + B_local)), suppress,
+                        REWARDS[cfg.reward])
+                r.advantages = group_advantages(rewards, G, cfg.scale_rewards)
             else:
-                refs = [encode_target(tokenizer, t) for t in batch.targets]
-                lengths = torch.tensor([len(r) for r in refs], device=device)
-                completions = torch.full((len(refs), int(lengths.max())), tokenizer.pad_token_id, device=device)
-                for i, r in enumerate(refs):
-                    completions[i, :len(r)] = torch.tensor(r)
-            mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]   # (N, T)
+                r.completions, lengths = pad_completions([encode_target(tokenizer, t) for t in batch.targets],
+                                                         tokenizer.pad_token_id, device)
+                metrics = {}
+            r.mask = torch.arange(r.completions.shape[1], device=device)[None] < lengths[:, None]   # (N, T)
+            # 2. log-probs held fixed through the update: pi_ref (KL) and, when mu > 1, pi_old (ratio)
             t0 = time.perf_counter()
-            ref_logp = old_logp = None
             with torch.no_grad(), amp():
                 if ref_model is not None:
-                    ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature)
+                    r.ref_logp = completion_logprobs(ref_model, batch, r.completions, G, cfg.temperature)
                 if grpo and cfg.num_iterations > 1:
-                    old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
+                    r.old_logp = completion_logprobs(policy, batch, r.completions, G, cfg.temperature)
             metrics["perf/ref_logp_s"] = time.perf_counter() - t0
+            # 3. the policy update
             t0 = time.perf_counter()
-            # policy update: mu passes over the rollout, prompts split into micro-batches. Each
-            # micro-batch's loss is weighted by its share of the global batch, so that summing the
-            # gradients of every micro-batch and every process gives the full batch's gradient.
-            n_tok = dist.sum(mask.sum().float()).clamp(min=1)
-            for _ in range(cfg.num_iterations if grpo else 1):
-                agg: dict[str, float] = {}
-                for chunk in torch.arange(len(idx)).chunk(cfg.grad_accum):
-                    b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
-                    rows = slice(b0 * G, b1 * G)
-                    mb = batch.select(b0, b1)
-                    mb_mask = mask[rows]
-                    with amp():
-                        logp, entropy = completion_logprobs(policy, mb, completions[rows], G, cfg.temperature if grpo else 1.0,
-                                                            cfg.train_encoder, with_entropy=True)
-                    if grpo:
-                        loss, m = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
-                                            None if ref_logp is None else ref_logp[rows], advantages[rows], mb_mask,
-                                            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                            loss_type=cfg.loss_type, off_policy=None if off_policy is None else off_policy[rows])
-                        weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
-                    else:
-                        loss, m = sft_loss(logp, mb_mask), {}
-                        weight = mb_mask.sum() / n_tok
-                    (loss * weight).backward()
-                    m["loss/total"] = loss.item()
-                    m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
-                    for k, v in m.items():
-                        agg[k] = agg.get(k, 0.0) + v * float(weight)
-                for p in params:
-                    dist.sum(p.grad)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if torch.isfinite(grad_norm) and math.isfinite(agg["loss/total"]):
-                    optimizer.step()
-                    bad_steps = 0
-                else:  # a non-finite loss or gradient never reaches the weights
-                    bad_steps += 1
-                    agg["loss/skipped"] = 1.0
-                    if bad_steps >= cfg.max_bad_steps:
-                        raise InputError(f"aborting: {bad_steps} non-finite losses/gradients in a row at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-            names = sorted(agg)
-            totals = dist.sum(torch.tensor([agg[k] for k in names], dtype=torch.float64))
-            rollout = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
-            means = dist.sum(torch.tensor([metrics[k] for k in rollout], dtype=torch.float64)) / dist.world
-            metrics.update(zip(names, totals.tolist()))
-            metrics.update(zip(rollout, means.tolist()))
+            update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, r, B, ts, amp, dist)
+            metrics = all_processes(metrics, update, dist)
             if not grpo:
                 metrics["loss/sft"] = metrics.pop("loss/total")
-            metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": float(grad_norm),
+            metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
                             "lr": scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t_step})
             scheduler.step()
-            step += 1
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            ts.step += 1
+            if ts.step % cfg.eval_every == 0 or ts.step == cfg.max_steps:
                 metrics.update(dev_eval())
-                checkpoint()
-            log(step, metrics)
+                save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
+            log(ts.step, metrics)
     finally:
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if step < cfg.max_steps:  # a process was asked to stop
-        checkpoint()
+    if ts.step < cfg.max_steps:  # a process was asked to stop
+        save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
         if dist.main:
-            print(f"stopped at step {step}; checkpoint in {ckpt} (continue with --resume)")
+            print(f"stopped at step {ts.step}; checkpoint in {out / 'checkpoint'} (continue with --resume)")
         raise SystemExit(130)
     if dist.main:
         save_model(raw_model, tokenizer, out / "final")
     dist.barrier()
-    return best
+    return out / "best"
 
 
 # ------------------------------------------------------------------------ pre-training ----
@@ -1415,23 +1514,32 @@ def run(cfg: Config) -> dict:
     if dist.main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if "base" not in results:
-        results["base"], hyps = evaluate(model, tokenizer, splits["test"], cfg, cfg.eval_limit, amp, "test (start)", dist)
-        if dist.main:
-            write_json(results_file, results)
-            write_jsonl(out / "hyps_base.jsonl", hyps)
+        score_test(model, tokenizer, splits["test"], cfg, amp, dist, "base", results, out)
     say(f"sacrebleu: {results['base']['signature']}")
-    say(f"start model on test: {fmt(results['base'])}")
+    say(f"start model on test: {fmt(results['base'])}; sampled: {fmt(results['base_sample'])}")
     if cfg.mode == "eval":
         return results
     best = train(cfg, model, tokenizer, splits, out, amp, device, dist)
+    dev_n = len(splits["dev"]) if cfg.dev_limit <= 0 else min(cfg.dev_limit, len(splits["dev"]))
+    results["selection"] = (f"best dev BLEU ({cfg.eval_decoding} decoding, {dev_n} dev utterances) among "
+                            f"step 0 and every {cfg.eval_every} steps")
     best_model, _ = load_model(str(best), device)
-    results["final"], hyps = evaluate(best_model, tokenizer, splits["test"], cfg, cfg.eval_limit, amp, "test (best)", dist)
-    results["final"]["checkpoint"] = "best-on-dev"
-    if dist.main:
-        write_json(results_file, results)
-        write_jsonl(out / "hyps_final.jsonl", hyps)
-    say(f"best-on-dev model on test: {fmt(results['final'])}")
+    score_test(best_model, tokenizer, splits["test"], cfg, amp, dist, "final", results, out)
+    say(f"best-on-dev model on test: {fmt(results['final'])}; sampled: {fmt(results['final_sample'])}")
     return results
+
+
+def score_test(model, tokenizer, test: SpeechData, cfg: Config, amp, dist: Dist, tag: str, results: dict,
+               out: Path) -> None:
+    """results[tag] (greedy) and results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
+    utterance) on the test split, hypotheses beside them; results.json is rewritten after each."""
+    for decoding, key in (("greedy", tag), ("sample", f"{tag}_sample")):
+        results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, amp, f"test {key}", dist,
+                                      decoding=decoding)
+        results[key]["decoding"] = decoding
+        if dist.main:
+            write_json(out / "results.json", results)
+            write_jsonl(out / f"hyps_{key}.jsonl", hyps)
 
 
 def fmt(scores: dict) -> str:

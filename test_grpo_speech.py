@@ -417,9 +417,12 @@ def test_group_advantages_hand_worked():
 
 # ---------------------------------------------------------------------------- loss ----
 
+MAX_LEN = 7  # --max-new-tokens in the loss tests: wider than any batch below, as in a real run
 
-def reference_grpo_loss(logp, old, ref, A, lengths, beta, eps_lo, eps_hi, loss_type, off=None):
-    """The objective written token by token: -mean of min(s A, clip(s) A) - beta k3, per loss_type."""
+
+def reference_grpo_loss(logp, old, ref, A, lengths, beta, eps_lo, eps_hi, loss_type, off=None, max_len=MAX_LEN):
+    """The objective written token by token: -mean of min(s A, clip(s) A) - beta k3, per loss_type.
+    dr_grpo divides by N * max_len, the run's completion budget (TRL's max_completion_length)."""
     N, T = logp.shape
     per_row = []
     for i in range(N):
@@ -439,7 +442,7 @@ def reference_grpo_loss(logp, old, ref, A, lengths, beta, eps_lo, eps_hi, loss_t
         return sum(sum(ts) for ts in per_row) / sum(len(ts) for ts in per_row)
     if loss_type == "grpo":
         return sum(sum(ts) / len(ts) for ts in per_row) / N
-    return sum(sum(ts) for ts in per_row) / (N * T)
+    return sum(sum(ts) for ts in per_row) / (N * max_len)
 
 
 def _loss_inputs(seed=0, N=6, T=5, spread=0.5):
@@ -463,7 +466,7 @@ def test_grpo_loss_value_and_gradient_match_reference(loss_type, beta, eps_hi, w
     assert (ratio > 1.28).any() and (ratio < 0.8).any()   # clipping is exercised on both sides
     off = torch.tensor([False, False, True, False, False, True]) if with_off else None
     loss, metrics = gs.grpo_loss(logp, old, ref, A, mask, beta=beta, epsilon=0.2, epsilon_high=eps_hi,
-                                 loss_type=loss_type, off_policy=off)
+                                 loss_type=loss_type, off_policy=off, max_completion_length=MAX_LEN)
     (grad,) = torch.autograd.grad(loss, logp)
     logp2 = logp.detach().clone().requires_grad_()
     expected = reference_grpo_loss(logp2, old, ref, A, lengths, beta, 0.2, 0.2 if eps_hi is None else eps_hi,
@@ -504,8 +507,9 @@ def test_grpo_loss_on_policy_dapo_gradient_is_reinforce():
 def test_grpo_loss_k3_is_zero_when_reference_equals_policy():
     logp, old, _, A, lengths, mask = _loss_inputs(seed=4)
     for loss_type in ("dapo", "grpo", "dr_grpo"):
-        l0, _ = gs.grpo_loss(logp, old, logp.detach(), A, mask, beta=0.0, loss_type=loss_type)
-        l1, m1 = gs.grpo_loss(logp, old, logp.detach(), A, mask, beta=0.04, loss_type=loss_type)
+        l0, _ = gs.grpo_loss(logp, old, logp.detach(), A, mask, beta=0.0, loss_type=loss_type, max_completion_length=7)
+        l1, m1 = gs.grpo_loss(logp, old, logp.detach(), A, mask, beta=0.04, loss_type=loss_type,
+                              max_completion_length=7)
         assert m1["kl/mean"] == 0.0
         assert l1.item() == pytest.approx(l0.item(), abs=1e-7)
     _, m = gs.grpo_loss(logp, old, old, A, mask, beta=0.04)
@@ -516,17 +520,89 @@ def test_grpo_loss_k3_is_zero_when_reference_equals_policy():
 def test_grpo_loss_ignores_tokens_beyond_each_length(loss_type):
     logp, old, ref, A, lengths, mask = _loss_inputs(seed=5)
     off = torch.tensor([False, True, False, False, False, False])
-    loss, _ = gs.grpo_loss(logp, old, ref, A, mask, beta=0.04, epsilon_high=0.3, loss_type=loss_type, off_policy=off)
+    loss, _ = gs.grpo_loss(logp, old, ref, A, mask, beta=0.04, epsilon_high=0.3, loss_type=loss_type, off_policy=off, max_completion_length=MAX_LEN)
     (grad,) = torch.autograd.grad(loss, logp)
     g = torch.Generator().manual_seed(9)
     noise = lambda: torch.where(mask, 0.0, torch.randn(mask.shape, generator=g) * 5)
     logp_b = (logp.detach() + noise()).requires_grad_()
     loss_b, _ = gs.grpo_loss(logp_b, old + noise(), ref + noise(), A, mask, beta=0.04, epsilon_high=0.3,
-                             loss_type=loss_type, off_policy=off)
+                             loss_type=loss_type, off_policy=off, max_completion_length=MAX_LEN)
     (grad_b,) = torch.autograd.grad(loss_b, logp_b)
     assert loss_b.item() == pytest.approx(loss.item(), rel=1e-6)
     torch.testing.assert_close(grad_b, grad)
     assert (grad[~mask] == 0).all() and (grad[mask] != 0).any()
+
+
+def test_dr_grpo_normaliser_is_a_constant_not_the_batch_width():
+    """Dr. GRPO divides by N * max_new_tokens: padding columns (a longer batch mate, or another
+    process's width) change neither the loss nor any token's gradient."""
+    logp, old, ref, A, lengths, mask = _loss_inputs(seed=6)
+    kw = dict(beta=0.04, epsilon=0.2, loss_type="dr_grpo", max_completion_length=48)
+    loss, _ = gs.grpo_loss(logp, old, ref, A, mask, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    wide = lambda x, fill: torch.cat([x, torch.full((x.shape[0], 40), fill)], dim=1)   # T 5 -> 45
+    logp_w = wide(logp.detach(), -1.0).requires_grad_()
+    loss_w, _ = gs.grpo_loss(logp_w, wide(old, -1.0), wide(ref, -1.0), A, wide(mask, False), **kw)
+    (grad_w,) = torch.autograd.grad(loss_w, logp_w)
+    assert loss_w.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(grad_w[:, :5], grad)
+    assert (grad_w[:, 5:] == 0).all()
+    # the value is sum / (N * max_new_tokens), token by token
+    expected = reference_grpo_loss(logp.detach(), old, ref, A, lengths, 0.04, 0.2, 0.2, "dr_grpo", max_len=48)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError):
+        gs.grpo_loss(logp, old, ref, A, mask, beta=0.04, loss_type="dr_grpo")
+
+
+def test_dr_grpo_two_processes_sum_to_the_one_process_gradient():
+    """Two halves of a batch, each padded to its own width and weighted as train() weights them
+    (prompts / B), give the summed gradient of the whole batch: what torchrun's all-reduce adds."""
+    G, B = 3, 2
+    logp, old, ref, A, _, _ = _loss_inputs(seed=7, N=6, T=5)
+    lengths = torch.tensor([2, 3, 1, 4, 5, 2])                 # widths 3 and 5 on the two processes
+    mask = torch.arange(5)[None] < lengths[:, None]
+    kw = dict(beta=0.04, epsilon=0.2, loss_type="dr_grpo", max_completion_length=9)
+    loss, _ = gs.grpo_loss(logp, old, ref, A, mask, **kw)
+    (full,) = torch.autograd.grad(loss, logp)
+    summed = torch.zeros_like(full)
+    for rows in (slice(0, G), slice(G, 2 * G)):
+        width = int(lengths[rows].max())                       # each process pads to its own width
+        lp = logp.detach()[rows, :width].clone().requires_grad_()
+        part, _ = gs.grpo_loss(lp, old[rows, :width], ref[rows, :width], A[rows], mask[rows, :width], **kw)
+        (g,) = torch.autograd.grad(part * (1 / B), lp)
+        summed[rows, :width] = g
+    torch.testing.assert_close(summed, full)
+
+
+def _rollout_cfg(**kw) -> gs.Config:
+    return gs.resolve_config(gs.Config(**{"group_size": 3, "batch_size": 2, **kw}))
+
+
+@pytest.mark.parametrize("budget", [3, 40])
+def test_mp_grpo_reference_is_scored_as_trained_and_kept_out_of_reward_metrics(model_tok, ast_test, budget):
+    """MP-GRPO's off-policy member is the reference cut to the budget, and its reward is that of
+    the cut text; reward/* metrics average the on-policy samples only."""
+    model, tok = model_tok
+    cfg = _rollout_cfg(mode="mp-grpo", max_new_tokens=budget)
+    batch = make_batch(model, tok, ast_test, [0, 1])
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    completions, lengths, rewards, off, m = gs.grpo_rollout(cfg, model, tok, batch, 0, [0, 1], suppress,
+                                                            gs.bleu_reward)
+    assert off.tolist() == [False, False, True] * 2
+    for b, target in enumerate(batch.targets):
+        full = gs.encode_target(tok, target)
+        assert len(full) > 3                                   # so budget 3 truncates every reference
+        i = 3 * b + 2
+        row = completions[i, :lengths[i]].tolist()
+        assert row == full[:budget]
+        text = tok.decode(row, skip_special_tokens=True).strip()
+        assert rewards[i].item() == pytest.approx(sacrebleu.sentence_bleu(text, [target]).score / 100)
+        if budget == 3:
+            assert rewards[i].item() < 1.0
+    on = rewards[~off]
+    assert m["reward/mean"] == pytest.approx(on.mean().item())
+    assert m["reward/ref_mean"] == pytest.approx(rewards[off].mean().item())
+    assert m["reward/ref_truncated_frac"] == (1.0 if budget == 3 else 0.0)
 
 
 # ---------------------------------------------------------------- model: sampling ----
@@ -697,8 +773,11 @@ def test_cli_eval_writes_base_only(mode_runs):
     p, out = mode_runs["eval"]
     _check_ok(p)
     res = json.loads((out / "results.json").read_text())
-    assert list(res) == ["base"] and {"bleu", "chrf"} <= set(res["base"]) and res["base"]["n"] == 4
+    assert list(res) == ["base", "base_sample"] and res["base"]["n"] == res["base_sample"]["n"] == 4
+    assert {"bleu", "chrf"} <= set(res["base"]) and {"bleu", "chrf"} <= set(res["base_sample"])
+    assert (res["base"]["decoding"], res["base_sample"]["decoding"]) == ("greedy", "sample")
     assert "nrefs:1" in res["base"]["signature"]
+    assert (out / "hyps_base.jsonl").is_file() and (out / "hyps_base_sample.jsonl").is_file()
     assert not (out / "final").exists()
 
 
@@ -714,7 +793,9 @@ def test_cli_training_modes_complete(mode_runs, mode):
     p, out = mode_runs[mode]
     _check_ok(p)
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"base", "final"} and {"bleu", "chrf"} <= set(res["final"])
+    assert set(res) == {"base", "base_sample", "final", "final_sample", "selection"}
+    assert {"bleu", "chrf"} <= set(res["final"]) and {"bleu", "chrf"} <= set(res["final_sample"])
+    assert "greedy decoding, 4 dev utterances" in res["selection"]
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2]
     for m in lines[1:]:
@@ -760,6 +841,39 @@ def test_cli_final_reloads_with_transformers_and_evaluates_the_same(mode_runs, t
     assert cli["bleu"] == scores["bleu"] and cli["chrf"] == scores["chrf"]
     cli_hyps = [json.loads(l) for l in (tmp_path / "ev" / "hyps_base.jsonl").read_text().splitlines()]
     assert cli_hyps == hyps
+
+
+def test_sampled_evaluation_is_seeded_and_independent_of_batch_size(model_tok, ast_test):
+    """The paper's decoding (T 0.9, top-p 0.9) draws utterance i's tokens from (seed, i): the same
+    hypotheses for any eval batch size, other hypotheses for another seed."""
+    model, tok = model_tok
+    hyps = {}
+    for seed, bs in ((0, 1), (0, 4), (0, 3), (5, 4)):
+        cfg = gs.Config(task="ast", max_new_tokens=8, eval_batch_size=bs, seed=seed)
+        scores, rows = gs.evaluate(model, tok, ast_test, cfg, 0, gs.nullamp, decoding="sample")
+        hyps[seed, bs] = [r["hyp"] for r in rows]
+        assert scores["n"] == len(ast_test)                    # limit 0: every utterance
+    assert hyps[0, 1] == hyps[0, 4] == hyps[0, 3]
+    assert hyps[5, 4] != hyps[0, 4]
+    greedy, _ = gs.evaluate(model, tok, ast_test, gs.Config(task="ast", max_new_tokens=8), 2, gs.nullamp)
+    assert greedy["n"] == 2
+
+
+def test_dev_selection_scores_every_dev_row_by_default(tiny_data, fixture_model_dir, tmp_path):
+    assert gs.Config().dev_limit == 0
+    data = tmp_path / "ast"
+    shutil.copytree(tiny_data / "ast", data)
+    shutil.copytree(tiny_data / "audio", tmp_path / "audio")                # manifests point at ../audio
+    dev = (data / "dev.jsonl").read_text().splitlines()
+    (data / "dev.jsonl").write_text("\n".join(dev + dev[:2]) + "\n")      # 6 dev rows
+    for row in (json.loads(l) for l in dev):
+        assert (data / row["audio"]).resolve().is_file()
+    p = run_cli("--task", "ast", "--mode", "sft", "--model", fixture_model_dir, "--data", data, "--out",
+                tmp_path / "run", "--max-steps", "1", "--eval-limit", "2", "--sft-batch-size", "2",
+                "--max-new-tokens", "8", cwd=tmp_path)
+    _check_ok(p)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "6 dev utterances" in res["selection"]
 
 
 def test_cli_pretrain_writes_a_plain_transformers_checkpoint(fixture_model_dir):
