@@ -97,16 +97,18 @@ def compare(args) -> None:
     root = Path(args.out) if args.out else gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
     tasks = ("ast", "sqa")
     t0 = time.time()
-    # SFT runs first: the SFT -> X runs start from their best/ checkpoint, and are queued last
-    jobs = sorted(((task, m, seed) for task in tasks for m in METHODS for seed in seeds), key=lambda j: j[1][2])
+    # two phases: the SFT -> X runs start from the best/ checkpoint of a finished SFT run
+    jobs = [(task, m, seed) for task in tasks for m in METHODS for seed in seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def job(j):
         task, (label, mode, from_sft), seed = j
         model = str(run_dir(root, task, "SFT", seed) / "best") if from_sft else None
         return run_method(task, mode, seed, steps, run_dir(root, task, label, seed), threads, model)
-    with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
-        done = {(t, m[0], s): r for (t, m, s), r in zip(jobs, pool.map(job, jobs))}
+    done = {}
+    for phase in ([j for j in jobs if not j[1][2]], [j for j in jobs if j[1][2]]):
+        with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
+            done |= {(t, m[0], s): r for (t, m, s), r in zip(phase, pool.map(job, phase))}
     minutes = (time.time() - t0) / 60
     rows = []
     for task in tasks:

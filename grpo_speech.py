@@ -20,12 +20,18 @@ Where this file departs from the paper (each is a flag or a stated default):
   * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
     conformer, which has no padding mask, hears the padding): an answer never depends on its
     batch mates, so batch size, process count and resumption leave results unchanged.
-  * MP-GRPO keeps the KL term on the reference answer's tokens too.
+  * MP-GRPO keeps the KL term on the reference answer's tokens too. The reference is cut to the
+    completion budget like a sample and rewarded as cut (reward/ref_truncated_frac counts them);
+    reward/* metrics describe the on-policy samples only (reward/ref_mean the reference).
+  * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
+    constant, as TRL and the Dr. GRPO paper do.
+  * Best-on-dev selection uses greedy dev BLEU over every dev utterance (step 0 included); the
+    test split is scored under greedy decoding and under the paper's (T 0.9, top-p 0.9).
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
-    48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps with
-    greedy decoding (the paper decodes with temperature 0.9, top-p 0.9: `--eval-decoding sample`).
-  * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1.
+    48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps.
+  * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1 (with
+    mu > 1 a step is one rollout: its mu updates share one learning rate, metrics average them).
 
 First commands:
   python grpo_speech.py --task ast --mode eval          # score the shipped start model
@@ -97,7 +103,7 @@ class Config:
     epsilon: float = opt(0.2, "lower clip range of the ratio s_{i,t}")
     epsilon_high: float | None = opt(None, "upper clip range (DAPO clip-higher); default: epsilon")
     loss_type: str = opt("dapo", "dapo: token mean over the group (the paper); grpo: per-sequence mean; "
-                                 "dr_grpo: sum / (N * T)", choices=("dapo", "grpo", "dr_grpo"))
+                                 "dr_grpo: sum / (N * --max-new-tokens)", choices=("dapo", "grpo", "dr_grpo"))
     num_iterations: int = opt(1, "mu: policy updates per rollout (old log-probs reused); a step is one "
                                  "rollout: its mu updates share the step's learning rate, metrics average them")
     scale_rewards: bool = opt(True, "divide advantages by the group's std (off: Dr. GRPO)")
@@ -173,6 +179,9 @@ def resolve_config(cfg: Config) -> Config:
         cfg.epsilon_high = cfg.epsilon
     if cfg.mode in ("grpo", "mp-grpo") and cfg.group_size < 2:
         raise InputError(f"--group-size {cfg.group_size}: a group needs at least 2 completions to have an advantage")
+    for name in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
     if cfg.batch_size < 1 or cfg.batch_size % cfg.grad_accum:
         raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum {cfg.grad_accum}")
     if cfg.sft_batch_size is None:
@@ -183,9 +192,8 @@ def resolve_config(cfg: Config) -> Config:
                          "log-probs divide by the temperature; use a value > 0")
     if not 0 < cfg.top_p <= 1:
         raise InputError(f"--top-p {cfg.top_p} must be in (0, 1]")
-    for name in ("max_steps", "num_iterations", "max_new_tokens", "sft_batch_size", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
+    if cfg.sft_batch_size < 1:
+        raise InputError(f"--sft-batch-size {cfg.sft_batch_size} must be at least 1")
     if cfg.beta < 0 or cfg.epsilon < 0 or cfg.epsilon_high < 0:
         raise InputError("--beta, --epsilon and --epsilon-high must be >= 0")
     return cfg
@@ -598,7 +606,11 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    logps: torch.Tensor     # (N, T) behaviour log-probs log pi_old(o_{i,t}), fp32
+    # (N, T) fp32 log-probs under the tempered softmax over the whole vocabulary: what the teacher-
+    # forced pass computes, i.e. pi_old in the ratio s_{i,t}. With top-p < 1 or suppressed tokens
+    # the tokens were drawn from a renormalised subset of it, so these are then not the exact
+    # behaviour log-probs (an off-policy gap TRL leaves too); training recomputes them anyway.
+    logps: torch.Tensor
 
 
 @torch.no_grad()
@@ -1014,9 +1026,10 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
             groups.append(ref)
             rewards.append(float(torch.nan_to_num(reward_fn(decode_tokens(tokenizer, [ref]), [target]), nan=0.0)[0]))
             off_policy.append(True)
-    if mixed:
-        ref_rewards = torch.tensor(rewards).view(-1, G)[:, -1]
-        metrics["reward/ref_mean"] = ref_rewards.mean().item()
+    if mixed:  # the spread that makes advantages is the mixed group's, reference included
+        mixed_r = torch.tensor(rewards).view(-1, G)
+        metrics |= {k: v for k, v in reward_metrics(mixed_r).items() if k != "reward/mean"}
+        metrics["reward/ref_mean"] = mixed_r[:, -1].mean().item()
         metrics["reward/ref_truncated_frac"] = sum(
             len(encode_target(tokenizer, t)) > cfg.max_new_tokens for t in batch.targets) / len(batch.targets)
     metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
@@ -1028,8 +1041,8 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
 
 
 def reward_metrics(r: torch.Tensor) -> dict:
-    """Logged statistics of (B, n) on-policy rewards: mean, mean within-group std, and the share of
-    groups whose rewards are all equal (they carry no advantage, so no gradient but the KL's)."""
+    """Logged statistics of (B, n) rewards: mean, mean within-group std, and the share of groups
+    whose rewards are all equal (they carry no advantage, so no gradient but the KL's)."""
     return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
             "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
 
@@ -1145,7 +1158,9 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
         for p in params:
             dist.sum(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if torch.isfinite(grad_norm) and math.isfinite(pass_loss):
+        # every process takes the same decision, or their weights would part ways
+        bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
+        if torch.isfinite(grad_norm) and bad_loss == 0:
             optimizer.step()
             ts.bad_steps = 0
         else:  # a non-finite loss or gradient never reaches the weights
@@ -1513,8 +1528,7 @@ def run(cfg: Config) -> dict:
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}
     if dist.main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    if "base" not in results:
-        score_test(model, tokenizer, splits["test"], cfg, amp, dist, "base", results, out)
+    score_test(model, tokenizer, splits["test"], cfg, amp, dist, "base", results, out)
     say(f"sacrebleu: {results['base']['signature']}")
     say(f"start model on test: {fmt(results['base'])}; sampled: {fmt(results['base_sample'])}")
     if cfg.mode == "eval":
@@ -1534,6 +1548,8 @@ def score_test(model, tokenizer, test: SpeechData, cfg: Config, amp, dist: Dist,
     """results[tag] (greedy) and results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
     utterance) on the test split, hypotheses beside them; results.json is rewritten after each."""
     for decoding, key in (("greedy", tag), ("sample", f"{tag}_sample")):
+        if key in results:  # --resume: scored before the interruption
+            continue
         results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, amp, f"test {key}", dist,
                                       decoding=decoding)
         results[key]["decoding"] = decoding

@@ -14,6 +14,7 @@ machine, torch's 2 spinning threads made the tiny conformer ~20x slower.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -605,6 +606,71 @@ def test_mp_grpo_reference_is_scored_as_trained_and_kept_out_of_reward_metrics(m
     assert m["reward/ref_truncated_frac"] == (1.0 if budget == 3 else 0.0)
 
 
+class _RecordingOptimizer:
+    """Keeps the gradient that policy_update hands to step()."""
+
+    def __init__(self, params):
+        self.params, self.grads = params, None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+class _OtherProcessTokens(gs.Dist):
+    """One process of two: the all-reduce of the (float) token count adds the other process's tokens;
+    integer flags and gradients come back as they are (the other process agrees, adds zeros)."""
+
+    def __init__(self, other_tokens: float = 0.0):
+        super().__init__()
+        self.other = other_tokens
+
+    def sum(self, x):
+        return x + self.other if x.dim() == 0 and x.is_floating_point() else x
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model_tok, ast_test, loss_type):
+    """train()'s weighting of micro-batch losses: --grad-accum 2, and two processes that each pad
+    to their own width, sum to the gradient of the whole MP-GRPO batch in one pass."""
+    model, tok = model_tok
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith("model.encoder."))
+    G, B = 3, 4
+    cfg = gs.resolve_config(gs.Config(mode="mp-grpo", group_size=G, batch_size=B, max_new_tokens=6,
+                                      loss_type=loss_type, max_grad_norm=1e9, beta=0.04))
+    batch = make_batch(model, tok, ast_test, range(B))
+    lengths = torch.tensor([6, 2, 3, 1, 4, 6, 2, 2, 1, 5, 3, 2])
+    g = torch.Generator().manual_seed(0)
+    completions = torch.randint(5, 50, (B * G, 6), generator=g)
+    mask = torch.arange(6)[None] < lengths[:, None]
+    off = torch.tensor([False, False, True] * B)
+    advantages = torch.randn(B * G, generator=g)
+    with torch.no_grad():
+        ref = gs.completion_logprobs(model, batch, completions, G) + 0.1 * torch.randn(B * G, 6, generator=g)
+
+    def grads(cfg, rows, dist):
+        opt = _RecordingOptimizer(params)
+        w = int(lengths[rows].max())
+        r = gs.Rollout(completions[rows, :w], mask[rows, :w], G, advantages[rows], None, ref[rows, :w], off[rows])
+        gs.policy_update(cfg, model, params, opt, batch.select(rows.start // G, rows.stop // G), r, B,
+                         gs.TrainState(), gs.nullamp, dist)
+        return opt.grads
+
+    whole = grads(cfg, slice(0, B * G), gs.Dist())
+    accum = grads(dataclasses.replace(cfg, grad_accum=2), slice(0, B * G), gs.Dist())
+    halves = [grads(cfg, rows, _OtherProcessTokens(float(mask.sum() - mask[rows].sum())))
+              for rows in (slice(0, 2 * G), slice(2 * G, B * G))]
+    for w, a, h0, h1 in zip(whole, accum, *halves):
+        torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(h0 + h1, w, atol=1e-6, rtol=1e-4)
+    assert any(w.abs().max() > 0 for w in whole)
+
+
 # ---------------------------------------------------------------- model: sampling ----
 
 
@@ -918,6 +984,10 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_p
         (["--data", _bad_data(tiny_data, tmp_path, "malformed")], "test.jsonl:2", True),
         (["--data", _bad_data(tiny_data, tmp_path, "missing-audio")], str(tmp_path / "nowhere.ogg"), True),
         (["--mode", "grpo", "--group-size", "1"], "--group-size", True),
+        (["--mode", "grpo", "--temperature", "0"], "--temperature 0", True),
+        (["--mode", "mp-grpo", "--top-p", "0"], "--top-p 0", True),
+        (["--mode", "grpo", "--num-iterations", "0"], "--num-iterations 0", True),
+        (["--mode", "sft", "--max-new-tokens", "0"], "--max-new-tokens 0", True),
         (["--out", taken], str(taken), False),
     ]
     for extra, culprit, fresh_out in cases:
