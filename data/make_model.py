@@ -15,8 +15,8 @@ reach it as an unordered bag through each 15-frame Q-Former window. So:
 The audio features, prompts, data sets, losses, evaluation and saving are grpo_speech.py's own,
 imported from it, so the model hears and reads exactly what GRPO later feeds it.
 
-  OMP_NUM_THREADS=1 python data/make_model.py --overwrite     # rebuild the shipped model (~43 min)
-  python data/make_model.py --out /tmp/m --steps 5,5,5,5    # a smoke run (~30 s)
+  OMP_NUM_THREADS=1 python data/make_model.py --overwrite     # rebuild the shipped model
+  OMP_NUM_THREADS=1 python data/make_model.py --out /tmp/m --steps 5,5,5,5 --dev-limit 4  # smoke
 """
 
 from __future__ import annotations
