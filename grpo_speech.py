@@ -5,11 +5,11 @@ fine-tunes one, Granite Speech (a conformer encoder, a window Q-Former projector
 LM, as transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy
 Optimisation and a BLEU reward, following Elmakies et al., "Advancing Speech Understanding in
 Speech-Aware Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline,
-MP-GRPO (the reference answer as an off-policy group member), evaluation, and the recipe
-that pre-trains the tiny Granite Speech shipped in data/tiny-granite-speech.
+MP-GRPO (the reference answer as an off-policy group member) and evaluation. The tiny Granite
+Speech shipped in data/tiny-granite-speech was pre-trained by data/make_model.py.
 
 Read it top to bottom: config, audio, text, data sets, model, sampling, rewards, advantages,
-losses, distributed, evaluation, checkpoints, training loops, pre-training, main.
+losses, distributed, evaluation, checkpoints, training loops, main.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by this project on espeak-ng
@@ -71,7 +71,7 @@ HERE = Path(__file__).resolve().parent
 SAMPLE_RATE = 16_000
 AUDIO_TOKEN = "<|audio|>"
 TASKS = ("ast", "asr", "sqa")
-MODES = ("eval", "sft", "grpo", "mp-grpo", "pretrain")
+MODES = ("eval", "sft", "grpo", "mp-grpo")
 
 
 class InputError(Exception):
@@ -90,7 +90,8 @@ def opt(default, help, **kw):
 class Config:
     # what to run
     task: str = opt("ast", "ast (speech translation en->de), asr (transcription) or sqa (spoken QA)", choices=TASKS)
-    mode: str = opt("grpo", "eval, sft, grpo, mp-grpo (GRPO + reference as off-policy sample) or pretrain", choices=MODES)
+    mode: str = opt("grpo", "eval, sft, grpo or mp-grpo (GRPO + reference as off-policy sample)",
+                    choices=MODES)
     model: str = opt("data/tiny-granite-speech", "local Granite Speech directory or hub id (hub needs HF_HUB_OFFLINE=0)")
     data: str = opt("", "data directory: <data>/<task>/{train,dev,test}.jsonl, a directory of jsonl splits, "
                         "a CoVoST2 TSV directory or LibriSQA JSON directory (default: data/<task>)")
@@ -136,8 +137,6 @@ class Config:
     overwrite: bool = opt(False, "replace an existing run in --out")
     max_audio_seconds: float = opt(30.0, "reject longer audio files before training starts")
     max_bad_steps: int = opt(3, "abort after this many non-finite losses in a row")
-    # pre-training the tiny model (--mode pretrain)
-    pretrain_steps: str = opt("300,600,400,2000", "steps of the 4 stages: char CTC, word CTC, LM on stretched text, joint")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -168,9 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(cfg: Config) -> Config:
     """Fill the defaults that depend on other fields; paths relative to this file work from anywhere."""
     cfg = copy.copy(cfg)
-    if cfg.mode == "pretrain":
-        cfg.data = cfg.data or str(HERE / "data")
-        cfg.out = cfg.out or str(HERE / "data" / "tiny-granite-speech")
     cfg.data = cfg.data or str(HERE / "data" / cfg.task)
     cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
     if not Path(cfg.model).exists() and (HERE / cfg.model).exists():
@@ -1266,217 +1262,6 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     return out / "best"
 
 
-# ------------------------------------------------------------------------ pre-training ----
-# How data/tiny-granite-speech was made (--mode pretrain): a ~3M-parameter Granite Speech, same
-# classes as the 2B/8B models, trained in four stages on the `pretrain` split (asr + ast, no
-# sqa). Trained jointly from scratch the LM ignores the audio: the encoder's single-frame
-# character spikes reach it as an unordered bag through each 15-frame Q-Former window. So:
-#   1. encoder: character CTC on its own mid-layer head (encoder.out);
-#   2. encoder: word CTC through a temporary head on its last layer (thrown away after);
-#   3. LM: "stretched text", the transcript's words repeated 2-5 times with fillers placed in
-#      the audio slot, so the LM learns to read its prefix for both tasks;
-#   4. encoder frozen: projector + LM on asr + ast, with an auxiliary word CTC on the projector
-#      outputs against the tied embeddings.
-
-CHARS = " abcdefghijklmnopqrstuvwxyz'"
-SPECIAL_TOKENS = ["<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", AUDIO_TOKEN, "<|unk|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
-                 "<|end_of_text|>\n{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}")
-
-
-def train_tokenizer(texts: list[str], vocab_size: int = 640):
-    """A small BPE tokenizer (Metaspace, like SentencePiece) whose merges cover whole words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                                       show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end_of_text|>",
-                                   bos_token="<|end_of_text|>", unk_token="<|unk|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[2:5])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def tiny_config(tokenizer):
-    """Granite Speech in miniature; the real 2B: encoder 10 x 1024, Q-Former 2 x 1024, LM 40 x 2048."""
-    from transformers import GraniteSpeechConfig
-    vocab = 8 * math.ceil(len(tokenizer) / 8)
-    head_dim = 192 // 4
-    text = dict(model_type="granite", vocab_size=vocab, hidden_size=192, intermediate_size=512, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                attention_multiplier=1 / math.sqrt(head_dim),  # Granite's default 1.0 is not 1/sqrt(d)
-                tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    encoder = dict(input_dim=160, num_layers=4, hidden_dim=128, feedforward_mult=2, num_heads=4, output_dim=32,
-                   context_size=200, max_pos_emb=512, dropout=0.1, conv_kernel_size=15)
-    projector = dict(model_type="blip_2_qformer", hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=256, encoder_hidden_size=128, cross_attention_frequency=1,
-                     max_position_embeddings=64, vocab_size=2)
-    return GraniteSpeechConfig(text_config=text, encoder_config=encoder, projector_config=projector,
-                               audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-                               has_lora_adapter=False, window_size=15, downsample_rate=5)
-
-
-def bucketed(data: SpeechData, size: int, seed: int):
-    """Endless batches of similar-length utterances (the encoder sees padding as silence)."""
-    order = sorted(range(len(data)), key=lambda i: data.wave(i).numel())
-    chunks = [order[k:k + size] for k in range(0, len(order), size)]
-    for epoch in range(10**9):
-        random.Random(seed * 7919 + epoch).shuffle(chunks)
-        yield from chunks
-
-
-def fit(params, steps: int, lr: float, loss_fn, batches, desc: str) -> list[float]:
-    """A plain AdamW loop with warm-up and cosine decay; returns the loss curve (per 10% of steps)."""
-    params = list(params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(Config(warmup_ratio=0.05), steps))
-    curve, recent = [], []
-    bar = tqdm(range(steps), desc=desc, mininterval=5)
-    for step in bar:
-        loss = loss_fn(next(batches))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent.append(loss.item())
-        bar.set_postfix(loss=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
-        if (step + 1) % max(1, steps // 10) == 0:
-            curve.append(round(sum(recent[-20:]) / len(recent[-20:]), 3))
-    return curve
-
-
-def ctc(logits: torch.Tensor, frames: torch.Tensor, targets: list[list[int]], blank: int) -> torch.Tensor:
-    """CTC loss of (B, F, C) logits with per-item valid frame counts."""
-    lp = torch.log_softmax(logits.float(), -1).transpose(0, 1)            # (F, B, C)
-    flat = torch.tensor([t for ts in targets for t in ts], dtype=torch.long)
-    return F.ctc_loss(lp, flat, frames, torch.tensor([len(t) for t in targets]), blank=blank, zero_infinity=True)
-
-
-def pretrain(cfg: Config, device) -> None:
-    """--mode pretrain: build, train and save the tiny Granite Speech (see the banner above)."""
-    from transformers import GraniteSpeechForConditionalGeneration
-    torch.manual_seed(cfg.seed)
-    root, out = Path(cfg.data), Path(cfg.out)
-    rows = {t: read_manifest(root / t / "pretrain.jsonl") for t in ("asr", "ast")}
-    texts = [r[k] for t in TASKS for split in ("pretrain", "train") if (root / t / f"{split}.jsonl").exists()
-             for r in read_manifest(root / t / f"{split}.jsonl") for k in ("text", "target")]
-    tokenizer = train_tokenizer(texts)
-    model = GraniteSpeechForConditionalGeneration(tiny_config(tokenizer)).to(device)
-    print(f"tiny Granite Speech: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"vocabulary {len(tokenizer)}")
-    steps = [int(s) for s in cfg.pretrain_steps.split(",")]
-    asr = SpeechData(rows["asr"])
-    both = SpeechData(rows["asr"] + rows["ast"])
-    both._waves = asr._waves                                               # same audio files
-    pad, audio_id = tokenizer.pad_token_id, model.config.audio_token_id
-    words = lambda text: tokenizer(text, add_special_tokens=False).input_ids
-    encoder = model.model.encoder
-    mid = {}
-    encoder.out.register_forward_hook(lambda mod, inp, outp: mid.__setitem__("logits", outp))
-    log, t_start = {}, time.time()
-
-    def encode(idx):
-        feats, _ = log_mel_batch([asr.wave(i) for i in idx])
-        frames = torch.tensor([(asr.wave(i).numel() // 160 + 1) // 2 for i in idx])
-        return encoder(feats.to(device)).last_hidden_state, frames
-
-    # stage 1: character CTC on the mid-layer head
-    def char_loss(idx):
-        _, frames = encode(idx)
-        return ctc(mid["logits"], frames, [[CHARS.index(c) + 1 for c in asr.rows[i]["target"] if c in CHARS] for i in idx], 0)
-    encoder.train()
-    t0 = time.time()
-    log["1_char_ctc"] = {"curve": fit(encoder.parameters(), steps[0], 2e-3, char_loss, bucketed(asr, 32, cfg.seed), "1 char CTC")}
-    log["1_char_ctc"]["minutes"] = round((time.time() - t0) / 60, 1)
-
-    # stage 2: word CTC through a temporary head on the last layer, char CTC kept as an aid
-    head = torch.nn.Linear(encoder.config.hidden_dim, model.config.text_config.vocab_size).to(device)
-    def word_loss(idx):
-        hidden, frames = encode(idx)
-        chars = [[CHARS.index(c) + 1 for c in asr.rows[i]["target"] if c in CHARS] for i in idx]
-        return ctc(head(hidden), frames, [words(asr.rows[i]["target"]) for i in idx], pad) + 0.3 * ctc(mid["logits"], frames, chars, 0)
-    t0 = time.time()
-    log["2_word_ctc"] = {"curve": fit([*encoder.parameters(), *head.parameters()], steps[1], 2e-3, word_loss,
-                                      bucketed(asr, 32, cfg.seed + 1), "2 word CTC")}
-    log["2_word_ctc"]["minutes"] = round((time.time() - t0) / 60, 1)
-    encoder.eval().requires_grad_(False)
-
-    # stage 3: the LM reads stretched text in the audio slot, for both tasks
-    lm_rows = rows["asr"] + rows["ast"]
-    english = {r["audio"]: r["target"] for r in rows["asr"]}
-    def stretched(text, rng):
-        seq = []
-        for w in words(text):
-            seq += [pad] * rng.randint(0, 2) + [w] * rng.randint(2, 5)
-        return seq + [pad] * rng.randint(0, 2)
-    def lm_batches(seed):
-        rng = random.Random(seed)
-        while True:
-            yield [lm_rows[rng.randrange(len(lm_rows))] for _ in range(32)], rng
-    def lm_loss(item):
-        batch_rows, rng = item
-        seqs, starts = [], []
-        for r in batch_rows:
-            slot = stretched(english[r["audio"]], rng)
-            prompt = encode_prompt(tokenizer, r["text"], len(slot), audio_id)
-            k = prompt.index(audio_id)
-            prompt[k:k + len(slot)] = slot
-            starts.append(len(prompt))
-            seqs.append(prompt + encode_target(tokenizer, r["target"]))
-        L = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs], device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        labels = torch.tensor([[-100] * (st - 1) + s[st:] + [-100] * (L - len(s)) for s, st in zip(seqs, starts)], device=device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    model.train()
-    model.model.encoder.eval()
-    t0 = time.time()
-    log["3_lm_stretched"] = {"curve": fit(model.model.language_model.parameters(), steps[2], 2e-3, lm_loss,
-                                          lm_batches(cfg.seed + 2), "3 LM stretched")}
-    log["3_lm_stretched"]["minutes"] = round((time.time() - t0) / 60, 1)
-
-    # stage 4: projector + LM on asr + ast, with word CTC on the projector outputs
-    embed = model.get_input_embeddings()
-    with torch.no_grad():  # audio embeddings start ~10x the norm of text ones: scale them down
-        b = collate(both, list(range(8)), tokenizer, audio_id).to(device)
-        audio = audio_embeddings(model, b)
-        model.model.projector.linear.weight *= embed.weight.norm(dim=-1).mean() / audio.norm(dim=-1).mean()
-    def joint_loss(idx):
-        batch = collate(both, idx, tokenizer, audio_id).to(device)
-        refs = [encode_target(tokenizer, t) for t in batch.targets]
-        lengths = torch.tensor([len(r) for r in refs], device=device)
-        completions = torch.tensor([r + [pad] * (int(lengths.max()) - len(r)) for r in refs], device=device)
-        logp = completion_logprobs(model, batch, completions, 1)
-        mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]
-        audio = audio_embeddings(model, batch)                                         # (B, A, D)
-        ctc_logits = audio @ embed.weight.T
-        n_audio = batch.features_mask.sum(1).cpu()
-        transcripts = [words(english[r["audio"]]) for r in batch.rows]
-        return sft_loss(logp, mask) + 0.5 * ctc(ctc_logits, n_audio, transcripts, pad)
-    t0 = time.time()
-    trainable = [*model.model.projector.parameters(), *model.model.language_model.parameters()]
-    log["4_joint"] = {"curve": fit(trainable, steps[3], 1e-3, joint_loss, bucketed(both, 24, cfg.seed + 3), "4 joint")}
-    log["4_joint"]["minutes"] = round((time.time() - t0) / 60, 1)
-    log["total_minutes"] = round((time.time() - t_start) / 60, 1)
-
-    model.eval()
-    for task in ("asr", "ast"):
-        dev = root / task / "dev.jsonl"
-        if dev.exists():
-            scores, _ = evaluate(model, tokenizer, SpeechData(read_manifest(dev)), dataclasses.replace(cfg, task=task),
-                                 cfg.dev_limit, nullamp, desc=f"dev {task}")
-            log[f"dev_{task}"] = scores
-            print(f"dev {task}: {scores}")
-    save_model(model, tokenizer, out)
-    (out / "pretrain_log.json").write_text(json.dumps({"command": " ".join(sys.argv), **log}, indent=1))
-    print(json.dumps(log))
-
-
 # ------------------------------------------------------------------------------ main ----
 
 
@@ -1508,9 +1293,6 @@ def run(cfg: Config) -> dict:
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
         raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible by the {dist.world} processes")
     torch.manual_seed(cfg.seed)
-    if cfg.mode == "pretrain":
-        pretrain(cfg, device)
-        return {}
     # every input is checked before the run directory is made
     wanted = ("test",) if cfg.mode == "eval" else ("train", "dev", "test")
     splits = {k: SpeechData(v, cfg.max_audio_seconds)

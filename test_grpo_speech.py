@@ -4,7 +4,7 @@ Two layers:
   * unit tests of the pure functions (audio features, resampling, readers, rewards, advantages,
     the GRPO loss), each checked against an independent computation written here;
   * short runs of the real command line (`python grpo_speech.py ...`) on a tiny copy of data/
-    and a throw-away model that the real `--mode pretrain` builds once per session.
+    and a throw-away model that the real `data/make_model.py` builds once per session.
 
 Run: .venv/bin/python -m pytest test_grpo_speech.py --durations=10   (about 2-3 minutes on 2 CPU cores)
 
@@ -51,6 +51,13 @@ def run_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProce
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     env.pop("RANK", None)
     cmd = [sys.executable, str(REPO / "grpo_speech.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_make_model(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python data/make_model.py ARGS` in `cwd`, as run_cli runs grpo_speech.py."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(DATA / "make_model.py"), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -117,10 +124,10 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fixture_model_dir(tiny_data, tmp_path_factory) -> Path:
-    """A throw-away model made by the real pretrain command (2 steps per stage)."""
+    """A throw-away model made by the real pre-training script (2 steps per stage)."""
     work = tmp_path_factory.mktemp("pretrain")
-    p = run_cli("--mode", "pretrain", "--pretrain-steps", "2,2,2,2", "--data", tiny_data, "--out", work / "model",
-                "--dev-limit", "2", cwd=work, timeout=300)
+    p = run_make_model("--steps", "2,2,2,2", "--data", tiny_data, "--out", work / "model",
+                       "--dev-limit", "2", cwd=work, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return work / "model"
 
@@ -951,6 +958,43 @@ def test_cli_pretrain_writes_a_plain_transformers_checkpoint(fixture_model_dir):
     assert model.config.model_type == "granite_speech"
     assert tok.convert_tokens_to_ids(gs.AUDIO_TOKEN) == model.config.audio_token_id
     assert len(tok) <= model.config.text_config.vocab_size
+    # data/make_model.py ran each of its four stages for its 2 steps, then scored dev
+    log = json.loads((fixture_model_dir / "pretrain_log.json").read_text())
+    stages = ["1_char_ctc", "2_word_ctc", "3_lm_stretched", "4_joint"]
+    assert [k for k in log if k[0].isdigit()] == stages
+    for stage in stages:
+        curve = log[stage]["curve"]
+        assert len(curve) == 2 and all(math.isfinite(x) and x > 0 for x in curve), (stage, curve)
+    assert log["dev_asr"]["n"] == 2 and "wer" in log["dev_asr"] and log["dev_ast"]["n"] == 2
+
+
+def test_make_model_guards_its_output_and_checks_its_input(tiny_data, tmp_path):
+    sys.path.insert(0, str(DATA))
+    import make_model
+    # the default --out is the shipped model, so an existing --out is refused before any work
+    assert make_model.build_parser().parse_args([]).out == str(SHIPPED_MODEL)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.safetensors").write_bytes(b"keep me")
+    ok = ["--steps", "1,1,1,1", "--dev-limit", "1"]
+    cases = [  # (args, what the message names)
+        (["--data", tiny_data, "--out", taken, *ok], [str(taken), "--overwrite"]),
+        (["--data", tiny_data, "--out", tmp_path / "m", "--steps", "1,1,1"], ["--steps"]),
+        (["--data", tiny_data, "--out", tmp_path / "m", "--steps", "1,x,1,1"], ["--steps"]),
+        (["--data", tmp_path / "nodata", "--out", tmp_path / "m", *ok], [str(tmp_path / "nodata")]),
+    ]
+    for args, culprits in cases:
+        p = run_make_model(*args, cwd=tmp_path)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error:"), (args, p.stderr)
+        assert all(c in lines[0] for c in culprits), (args, p.stderr)
+        assert not (tmp_path / "m").exists(), args
+    assert (taken / "model.safetensors").read_bytes() == b"keep me"
+    p = run_make_model("--help", cwd=tmp_path)
+    assert p.returncode == 0
+    for opt in ("--data", "--out", "--steps", "--seed", "--device", "--dev-limit", "--overwrite"):
+        assert opt in p.stdout, opt
 
 
 def _bad_data(tiny_data: Path, root: Path, kind: str) -> Path:
@@ -1007,6 +1051,14 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_p
 def test_cli_unknown_task_is_an_argparse_error(tmp_path):
     p = run_cli("--task", "mt", "--out", tmp_path / "out", cwd=tmp_path)
     assert p.returncode == 2 and "--task" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_mode_pretrain_is_gone_to_data_make_model(tmp_path):
+    p = run_cli("--mode", "pretrain", "--out", tmp_path / "out", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "--mode" in p.stderr and "pretrain" in p.stderr
     assert not (tmp_path / "out").exists()
 
 
