@@ -14,7 +14,11 @@ losses, distributed, evaluation, checkpoints, training loops, pre-training, main
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by this project on espeak-ng
     speech (data/), not the 2B/8B checkpoints; `--model ibm-granite/granite-speech-3.3-2b`
-    runs the same code on the real one.
+    runs the same code on the real one. Its LoRA adapter is merged into the LM weights at load
+    (exact: every prompt carries audio), its logits are divided by `logits_scaling` (lm_logits),
+    and it gets the model card's system turn with a fixed date (`--system-prompt`).
+  * Evaluation decodes greedily or by sampling; published Granite Speech scores use beam search
+    (num_beams=4).
   * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm
     on running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
   * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
