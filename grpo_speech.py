@@ -14,7 +14,11 @@ losses, distributed, evaluation, checkpoints, training loops, main.
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by this project on espeak-ng
     speech (data/), not the 2B/8B checkpoints; `--model ibm-granite/granite-speech-3.3-2b`
-    runs the same code on the real one.
+    runs the same code on the real one. Its LoRA adapter is merged into the LM weights at load
+    (exact: every prompt carries audio), its logits are divided by `logits_scaling` (lm_logits),
+    and it gets the model card's system turn with a fixed date (`--system-prompt`).
+  * Evaluation decodes greedily or by sampling; published Granite Speech scores use beam search
+    (num_beams=4).
   * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm
     on running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
   * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
@@ -112,6 +116,11 @@ class Config:
     temperature: float = opt(1.0, "sampling temperature for rollouts, > 0 (the paper: 1)")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     max_new_tokens: int = opt(48, "longest completion in tokens (the paper: 200)")
+    system_prompt: str = opt("auto", "system turn before each prompt. auto: the model card's "
+                             "(CARD_SYSTEM, dated April 9, 2025) when the tokenizer's chat "
+                             "template writes a system turn of its own for a user turn alone "
+                             "(released Granite 3.x), none otherwise (the shipped model); "
+                             "none: no system turn; other text: that text")
     # optimisation
     lr: float = opt(1e-4, "peak learning rate (AdamW)")
     warmup_ratio: float = opt(0.1, "share of steps with linear warm-up; cosine decay to 10% after")
@@ -279,7 +288,8 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
 
 
 def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: int = 5) -> int:
-    """How many <|audio|> embeddings the window Q-Former makes from `num_samples` samples."""
+    """How many <|audio|> embeddings the window Q-Former makes from `num_samples` samples.
+    window_size and downsample_rate are the model config's (collate passes them)."""
     mel_frames = num_samples // 160 + 1
     encoder_frames = mel_frames // 2                          # frame pairs are stacked
     return math.ceil(encoder_frames / window_size) * (window_size // downsample_rate)
@@ -290,9 +300,41 @@ def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: i
 # expanded to as many copies as the projector makes embeddings, which replace them in the LM.
 
 
-def encode_prompt(tokenizer, text: str, n_audio: int, audio_token_id: int) -> list[int]:
-    """Chat-template `text` as the user turn and expand its <|audio|> token to n_audio copies."""
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+# The system turn of the Granite Speech 3.3 model card and transformers' integration test, with
+# the card's example date: Granite 3.x templates otherwise write today's date into every prompt,
+# and a prompt that changes from day to day makes no run reproducible.
+CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.\n"
+               "You are Granite, developed by IBM. You are a helpful AI assistant")
+
+
+def system_turn(tokenizer, system_prompt: str = "auto") -> str | None:
+    """The system turn text for --system-prompt (None: no system turn).
+
+    auto decides by the chat template itself: if, given a user turn alone, it writes a system
+    turn of its own (the released Granite 3.x templates do, dated today), the model was tuned
+    with one and gets the card's, dated; a template that writes none (the shipped model's) gets
+    none, so its prompts stay exactly what it was trained on.
+    """
+    if system_prompt != "auto":
+        return None if system_prompt in ("", "none") else system_prompt
+    mark = "\x00system\x00"
+    try:
+        turns = [{"role": "system", "content": mark}, {"role": "user", "content": "u"}]
+        with_system = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # a template that rejects system turns cannot want one
+        return None
+    header = with_system[:with_system.find(mark)]     # <|start_of_role|>system<|end_of_role|>
+    user_only = tokenizer.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False)
+    return CARD_SYSTEM if mark in with_system and header.strip() and header in user_only else None
+
+
+def encode_prompt(tokenizer, text: str, n_audio: int, audio_token_id: int,
+                  system: str | None = None) -> list[int]:
+    """Chat-template `text` as the user turn (after a `system` turn if given) and expand its
+    <|audio|> token to n_audio copies."""
+    turns = [{"role": "system", "content": system}] if system is not None else []
+    turns.append({"role": "user", "content": text})
+    chat = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(chat, add_special_tokens=False).input_ids
     if ids.count(audio_token_id) != 1:
         raise InputError(f"prompt {text!r} must contain {AUDIO_TOKEN} exactly once")
@@ -486,14 +528,18 @@ class Batch:
                      self.attention_mask[b0:b1], self.targets[b0:b1], self.rows[b0:b1])
 
 
-def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int) -> Batch:
+def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
+            system: str | None = None, config=None) -> Batch:
     """Features of each utterance alone: the encoder has no padding mask, so batch padding would
-    leak into the audio embeddings and make an answer depend on its batch mates."""
+    leak into the audio embeddings and make an answer depend on its batch mates. `config` (the
+    model's) gives the projector's window_size and downsample_rate; `system` the system turn."""
     waves = [data.wave(i) for i in idx]
     feats = [log_mel(w) for w in waves]
     frames = torch.tensor([f.shape[0] for f in feats])
-    n_audio = torch.tensor([num_audio_tokens(w.numel()) for w in waves])
-    prompts = [encode_prompt(tokenizer, data.rows[i]["text"], int(n), audio_token_id) for i, n in zip(idx, n_audio)]
+    window = {k: getattr(config, k) for k in ("window_size", "downsample_rate")} if config else {}
+    n_audio = torch.tensor([num_audio_tokens(w.numel(), **window) for w in waves])
+    prompts = [encode_prompt(tokenizer, data.rows[i]["text"], int(n), audio_token_id, system)
+               for i, n in zip(idx, n_audio)]
     P = max(map(len, prompts))
     input_ids = torch.full((len(idx), P), tokenizer.pad_token_id)
     attention_mask = torch.zeros(len(idx), P, dtype=torch.long)
@@ -511,10 +557,15 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int) ->
 def load_model(name: str, device: torch.device):
     """Granite Speech and its tokenizer by local path or hub id, fp32 master weights.
 
-    The same call loads the shipped tiny model and ibm-granite/granite-speech-3.3-2b: the real
-    checkpoints carry a LoRA adapter that transformers attaches when peft is installed.
+    The same call loads the shipped tiny model and ibm-granite/granite-speech-3.3-2b. The released
+    3.3 checkpoints carry a LoRA adapter for audio turns (`has_lora_adapter`); it is merged into
+    the LM weights here (merge_lora_adapter), whether or not peft is installed. transformers is
+    handed the weights, not the directory, so its peft integration never finds the adapter (it
+    drops it without peft, and with peft < 0.22 attaches it but cannot save), and the config says
+    has_lora_adapter: false, so the model is plain Granite Speech and saves as one.
     """
-    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer, GraniteSpeechForConditionalGeneration
+    from safetensors.torch import load_file
     path = Path(name)
     if path.exists():
         config = path / "config.json"
@@ -526,14 +577,96 @@ def load_model(name: str, device: torch.device):
     elif name.startswith((".", "/")) or name.count("/") != 1:
         raise InputError(f"{name}: model directory not found")
     try:
-        model = GraniteSpeechForConditionalGeneration.from_pretrained(name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        if not path.exists():  # a hub id: its files, from the cache or (HF_HUB_OFFLINE=0) the hub
+            from huggingface_hub import snapshot_download
+            files = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+            path = Path(snapshot_download(name, allow_patterns=files))
+        config = AutoConfig.from_pretrained(path)
+        adapter = path / "adapter_config.json"
+        if config.has_lora_adapter != adapter.is_file():
+            has, state = ("true", "missing") if config.has_lora_adapter else ("false", "there")
+            raise InputError(f"{path}: has_lora_adapter is {has} in config.json but "
+                             f"adapter_config.json is {state}")
+        config.has_lora_adapter = False   # merged below: what is loaded and saved is plain weights
+        shards = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_"))
+        if not shards:
+            raise InputError(f"{path}: no *.safetensors weights")
+        weights = {k: v for f in shards for k, v in load_file(f).items()}
+        model = GraniteSpeechForConditionalGeneration.from_pretrained(
+            None, config=config, state_dict=weights, dtype=torch.float32)
+        del weights
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not path.exists() else ""
+        hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not Path(name).exists() else ""
         raise InputError(f"{name}: cannot load model{hint}: {str(e).splitlines()[0][:160]}") from None
+    if adapter.is_file():
+        merge_lora_adapter(model, path)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.text_config.vocab_size}")
     return model.to(device), tokenizer
+
+
+# Module names in the two layouts: release-era checkpoints (and their adapters) name the LM
+# `language_model.model.layers...`; transformers 5 modules are `model.language_model.layers...`.
+RELEASE_NAMES = (("language_model.model.", "model.language_model."),
+                 ("language_model.lm_head", "lm_head"),
+                 ("encoder.", "model.encoder."), ("projector.", "model.projector."))
+
+
+@torch.no_grad()
+def merge_lora_adapter(model, path: str | Path) -> list[str]:
+    """Merge a peft LoRA adapter (adapter_config.json + adapter_model.safetensors in `path`) into
+    `model`'s weights in place: W += scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with
+    use_rslora). Returns the merged modules' names.
+
+    Exact here, not an approximation: the released adapter is meant for audio turns only
+    (transformers' generate enables it when input_features are given), and every prompt of this
+    file carries audio, so the adapter is always on and W + scale * B @ A is the adapted layer.
+    Plain LoRA only: DoRA, LoRA biases and fan_in_fan_out layouts are refused, not half-merged.
+    """
+    from safetensors.torch import load_file
+    path = Path(path)
+    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise InputError(f"{weights_file}: missing (adapter_config.json names an adapter)")
+    try:
+        acfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_file}: not readable JSON ({e})") from None
+    plain = {"peft_type": "LORA", "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+             "rank_pattern": {}, "alpha_pattern": {}}       # per-layer r / alpha: unsupported
+    bad = [k for k, v in plain.items() if (acfg.get(k) or v) != v]
+    if bad:
+        raise InputError(f"{cfg_file}: unsupported adapter setting {bad[0]}={acfg.get(bad[0])!r} "
+                         "(only plain LoRA merges exactly)")
+    r, alpha = acfg["r"], acfg["lora_alpha"]
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(weights_file).items():
+        # base_model.model.<module>.lora_A.weight (peft in memory: lora_A.default.weight)
+        stem, _, tail = key.removeprefix("base_model.model.").partition(".lora_")
+        part = tail.split(".")[0]
+        name = next((new + stem.removeprefix(old) for old, new in RELEASE_NAMES
+                     if stem.startswith(old)), stem)
+        linear = isinstance(modules.get(name), torch.nn.Linear)
+        if part not in ("A", "B") or not tail.endswith("weight") or not linear:
+            raise InputError(f"{weights_file}: adapter tensor {key} matches no weight of the model")
+        pairs.setdefault(name, {})[part] = tensor
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    for name, ab in pairs.items():
+        layer = modules[name]
+        shapes = {"A": (r, layer.in_features), "B": (layer.out_features, r)}
+        if any(k not in ab or tuple(ab[k].shape) != v for k, v in shapes.items()):
+            raise InputError(f"{weights_file}: {name}: needs lora_A {shapes['A']} "
+                             f"and lora_B {shapes['B']}")
+        if tied and layer is model.lm_head:
+            raise InputError(f"{weights_file}: {name}: a LoRA on the tied LM head "
+                             "would change the embeddings too")
+        W = layer.weight
+        delta = scale * ab["B"].double() @ ab["A"].double()     # (out, in), merged in fp64
+        W.copy_((W.double() + delta.to(W.device)).to(W.dtype))
+    return sorted(pairs)
 
 
 def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Tensor:
@@ -572,6 +705,20 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's next-token logits from its last hidden states: the one place they are computed
+    (sampler, teacher-forced pass, SFT and evaluation all come here).
+
+    Granite LMs divide their logits by text_config.logits_scaling (8 for the 3.3 2B, 16 for the
+    8B). GraniteForCausalLM does; transformers 5.24's GraniteSpeechForConditionalGeneration, a
+    bare lm_head, does not, so its .logits are 8-16x too sharp: samples at temperature 1 nearly
+    greedy, group rewards without spread, a wrong KL. Callers therefore run model.model (hidden
+    states) and never read model(...).logits: the division happens here exactly once, whatever a
+    future transformers does in forward. The shipped tiny model's scaling is 1.
+    """
+    return model.lm_head(hidden) / model.config.text_config.logits_scaling
+
+
 def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
                         temperature: float = 1.0, train_encoder: bool = False, with_entropy: bool = False):
     """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, fp32 (N, T).
@@ -584,8 +731,9 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)             # (N, P+T, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
                       torch.ones_like(completions)], dim=1)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                   logits_to_keep=T + 1).logits[:, :-1].float() / temperature                  # (N, T, V)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=mask,
+                         position_ids=positions(mask)).last_hidden_state[:, -(T + 1):-1]
+    logits = lm_logits(model, hidden).float() / temperature                  # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)                              # (N, T)
     if not with_entropy:
@@ -631,12 +779,13 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)], dim=1)
     pos = positions(batch.attention_mask)
-    out = model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn, position_ids=pos,
-                cache=cache, use_cache=True, logits_to_keep=1)
+    out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
+                      position_ids=pos, cache=cache, use_cache=True)
     for layer in cache.layers:                                             # (B, ...) -> (N, ...)
         layer.keys, layer.values = layer.keys.repeat_interleave(G, 0), layer.values.repeat_interleave(G, 0)
     attn = attn.repeat_interleave(G, 0)                                    # (N, P + max_new_tokens)
-    logits = out.logits[:, -1].float().repeat_interleave(G, 0)             # (N, V)
+    logits = lm_logits(model, out.last_hidden_state[:, -1]).float()        # (B, V)
+    logits = logits.repeat_interleave(G, 0)                                # (N, V)
     device = logits.device
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                     # (N, 1)
     banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
@@ -649,7 +798,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     if uniforms is None:
         uniforms = torch.rand(N, max_new_tokens)
     uniforms = uniforms.to(device)
-    lm, lm_head = model.model.language_model, model.lm_head                # decode steps skip the audio plumbing
+    lm = model.model.language_model                   # decode steps skip the audio plumbing
     for t in range(max_new_tokens):
         logits = logits / temperature if temperature > 0 else logits
         logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
@@ -673,7 +822,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         if bool(done.all()):
             break
         out = lm(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
-        logits, next_pos = lm_head(out.last_hidden_state[:, -1]).float(), next_pos + 1
+        logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
     T = int(lengths.max())
     return Samples(tokens[:, :T], lengths, logps[:, :T])
 
@@ -889,10 +1038,12 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
     audio_id = model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
     greedy = (decoding or cfg.eval_decoding) == "greedy"
+    system = system_turn(tokenizer, cfg.system_prompt)
     hyps: dict[int, str] = {}
     for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False, disable=None if dist.main else True):
         b_idx = idx[k:k + cfg.eval_batch_size]
-        batch = collate(data, b_idx, tokenizer, audio_id).to(model.device)
+        batch = collate(data, b_idx, tokenizer, audio_id, system=system, config=model.config)
+        batch = batch.to(model.device)
         with amp():
             s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
                               pad_id=tokenizer.pad_token_id, temperature=0.0 if greedy else 0.9,
@@ -1195,10 +1346,13 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
     # the frozen reference pi_ref is copied from the start weights, before any compile
     ref_model = copy.deepcopy(raw_model).eval().requires_grad_(False) if grpo and cfg.beta != 0 else None
-    policy = torch.compile(raw_model, dynamic=True) if cfg.compile else raw_model
+    if cfg.compile:  # in place: the module keeps its state_dict names, and every caller gets the compiled LM
+        raw_model.model.language_model.compile(dynamic=True)
+    policy = raw_model
     raw_model.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
     audio_id = raw_model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, raw_model.config.text_config.vocab_size, audio_id)
+    system = system_turn(tokenizer, cfg.system_prompt)
     ts = restore(cfg, raw_model, optimizer, scheduler, out, dist)
     stop, bar = Stop(), tqdm(total=cfg.max_steps, initial=ts.step, desc=cfg.mode, disable=not dist.main)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1211,7 +1365,8 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
             t_step = time.perf_counter()
             first = dist.rank * B_local                          # this process's prompts of the step
             idx = splits["train"].batch_indices(cfg.seed, ts.step, B)[first:first + B_local]
-            batch = collate(splits["train"], idx, tokenizer, audio_id).to(device)
+            batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
+                            config=raw_model.config).to(device)
             # 1. what to learn from: sampled groups scored against the reference (GRPO), or the reference
             r = Rollout(None, None, G)
             if grpo:
@@ -1306,6 +1461,8 @@ def run(cfg: Config) -> dict:
     # precision is decided here, once: bf16 autocast around forward passes, fp32 weights and log-probs
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, processes {dist.world}")
+    if (system := system_turn(tokenizer, cfg.system_prompt)) is not None:
+        say(f"system turn: {system!r}")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}
     if dist.main:

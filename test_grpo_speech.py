@@ -1194,3 +1194,297 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
     bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--batch-size", "3"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--batch-size 3" in bad.stderr
+
+
+# ---------------------------------------- released checkpoints: adapter, scaling, prompt ----
+# Fixtures re-save the shipped model with the released checkpoints' kinds of settings (no hub
+# here): a LoRA adapter in peft's format with release-era names, logits_scaling 8, a Granite 3.x
+# chat template that dates its own system turn.
+
+LORA_R, LORA_ALPHA = 4, 8
+
+
+def _lora_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter on every q_proj / v_proj of the shipped LM, B non-zero (peft starts it at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = json.loads((SHIPPED_MODEL / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    out = {}
+    for i in range(n_layers):
+        for proj in ("q_proj", "v_proj"):
+            stem = f"base_model.model.language_model.model.layers.{i}.self_attn.{proj}"
+            out[f"{stem}.lora_A.weight"] = torch.randn(LORA_R, 192, generator=g) * 0.3
+            out[f"{stem}.lora_B.weight"] = torch.randn(192, LORA_R, generator=g) * 0.3
+    return out
+
+
+def _save_variant(dst: Path, weights: dict, **config_changes) -> Path:
+    """The shipped model's files with other weights and config.json values (text_config.* too)."""
+    from safetensors.torch import save_file
+    shutil.copytree(SHIPPED_MODEL, dst)
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    for k, v in config_changes.items():
+        if k.startswith("text_config."):
+            cfg["text_config"][k.split(".", 1)[1]] = v
+        else:
+            cfg[k] = v
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def _write_adapter(dst: Path, tensors: dict, **config_changes) -> None:
+    from safetensors.torch import save_file
+    acfg = {"peft_type": "LORA", "r": LORA_R, "lora_alpha": LORA_ALPHA, "target_modules": ["q_proj", "v_proj"],
+            "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False,
+            "lora_dropout": 0.0, "task_type": None, "base_model_name_or_path": None, **config_changes}
+    (dst / "adapter_config.json").write_text(json.dumps(acfg))
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def released_dirs(tmp_path_factory) -> dict[str, Path]:
+    """released: shipped weights + adapter (has_lora_adapter true); merged: the same adapter merged
+    by this test's own arithmetic into a plain checkpoint, on the checkpoint's own tensor names."""
+    from safetensors.torch import load_file
+    root = tmp_path_factory.mktemp("released")
+    base = load_file(str(SHIPPED_MODEL / "model.safetensors"))
+    lora = _lora_tensors()
+    released = _save_variant(root / "released", base, has_lora_adapter=True)
+    _write_adapter(released, lora)
+    merged_w = dict(base)
+    for key in lora:
+        if key.endswith("lora_A.weight"):
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            B, A = lora[key.replace("lora_A", "lora_B")], lora[key]
+            merged_w[name] = (base[name].double() + LORA_ALPHA / LORA_R * B.double() @ A.double()).float()
+    merged = _save_variant(root / "merged", merged_w, has_lora_adapter=False)
+    return {"released": released, "merged": merged}
+
+
+def _greedy(model, tok, data: gs.SpeechData, n: int = 4, max_new_tokens: int = 12) -> list[list[int]]:
+    b = make_batch(model, tok, data, range(n))
+    s = gs.sample_groups(model, b, 1, max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id, temperature=0.0)
+    return [row[:k] for row, k in zip(s.tokens.tolist(), s.lengths.tolist())]
+
+
+def test_released_adapter_is_merged_at_load(released_dirs, ast_test):
+    from transformers import GraniteSpeechForConditionalGeneration
+    model, tok = gs.load_model(str(released_dirs["released"]), torch.device("cpu"))
+    assert model.config.has_lora_adapter is False and not getattr(model, "_hf_peft_config_loaded", False)
+    own = GraniteSpeechForConditionalGeneration.from_pretrained(str(released_dirs["merged"])).eval()
+    bare, _ = gs.load_model(str(SHIPPED_MODEL), torch.device("cpu"))
+    mine, theirs = model.eval().state_dict(), own.state_dict()
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    ours = _greedy(model, tok, ast_test)
+    assert ours == _greedy(own, tok, ast_test)
+    assert ours != _greedy(bare.eval(), tok, ast_test)          # the adapter changes what is decoded
+
+
+def test_merge_lora_adapter_transformers5_names_and_rslora(released_dirs, tmp_path):
+    """The same adapter under transformers 5's module names, with use_rslora (scale alpha/sqrt(r))."""
+    model, _ = gs.load_model(str(SHIPPED_MODEL), torch.device("cpu"))
+    before = model.model.language_model.layers[1].self_attn.v_proj.weight.clone()
+    lora = {k.replace("language_model.model.", "model.language_model."): v for k, v in _lora_tensors().items()}
+    _write_adapter(tmp_path, lora, use_rslora=True)
+    merged = gs.merge_lora_adapter(model, tmp_path)
+    assert len(merged) == 6 and "model.language_model.layers.1.self_attn.v_proj" in merged
+    stem = "base_model.model.model.language_model.layers.1.self_attn.v_proj"
+    expected = before.double() + LORA_ALPHA / math.sqrt(LORA_R) * lora[f"{stem}.lora_B.weight"].double() @ \
+        lora[f"{stem}.lora_A.weight"].double()
+    torch.testing.assert_close(model.model.language_model.layers[1].self_attn.v_proj.weight, expected.float())
+
+
+def test_cli_grpo_on_released_checkpoint_saves_plain_weights_and_resumes_exactly(released_dirs, tiny_data,
+                                                                                  tmp_path):
+    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+    args = ["--task", "ast", "--mode", "grpo", "--model", released_dirs["released"], "--data", tiny_data / "ast",
+            *TINY, "--eval-every", "1", "--lr", "1e-3"]
+    straight = run_cli(*args, "--out", tmp_path / "straight", cwd=tmp_path)
+    _check_ok(straight)
+    assert "peft" not in straight.stderr and "adapter" not in straight.stderr     # nothing dropped, no warning
+    for d in ("final", "best", "checkpoint"):
+        saved = tmp_path / "straight" / d
+        assert json.loads((saved / "config.json").read_text())["has_lora_adapter"] is False, d
+        assert not list(saved.glob("adapter_*")), d
+    # final/ in plain transformers, in a fresh process: no warning, and it decodes as the trained
+    # model did at step 2 (the dev scores logged in memory, just before final/ was written)
+    final = tmp_path / "straight" / "final"
+    code = ("import sys; from transformers import GraniteSpeechForConditionalGeneration as G; "
+            "G.from_pretrained(sys.argv[1])")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", code, str(final)], env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and [l for l in p.stderr.splitlines() if "Loading weights" not in l] == [], p.stderr
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(final)).eval()
+    tok = AutoTokenizer.from_pretrained(str(final))
+    cfg = gs.Config(task="ast", max_new_tokens=8)
+    scores, _ = gs.evaluate(model, tok, gs.SpeechData(gs.read_manifest(tiny_data / "ast" / "dev.jsonl")), cfg, 4,
+                            gs.nullamp)
+    logged = _step_metrics(tmp_path / "straight")
+    assert (scores["bleu"], scores["chrf"]) == (logged[2]["eval/dev_bleu"], logged[2]["eval/dev_chrf"])
+    # stop after step 1, then --resume to step 2: the same metrics and the same final weights
+    _check_ok(run_cli(*args, "--out", tmp_path / "cut", "--max-steps", "1", cwd=tmp_path))
+    _check_ok(run_cli(*args, "--out", tmp_path / "cut", "--resume", cwd=tmp_path))
+    assert _step_metrics(tmp_path / "cut") == logged
+    from safetensors.torch import load_file
+    wa, wb = load_file(final / "model.safetensors"), load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_bad_adapters_exit_2_with_one_line(released_dirs, tiny_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+    rel = released_dirs["released"]
+    lora = load_file(str(rel / "adapter_model.safetensors"))
+    stray = "base_model.model.language_model.model.layers.0.self_attn.no_proj.lora_A.weight"
+    cases = {  # name: (adapter tensors or None for no adapter files, adapter_config changes, culprit)
+        "no-adapter-files": (None, {}, "has_lora_adapter"),
+        "stray-tensor": ({**lora, stray: torch.ones(LORA_R, 192)}, {}, stray),
+        "dora": (lora, {"use_dora": True}, "use_dora"),
+        "bias": (lora, {"bias": "lora_only"}, "bias"),
+        "fan-in-fan-out": (lora, {"fan_in_fan_out": True}, "fan_in_fan_out"),
+    }
+    for n, (name, (tensors, changes, culprit)) in enumerate(cases.items()):
+        bad = tmp_path / name
+        shutil.copytree(rel, bad)
+        for f in bad.glob("adapter_*"):
+            f.unlink()
+        if tensors is not None:
+            _write_adapter(bad, tensors, **changes)
+        args = ["--task", "ast", "--mode", "eval", "--model", str(bad), "--data", str(tiny_data / "ast"),
+                "--out", str(tmp_path / "out"), "--eval-limit", "2"]
+        if n == 0:  # the real command line once; in-process (faster) for the others
+            p = run_cli(*args, cwd=tmp_path)
+            code, err = p.returncode, p.stderr
+        else:
+            code, err = gs.main(args), capsys.readouterr().err
+            err = "\n".join(l for l in err.splitlines() if "Loading weights" not in l)  # a progress bar
+        lines = err.strip().splitlines()
+        assert code == 2 and "Traceback" not in err, (name, err[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (name, err)
+        assert str(bad) in lines[0], (name, lines[0])
+        assert not (tmp_path / "out").exists(), name
+
+
+@pytest.fixture(scope="session")
+def scaled_dir(tmp_path_factory) -> Path:
+    """The shipped network with logits_scaling 8, exactly equivalent: the tied embedding matrix
+    is x8 (so the head's logits are x8 before the division), embedding_multiplier /8 brings the
+    text inputs back, and the projector's output layer x8 does the same for the audio (Granite
+    multiplies every inputs_embeds, audio included, by embedding_multiplier). Powers of 2: exact."""
+    from safetensors.torch import load_file
+    w = load_file(str(SHIPPED_MODEL / "model.safetensors"))
+    for k in ("language_model.model.embed_tokens.weight", "projector.linear.weight", "projector.linear.bias"):
+        w[k] = w[k] * 8
+    m = json.loads((SHIPPED_MODEL / "config.json").read_text())["text_config"]["embedding_multiplier"]
+    return _save_variant(tmp_path_factory.mktemp("scaled") / "scaled8", w, **{
+        "text_config.logits_scaling": 8.0, "text_config.embedding_multiplier": m / 8})
+
+
+def test_logits_scaling_8_equivalent_network_samples_the_same(scaled_dir, ast_test):
+    shipped, tok = gs.load_model(str(SHIPPED_MODEL), torch.device("cpu"))
+    scaled, _ = gs.load_model(str(scaled_dir), torch.device("cpu"))
+    assert scaled.config.text_config.logits_scaling == 8.0
+    batch = make_batch(shipped, tok, ast_test, [0, 1, 2])
+    first = {}
+    with torch.no_grad():
+        for name, m in (("shipped", shipped.eval()), ("scaled", scaled.eval())):
+            hidden = m.model(inputs_embeds=gs.prompt_embeddings(m, batch), attention_mask=batch.attention_mask,
+                             position_ids=gs.positions(batch.attention_mask)).last_hidden_state[:, -1]
+            first[name] = torch.log_softmax(gs.lm_logits(m, hidden), -1)                  # (B, V)
+            first[name + "/unscaled"] = torch.log_softmax(m.lm_head(hidden), -1)
+    torch.testing.assert_close(first["scaled"], first["shipped"], atol=1e-5, rtol=0)
+    # the test can fail: without the division the scaled network's distribution is far sharper
+    assert (first["scaled/unscaled"] - first["shipped"]).abs().max() > 1.0
+    u = gs.row_uniforms(0, 0, [0, 1, 2], 8, 10)
+    s = {name: gs.sample_groups(m, batch, 8, max_new_tokens=10, eos_id=tok.eos_token_id,
+                                pad_id=tok.pad_token_id, temperature=1.0, uniforms=u)
+         for name, m in (("shipped", shipped), ("scaled", scaled))}
+    assert torch.equal(s["scaled"].tokens, s["shipped"].tokens)
+    assert len(set(map(tuple, s["shipped"].tokens.tolist()))) > 3              # T=1 draws differ
+    mask = torch.arange(s["shipped"].tokens.shape[1])[None] < s["shipped"].lengths[:, None]
+    torch.testing.assert_close(s["scaled"].logps[mask], s["shipped"].logps[mask], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        tf = gs.completion_logprobs(scaled, batch, s["scaled"].tokens, 8)
+    torch.testing.assert_close(tf[mask], s["scaled"].logps[mask], atol=1e-4, rtol=0)
+
+
+def test_logits_scaling_applied_once_as_in_granite_for_causal_lm(scaled_dir, ast_test):
+    """lm_logits and the teacher-forced pass against GraniteForCausalLM's own logits (which divide
+    by logits_scaling) on the same LM weights: twice or not at all would be off by x8."""
+    from transformers import GraniteForCausalLM
+    model, tok = gs.load_model(str(scaled_dir), torch.device("cpu"))
+    model.eval()
+    causal = GraniteForCausalLM(model.config.text_config).eval()
+    causal.model.load_state_dict(model.model.language_model.state_dict())
+    causal.lm_head.weight = causal.model.embed_tokens.weight
+    ids = torch.randint(5, len(tok), (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = gs.lm_logits(model, model.model.language_model(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(ours, causal(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        batch = make_batch(model, tok, ast_test, [0, 1])
+        completions = torch.randint(5, len(tok), (4, 5), generator=torch.Generator().manual_seed(1))
+        logp = gs.completion_logprobs(model, batch, completions, 2)
+        embeds = torch.cat([gs.prompt_embeddings(model, batch).repeat_interleave(2, 0),
+                            model.get_input_embeddings()(completions)], 1)
+        mask = torch.cat([batch.attention_mask.repeat_interleave(2, 0), torch.ones_like(completions)], 1)
+        ref = causal(inputs_embeds=embeds, attention_mask=mask, position_ids=gs.positions(mask)).logits
+    ref_logp = torch.log_softmax(ref[:, -6:-1], -1).gather(-1, completions[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+
+
+GRANITE3_TEMPLATE = (  # the Granite 3.x chat template's system-turn logic, as released
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system_message = \"Knowledge Cutoff Date: "
+    "April 2024.\\nToday's Date: \" + strftime_now('%B %d, %Y') + \".\\nYou are Granite, developed by IBM. "
+    "You are a helpful AI assistant.\" %}{%- set loop_messages = messages %}{%- endif %}"
+    "<|start_of_role|>system<|end_of_role|>{{ system_message }}<|end_of_text|>\n"
+    "{%- for m in loop_messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
+    "<|end_of_text|>\n{%- endfor %}{%- if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>"
+    "{%- endif %}")
+
+
+def test_system_prompt_default_by_template(tmp_path):
+    from transformers import AutoTokenizer
+    import datetime
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL))
+    audio = tok.convert_tokens_to_ids(gs.AUDIO_TOKEN)
+    text = gs.PROMPTS["ast"]
+    # the shipped model: no system turn by default, prompts byte-identical to its template's format
+    assert gs.system_turn(tok) is None
+    literal = f"<|start_of_role|>user<|end_of_role|>{text}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
+    ids = tok(literal, add_special_tokens=False).input_ids
+    k = ids.index(audio)
+    assert gs.encode_prompt(tok, text, 3, audio) == ids[:k] + [audio] * 3 + ids[k + 1:]
+    assert gs.encode_prompt(tok, text, 3, audio, gs.system_turn(tok, "auto")) == ids[:k] + [audio] * 3 + ids[k + 1:]
+    # a released Granite 3.x template dates a system turn of its own: auto gives the card's, fixed
+    tok.chat_template = GRANITE3_TEMPLATE
+    today = datetime.date.today().strftime("%B %d, %Y")
+    assert today in tok.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False)
+    system = gs.system_turn(tok)
+    assert system == gs.CARD_SYSTEM and "Today's Date: April 9, 2025." in system
+    turns = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+    rendered = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|start_of_role|>system<|end_of_role|>Knowledge Cutoff Date: April 2024.\n"
+                               "Today's Date: April 9, 2025.\nYou are Granite")
+    assert today not in rendered and rendered.count("<|start_of_role|>system") == 1
+    ids = tok(rendered, add_special_tokens=False).input_ids
+    k = ids.index(audio)
+    assert gs.encode_prompt(tok, text, 2, audio, system) == ids[:k] + [audio] * 2 + ids[k + 1:]
+    assert gs.system_turn(tok, "none") is None and gs.system_turn(tok, "Be brief.") == "Be brief."
+    assert "--system-prompt" in gs.build_parser().format_help()
+
+
+def test_audio_token_count_follows_the_model_config(model_tok, ast_test):
+    """window_size / downsample_rate from the config: a projector built with other values makes as
+    many embeddings as collate reserves <|audio|> tokens for."""
+    model, tok = model_tok
+    cfg = model.config.__class__.from_dict({**model.config.to_dict(), "window_size": 10, "downsample_rate": 5})
+    other = type(model)(cfg).eval()
+    batch = gs.collate(ast_test, [0, 1], tok, cfg.audio_token_id, config=cfg)
+    default = gs.collate(ast_test, [0, 1], tok, cfg.audio_token_id)
+    assert not torch.equal(batch.features_mask.sum(1), default.features_mask.sum(1))
+    with torch.no_grad():
+        for b, n in enumerate(batch.frames.tolist()):
+            out = other.model.projector(other.model.encoder(batch.features[b:b + 1, :n]).last_hidden_state)
+            assert out.shape[1] == int(batch.features_mask[b].sum())
