@@ -22,6 +22,8 @@ Where this file departs from the paper (each is a flag or a stated default):
     batch mates, so batch size, process count and resumption leave results unchanged.
   * MP-GRPO keeps the KL term on the reference answer's tokens too.
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
+    The paper does not say whether every LM weight trained; `--lora R` trains a rank-R LoRA
+    on the LM (as IBM trained the released adapter) plus the projector, to fit 8B on one GPU.
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
     48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps with
     greedy decoding (the paper decodes with temperature 0.9, top-p 0.9: `--eval-decoding sample`).
