@@ -32,6 +32,8 @@ Where this file departs from the paper (each is a flag or a stated default):
   * Best-on-dev selection uses greedy dev BLEU over every dev utterance (step 0 included); the
     test split is scored under greedy decoding and under the paper's (T 0.9, top-p 0.9).
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
+    The paper does not say whether every LM weight trained; `--lora R` trains a rank-R LoRA
+    on the LM (as IBM trained the released adapter) plus the projector, to fit 8B on one GPU.
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
     48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps.
   * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1 (with
@@ -128,6 +130,11 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     grad_accum: int = opt(1, "split each step's prompts into this many micro-batches")
     train_encoder: bool = opt(False, "also train the audio encoder (default: projector + LM)")
+    lora: int = opt(0, "R: train a rank-R LoRA on the LM's --lora-targets and the whole "
+                       "projector, LM and encoder frozen (0: every LM weight trains)")
+    lora_alpha: float = opt(32.0, "LoRA scale alpha / R (the released adapter: R 64, alpha 32)")
+    lora_targets: str = opt("q_proj,v_proj", "comma list of Linear names in the LM's decoder "
+                                             "layers (the released adapter's)")
     sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G: the same sequences per "
                                            "update as GRPO)")
     # evaluation
@@ -187,6 +194,9 @@ def resolve_config(cfg: Config) -> Config:
     for name in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
+    if cfg.lora < 0 or (cfg.lora and cfg.lora_alpha <= 0):
+        raise InputError(f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: "
+                         "the rank must be >= 0 and alpha > 0")
     if cfg.batch_size < 1 or cfg.batch_size % cfg.grad_accum:
         raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum {cfg.grad_accum}")
     if cfg.sft_batch_size is None:
@@ -743,6 +753,165 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     return logp, entropy
 
 
+# ------------------------------------------------------------------------------ LoRA ----
+# The paper's models do not fit one GPU when every LM weight trains: fp32 weights, gradients,
+# two AdamW moments and a deep-copied reference are ~20 bytes a parameter, ~168 GB for the 8B.
+# With `--lora R` the LM's weights W stay frozen and each targeted Linear learns a rank-R
+# update, W x + (alpha / R) B A x (Hu et al., arXiv 2106.09685), as IBM trained the released
+# adapter; the projector still trains in full and the encoder stays frozen. Gradients and
+# optimizer state then exist only for A, B and the projector, and the reference pi_ref needs
+# no second LM: it is the same weights with every LoRA path off.
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen Linear W plus a trainable rank-r path: y = W x + b + (alpha / r) B (A x).
+
+    A (r, in) starts kaiming-uniform like nn.Linear's own weights, B (out, r) at zero, so at the
+    start the layer is exactly W. `weight` and `bias` are the wrapped Linear's own tensors under
+    their own names: the state dict keeps every base key, plus `lora_A` and `lora_B`.
+    """
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator=None):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = torch.nn.Parameter(base.weight.new_empty(r, base.in_features))
+        self.lora_B = torch.nn.Parameter(base.weight.new_zeros(base.out_features, r))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.enabled = True                     # off: the layer is W alone (the reference)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)           # what nn.Linear computes, bit for bit
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)   # B (A x): r wide
+
+
+def lora_sites(model, targets: str) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute) of every Linear named in `targets` inside the LM's decoder layers."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    sites, found = [], set()
+    for layer in model.model.language_model.layers:
+        for parent in layer.modules():
+            for attr, child in parent.named_children():
+                if isinstance(child, (torch.nn.Linear, LoRALinear)):
+                    found.add(attr)
+                    if attr in names:
+                        sites.append((parent, attr))
+    unknown = [n for n in names if n not in found]
+    if unknown or not names:
+        raise InputError(f"--lora-targets {targets!r}: {', '.join(unknown) or 'empty'} is not a "
+                         f"Linear of the LM's decoder layers in {model.name_or_path} "
+                         f"({', '.join(sorted(found))})")
+    return sites
+
+
+def add_lora(model, cfg: Config) -> None:
+    """Wrap the --lora-targets Linears of the LM in LoRALinear and freeze the rest of the LM.
+
+    A's draws come from a generator seeded by cfg.seed, not torch's global one, so adding LoRA
+    moves no other random draw. The projector keeps the requires_grad train() gave it (it trains).
+    """
+    model.model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)                 # tied to the embeddings: frozen with them
+    generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    for parent, attr in lora_sites(model, cfg.lora_targets):
+        base = getattr(parent, attr)
+        setattr(parent, attr, LoRALinear(base, cfg.lora, cfg.lora_alpha, generator))
+
+
+def lora_layers(model) -> list[tuple[str, LoRALinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def frozen_reference(model, cfg: Config):
+    """pi_ref: the start policy, frozen, for the KL term (taken before any training step).
+
+    Full training deep-copies the model. Under --bf16 the copy is stored in bf16 (on any device,
+    so the CPU tests run what a GPU runs): half the memory, and under autocast its matmuls see the
+    same bf16-rounded weights as the fp32 copy's would; what changes is that embeddings, norms
+    and the residual stream run in bf16 too. On the shipped model that moved the reference's
+    token log-probs by 0.012 nats on average (autocast itself, against fp32, by 0.009): a
+    spurious k3 KL of ~4e-4 at step 0, against advantages of order 1. Log-probs are still taken
+    in fp32 (completion_logprobs upcasts the logits).
+    With LoRA the LM never changes, so the reference shares its tensors: deepcopy's memo maps
+    each frozen tensor (and each LoRA tensor, which the reference never uses) to itself, so only
+    the modules that train in full (the projector; the encoder with --train-encoder) are copied,
+    keeping their start values. Its LoRA paths are off: it computes the start model exactly.
+    """
+    if not cfg.lora:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.bf16:
+            ref.to(torch.bfloat16)
+            # RoPE's frequencies stay fp32: rounded to bf16 they shift the angle of every position
+            rope = model.model.language_model.rotary_emb
+            ref.model.language_model.rotary_emb = copy.deepcopy(rope)
+        return ref
+    lora = {id(t) for _, m in lora_layers(model) for t in (m.lora_A, m.lora_B)}
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]
+              if id(t) in lora or not t.requires_grad}
+    ref = copy.deepcopy(model, memo=shared).eval()
+    for _, m in lora_layers(ref):
+        m.enabled = False
+    for p in ref.parameters():
+        if id(p) not in shared:
+            p.requires_grad_(False)     # the copied projector; the shared LoRA tensors still train
+    return ref
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's tensors as a plain checkpoint: each LoRA layer's W + (alpha / r) B A under W's
+    own key, A and B dropped. Merged into new tensors, never into the live W: merging in place and
+    subtracting afterwards would not give W back exactly in float."""
+    state = model.state_dict()
+    for name, m in lora_layers(model):
+        state[f"{name}.weight"] = m.weight + m.scale * (m.lora_B @ m.lora_A)
+        del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
+    return state
+
+
+def lora_settings(cfg: Config | None = None, model=None) -> dict:
+    """What a LoRA checkpoint records and its resumption must repeat, from the config or from a
+    live model: rank, alpha and targets ({"lora": 0}: full training)."""
+    if model is not None:
+        layers = lora_layers(model)
+        r, alpha = (layers[0][1].r, layers[0][1].alpha) if layers else (0, 0.0)
+        targets = {name.rsplit(".", 1)[-1] for name, _ in layers}
+    else:
+        r, alpha = cfg.lora, cfg.lora_alpha
+        targets = {t.strip() for t in cfg.lora_targets.split(",")}
+    if not r:
+        return {"lora": 0}
+    return {"lora": r, "lora_alpha": float(alpha), "lora_targets": ",".join(sorted(targets - {""}))}
+
+
+def check_lora(cfg: Config, model) -> None:
+    """Before the run directory is touched: the targets exist, and --resume keeps the LoRA setting
+    that its checkpoint was trained with (a LoRA checkpoint holds only what trains)."""
+    if cfg.lora:
+        lora_sites(model, cfg.lora_targets)
+    ckpt = Path(cfg.out) / "checkpoint"
+    if not (cfg.resume and (ckpt / "trainer_state.pt").is_file()):
+        return
+    saved = {"lora": 0}                             # no lora.json: a full-training checkpoint
+    if (ckpt / "lora.json").is_file():
+        saved = json.loads((ckpt / "lora.json").read_text())
+    if saved != lora_settings(cfg):
+        flags = lambda s: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in s.items())
+        raise InputError(f"{ckpt}: trained with {flags(saved)}; resume it with the same, "
+                         f"not {flags(lora_settings(cfg))}")
+
+
+def trainable_summary(model, params: list[torch.Tensor]) -> str:
+    """Trainable share and AdamW's state (two moments per trained number, in the weights' dtype)."""
+    total = sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in params)
+    state = 2 * sum(p.numel() * p.element_size() for p in params)
+    return (f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%); "
+            f"AdamW state {state / 2**20:.2f} MB")
+
+
 # -------------------------------------------------------------------------- sampling ----
 
 
@@ -1065,7 +1234,10 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
 def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if extra is not None and lora_layers(model):   # a LoRA run's checkpoint/: what trains, unmerged
+        save_trainable(model, tmp)
+    else:                                           # a plain checkpoint: any LoRA merged into W
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model))
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         torch.save(extra, tmp / "trainer_state.pt")
@@ -1077,6 +1249,9 @@ def load_checkpoint(model, path: Path) -> dict:
     """Weights into `model` (in place) and the trainer state of <out>/checkpoint."""
     if not (path / "trainer_state.pt").is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
+    if lora_layers(model):
+        load_trainable(model, path)
+        return torch.load(path / "trainer_state.pt", weights_only=True)
     # from_pretrained maps the saved (hub) names back onto the module's; then copy in place
     saved = type(model).from_pretrained(path, dtype=torch.float32)
     try:
@@ -1084,6 +1259,28 @@ def load_checkpoint(model, path: Path) -> dict:
     except RuntimeError as e:
         raise InputError(f"{path}: checkpoint does not match --model ({str(e).splitlines()[1].strip()[:120]})") from None
     return torch.load(path / "trainer_state.pt", weights_only=True)
+
+
+def save_trainable(model, path: Path) -> None:
+    """A LoRA run's checkpoint: the tensors that train (A, B, the projector), unmerged, so that
+    resuming continues bit for bit; the frozen rest is reloaded from --model."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True)
+    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, path / "trainable.safetensors")
+    (path / "lora.json").write_text(json.dumps(lora_settings(model=model)))
+
+
+def load_trainable(model, path: Path) -> None:
+    """The trained tensors of save_trainable back into `model` (in place)."""
+    from safetensors.torch import load_file
+    saved = load_file(path / "trainable.safetensors", device=str(model.device))
+    live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != live.keys() or any(saved[n].shape != p.shape for n, p in live.items()):
+        raise InputError(f"{path}: trained tensors do not match --model with these --lora settings")
+    with torch.no_grad():
+        for n, p in live.items():
+            p.copy_(saved[n])
 
 
 def rng_state() -> dict:
@@ -1341,11 +1538,15 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     B_local = B // dist.world                                   # this process's share of them
     for name, p in raw_model.named_parameters():
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
+    if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
+        add_lora(raw_model, cfg)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    if dist.main:
+        print(trainable_summary(raw_model, params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
     # the frozen reference pi_ref is copied from the start weights, before any compile
-    ref_model = copy.deepcopy(raw_model).eval().requires_grad_(False) if grpo and cfg.beta != 0 else None
+    ref_model = frozen_reference(raw_model, cfg) if grpo and cfg.beta != 0 else None
     if cfg.compile:  # in place: the module keeps its state_dict names, and every caller gets the compiled LM
         raw_model.model.language_model.compile(dynamic=True)
     policy = raw_model
@@ -1453,6 +1654,7 @@ def run(cfg: Config) -> dict:
     splits = {k: SpeechData(v, cfg.max_audio_seconds)
               for k, v in load_splits(cfg.data, cfg.task, wanted, cfg.max_audio_seconds).items()}
     model, tokenizer = load_model(cfg.model, device)
+    check_lora(cfg, model)
     out = Path(cfg.out)
     if dist.main:
         prepare_out(cfg)

@@ -14,6 +14,7 @@ machine, torch's 2 spinning threads made the tiny conformer ~20x slower.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -1488,3 +1489,207 @@ def test_audio_token_count_follows_the_model_config(model_tok, ast_test):
         for b, n in enumerate(batch.frames.tolist()):
             out = other.model.projector(other.model.encoder(batch.features[b:b + 1, :n]).last_hidden_state)
             assert out.shape[1] == int(batch.features_mask[b].sum())
+
+# ---------------------------------------------------------------------------- LoRA ----
+
+
+LORA_RUN = dict(task="ast", mode="grpo", max_steps=3, eval_every=3, eval_limit=4, dev_limit=4,
+                batch_size=2, group_size=3, max_new_tokens=8, lr=1e-2, reward="chrf", lora=4)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_data, fixture_model_dir, tmp_path_factory):
+    """One in-process `--lora 4` GRPO run (lr 1e-2, so the policy moves). Every call of
+    completion_logprobs is recorded: the reference's (LoRA paths off) against the same call on
+    an untouched copy of the start model, the policy's to see that it moved away from it."""
+    start, _ = gs.load_model(str(fixture_model_dir), torch.device("cpu"))
+    start.eval()
+    real = gs.completion_logprobs
+    seen = {"ref_equal": [], "policy_equal": [], "policy": None}
+
+    def recording(model, batch, completions, group_size, *a, **kw):
+        out = real(model, batch, completions, group_size, *a, **kw)
+        layers = [m for m in model.modules() if isinstance(m, gs.LoRALinear)]
+        assert layers, "train() ran a model without LoRA layers"
+        with torch.no_grad():
+            expected = real(start, batch, completions, group_size, *a, **kw)
+        first = lambda x: x[0] if isinstance(x, tuple) else x      # (logp, entropy) or logp
+        if layers[0].enabled:
+            seen["policy"] = model
+            seen["policy_equal"].append(torch.equal(first(out).detach(), first(expected)))
+        else:
+            seen["ref_equal"].append(torch.equal(first(out), first(expected)))
+        return out
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    cfg = gs.Config(model=str(fixture_model_dir), data=str(tiny_data / "ast"), out=str(out),
+                    **LORA_RUN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gs, "completion_logprobs", recording)
+        gs.run(cfg)
+    return seen, start, out
+
+
+def test_lora_reference_is_the_start_model_at_every_step(lora_run):
+    seen, _, _ = lora_run
+    assert len(seen["ref_equal"]) == LORA_RUN["max_steps"]            # one reference pass per step
+    assert all(seen["ref_equal"])                                      # bit for bit, every step
+    assert seen["policy_equal"][0] and not all(seen["policy_equal"])  # while the policy moved
+
+
+def test_lora_trains_only_lora_and_projector(lora_run):
+    from safetensors.torch import load_file
+    seen, start, out = lora_run
+    policy, base = dict(seen["policy"].named_parameters()), dict(start.named_parameters())
+    assert set(base) <= set(policy)                                    # base names kept under LoRA
+    lora = {n for n in policy if n not in base}
+    assert lora and all(n.endswith((".lora_A", ".lora_B")) for n in lora)
+    assert {n.rsplit(".", 2)[-2] for n in lora} == {"q_proj", "v_proj"}    # the default targets
+    for n, p in base.items():
+        changed = not torch.equal(p, policy[n])
+        assert changed == n.startswith("model.projector."), n       # LM and encoder untouched
+    # A and B both trained: B left zero, A its seeded kaiming-uniform start (rebuilt here)
+    fresh = copy.deepcopy(start)
+    gs.add_lora(fresh, gs.Config(lora=LORA_RUN["lora"]))
+    fresh = dict(fresh.named_parameters())
+    assert all(torch.equal(fresh[n], torch.zeros_like(fresh[n])) for n in lora if n.endswith("_B"))
+    assert all(not torch.equal(policy[n], fresh[n]) for n in lora)
+    # checkpoint/ holds exactly what trains, unmerged, as the live model has it
+    saved = load_file(out / "checkpoint" / "trainable.safetensors")
+    assert set(saved) == lora | {n for n in base if n.startswith("model.projector.")}
+    assert all(torch.equal(saved[n], policy[n]) for n in saved)
+    assert not (out / "checkpoint" / "model.safetensors").exists()
+
+
+def test_lora_final_is_a_plain_checkpoint_that_decodes_like_the_lora_model(lora_run, tiny_data):
+    from transformers import GraniteSpeechForConditionalGeneration
+    seen, start, out = lora_run
+    policy = seen["policy"]
+    for name in ("final", "best"):
+        _, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+            str(out / name), output_loading_info=True)
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        assert not any(info[k] for k in kinds), info
+    final = GraniteSpeechForConditionalGeneration.from_pretrained(str(out / "final")).eval()
+    assert not any(isinstance(m, gs.LoRALinear) for m in final.modules())
+    live = dict(policy.named_parameters())
+    for n, p in final.named_parameters():
+        if n.rsplit(".", 2)[-2] in ("q_proj", "v_proj"):    # W + (alpha / r) B A, here in float64
+            prefix = n.rsplit(".", 1)[0]
+            A, B = live[prefix + ".lora_A"].double(), live[prefix + ".lora_B"].double()
+            merged = live[n].double() + gs.Config().lora_alpha / LORA_RUN["lora"] * B @ A
+            assert torch.allclose(p.double(), merged, atol=1e-6), n
+            assert not torch.equal(p, live[n])                   # the update is in there
+        else:
+            assert torch.equal(p, live[n]), n
+    # decoding: the merged plain model answers as the trained LoRA model does
+    _, tok = gs.load_model(str(out / "final"), torch.device("cpu"))
+    data = gs.SpeechData(gs.read_manifest(tiny_data / "ast" / "test.jsonl"))
+    cfg = gs.Config(task="ast", max_new_tokens=8)
+    _, hyps_final = gs.evaluate(final, tok, data, cfg, 4, gs.nullamp)
+    _, hyps_lora = gs.evaluate(policy, tok, data, cfg, 4, gs.nullamp)
+    assert hyps_final == hyps_lora
+    batch = make_batch(final, tok, data, range(4))
+    s = gs.sample_groups(policy, batch, 2, max_new_tokens=8, eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        a = gs.completion_logprobs(final, batch, s.tokens, 2)
+        b = gs.completion_logprobs(policy, batch, s.tokens, 2)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_lora_sigint_then_resume_is_bit_identical_and_a_changed_lora_is_refused(
+        tiny_data, fixture_model_dir, tmp_path, capsys):
+    args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data",
+            tiny_data / "ast", "--max-steps", "4", "--eval-every", "100", "--eval-limit", "2",
+            "--dev-limit", "2", "--batch-size", "2", "--group-size", "3", "--max-new-tokens", "8",
+            "--lr", "1e-2", "--reward", "chrf", "--lora", "4"]
+    straight = run_cli(*args, "--out", tmp_path / "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "trainable parameters:" in straight.stdout and "AdamW state" in straight.stdout
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out", str(cut)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # interrupt once the first training step is logged
+        m = cut / "metrics.jsonl"
+        if m.exists() and any(json.loads(l)["step"] >= 1 for l in m.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(__import__("signal").SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert 1 <= max(_step_metrics(cut)) < 4, "the run finished before it could be interrupted"
+
+    # resuming with another LoRA setting is refused before anything in the run is touched
+    before = {p: p.read_bytes() for p in cut.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert gs.main([*map(str, args), "--lora", "0", "--out", str(cut), "--resume"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: {cut / 'checkpoint'}: trained with --lora 4"), last
+    assert before == {p: p.read_bytes() for p in cut.rglob("*") if p.is_file()}
+
+    resumed = run_cli(*args, "--out", cut, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _step_metrics(tmp_path / "straight"), _step_metrics(cut)
+    assert sorted(a) == sorted(b) == list(range(5))
+    assert a == b                                                            # bit-identical on CPU
+    from safetensors.torch import load_file
+    wa = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    wb = load_file(cut / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_bad_settings_exit_2_before_the_run_directory_is_touched(
+        tiny_data, fixture_model_dir, tmp_path, capsys):
+    base = ["--task", "ast", "--mode", "grpo", "--model", str(fixture_model_dir), "--data",
+            str(tiny_data / "ast"), *TINY]
+    for bad, words in ((["--lora", "4", "--lora-targets", "q_proj,nope"], ["nope", "v_proj"]),
+                       (["--lora", "-1"], ["--lora -1"]),
+                       (["--lora", "4", "--lora-alpha", "0"], ["--lora-alpha 0.0"])):
+        assert gs.main([*base, *bad, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err          # in-process: transformers' loading bar comes first
+        last = err.splitlines()[-1]
+        assert last.startswith("error: ") and err.count("error") == 1, err
+        assert all(w in last for w in words), last
+        assert not (tmp_path / "out").exists()
+    # a checkpoint trained with one LoRA setting is resumed with that setting only
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.pt").write_bytes(b"")
+    saved = {"lora": 4, "lora_alpha": 32.0, "lora_targets": "q_proj,v_proj"}
+    (ckpt / "lora.json").write_text(json.dumps(saved))
+    model, _ = gs.load_model(str(fixture_model_dir), torch.device("cpu"))
+    cfg = gs.Config(out=str(tmp_path / "run"), resume=True, lora=4)
+    gs.check_lora(cfg, model)
+    gs.check_lora(dataclasses.replace(cfg, lora_targets=" v_proj,q_proj"), model)   # same set
+    for change in (dict(lora=0), dict(lora=8), dict(lora_alpha=16.0), dict(lora_targets="q_proj")):
+        with pytest.raises(gs.InputError, match="trained with --lora 4 --lora-alpha 32.0"):
+            gs.check_lora(dataclasses.replace(cfg, **change), model)
+    (ckpt / "lora.json").unlink()                                   # a full-training checkpoint
+    gs.check_lora(dataclasses.replace(cfg, lora=0), model)
+    with pytest.raises(gs.InputError, match="trained with --lora 0"):
+        gs.check_lora(cfg, model)
+
+
+def test_bf16_full_training_reference_is_stored_in_bf16_with_fp32_rope(model_tok, ast_test):
+    model, tok = model_tok
+    ref = gs.frozen_reference(model, gs.Config(bf16=True))
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    rope, rope0 = ref.model.language_model.rotary_emb, model.model.language_model.rotary_emb
+    assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, rope0.inv_freq)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}        # the policy untouched
+    full = gs.frozen_reference(model, gs.Config())
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    batch = make_batch(model, tok, ast_test, range(2))
+    s = gs.sample_groups(model, batch, 2, max_new_tokens=8, eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        light = gs.completion_logprobs(ref, batch, s.tokens, 2)
+        full = gs.completion_logprobs(model, batch, s.tokens, 2)
+    mask = torch.arange(s.tokens.shape[1])[None] < s.lengths[:, None]
+    assert light.dtype == torch.float32                                     # log-probs in fp32
+    assert not torch.equal(light, full) and (light - full)[mask].abs().max() < 0.5
