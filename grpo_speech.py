@@ -942,6 +942,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     from transformers import StaticCache
     (B, P), G = batch.input_ids.shape, group_size
     N = B * G
+    # The G samples of a prompt share its audio and instruction, so they share the prefill too:
+    # encode + prefill B prompts, then copy the cache G times, and decode N rows in lock-step.
     # A static cache: K/V buffers of P + max_new_tokens positions, written in place. A growing
     # (dynamic) cache copies itself whole at every token; on CPU that copy was 40% of sampling.
     # Positions past the current token are hidden by the causal mask, so attn can be all ones there.
@@ -969,11 +971,15 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     uniforms = uniforms.to(device)
     lm = model.model.language_model                   # decode steps skip the audio plumbing
     for t in range(max_new_tokens):
+        # pi_old(. | q, o_<t) at the training temperature: the ratio's denominator must be the
+        # distribution the teacher-forced pass will compute, or s_{i,t} != 1 on-policy
         logits = logits / temperature if temperature > 0 else logits
         logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
         if temperature <= 0:
             token = logits.masked_fill(banned, -float("inf")).argmax(-1)
         else:
+            # Inverse-CDF sampling with a given uniform instead of torch.multinomial: the draw is a
+            # pure function of (seed, step, prompt), so batch mates and processes cannot shift it.
             if top_p < 1.0:
                 probs = torch.softmax(top_p_filter(logits.masked_fill(banned, -float("inf")), top_p), -1)
             else:
@@ -982,9 +988,11 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
             # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
             u = uniforms[:, t:t + 1] * cdf[:, -1:]
             token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-        token = torch.where(done, pad_id, token)
+        token = torch.where(done, pad_id, token)                           # finished rows only pad
         tokens[:, t] = token
         logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
+        # lengths count the first EOS: it is an action the policy took, and the loss's mask
+        # (built from lengths, never from == pad_id) must keep it
         finished_now = ~done & (token == eos_id)
         lengths = torch.where(finished_now, t + 1, lengths)
         done |= finished_now
@@ -1027,6 +1035,11 @@ def decode_tokens(tokenizer, completions: list[list[int]]) -> list[str]:
 # --------------------------------------------------------------------------- rewards ----
 
 
+# The paper's reward is sentence BLEU against the one reference. Sentence BLEU is smoothed:
+# without smoothing a completion with no matching 4-gram scores 0 however close it is, and a
+# group whose samples all score 0 has no spread, hence no advantage and no learning signal.
+
+
 def bleu_reward(completions: list[str], references: list[str]) -> torch.Tensor:
     """r_i = sentence BLEU in [0, 1], sacrebleu's defaults (13a tokens, exp smoothing)."""
     return torch.tensor([sacrebleu.sentence_bleu(c, [r]).score / 100 for c, r in zip(completions, references)])
@@ -1037,7 +1050,7 @@ def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
     return torch.tensor([sacrebleu.sentence_chrf(c, [r]).score / 100 for c, r in zip(completions, references)])
 
 
-REWARDS = {
+REWARDS = {  # --reward; only the ranking within a group matters once advantages are normalised
     "bleu": bleu_reward,
     "chrf": chrf_reward,
     "bleu+chrf": lambda c, r: (bleu_reward(c, r) + chrf_reward(c, r)) / 2,
@@ -1063,6 +1076,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool
 # ---------------------------------------------------------------------------- losses ----
 
 
+# GRPO is PPO without a value network: the group's mean reward is the baseline, so A_i says
+# how much better o_i was than its siblings. Each token of o_i is pushed by A_i, weighted by how
+# much more likely the policy now makes it (the ratio s), clipped so that one update cannot move
+# a token's probability far from the policy that sampled it, and held near pi_ref by a KL term.
+
+
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the reference tokens (EOS included), averaged over tokens."""
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
@@ -1080,21 +1099,25 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     A = advantages[:, None]                                                 # (N, 1)
-    # ratio s_{i,t} = pi_theta / pi_theta_old, and the clipped surrogate
+    # ratio s_{i,t} = pi_theta / pi_theta_old, and the clipped surrogate. With mu = 1 old_logp is
+    # logp.detach(): s = 1 in value, but its gradient is grad log pi, the policy gradient
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    surrogate = torch.min(ratio * A, clipped * A)
+    surrogate = torch.min(ratio * A, clipped * A)      # pessimistic: the clip only ever removes gain
     # MP-GRPO (LUFFY): the off-policy weight is pi_theta / pi_phi with pi_phi = 1, never clipped
     if off_policy is not None:
         surrogate = torch.where(off_policy[:, None], torch.exp(logp) * A, surrogate)
-    # k3 estimator of KL[pi_theta || pi_ref]: exp(ref - logp) - (ref - logp) - 1 >= 0
+    # k3 estimator of KL[pi_theta || pi_ref]: exp(ref - logp) - (ref - logp) - 1 >= 0. Unbiased
+    # on samples from pi_theta and never negative, unlike the plain log-ratio (k1)
     if beta != 0 and ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
     else:
         kl = torch.zeros_like(logp)
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
     per_token = torch.where(mask.bool(), per_token, 0.0)   # padding never reaches the loss, not even as inf * 0
-    # normalisation: dapo averages over every completion token of the group (the paper's)
+    # normalisation: dapo averages over every completion token of the group (the paper's), so a
+    # long answer's tokens weigh as much as a short one's; grpo averages each sequence first,
+    # which gives every token of a short answer more weight
     if loss_type == "dapo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "grpo":
@@ -1346,6 +1369,8 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
     G = cfg.group_size
     mixed = cfg.mode == "mp-grpo"
     n = G - 1 if mixed else G                                   # on-policy samples per prompt
+    # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
+    # diverse, or all its rewards tie and the advantages vanish
     uniforms = row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens)
     t0 = time.perf_counter()
     s = sample_groups(raw_model, batch, n, max_new_tokens=cfg.max_new_tokens,
@@ -1354,6 +1379,7 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
     t_sample = time.perf_counter() - t0
     sampled = [row[:k] for row, k in zip(s.tokens.tolist(), s.lengths.tolist())]
     t0 = time.perf_counter()
+    # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
     references = [t for t in batch.targets for _ in range(n)]
     sampled_rewards = torch.nan_to_num(reward_fn(decode_tokens(tokenizer, sampled), references), nan=0.0)
     metrics = reward_metrics(sampled_rewards.view(-1, n))
@@ -1471,6 +1497,8 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
     pass's gradient norm.
     """
     G, grpo = r.group_size, r.advantages is not None
+    # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
+    # later passes honest, since the policy has moved away from pi_old that sampled the tokens
     mu = cfg.num_iterations if grpo else 1
     n_tok = dist.sum(r.mask.sum().float()).clamp(min=1)       # completion tokens, all processes
     agg: dict[str, float] = {}
@@ -1479,6 +1507,7 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
         for chunk in torch.arange(len(batch.targets)).chunk(cfg.grad_accum):
             b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
             rows, mb_mask = slice(b0 * G, b1 * G), r.mask[b0 * G:b1 * G]
+            # log pi_theta(o_{i,t}) with gradient, one teacher-forced pass over the micro-batch
             with amp():
                 logp, entropy = completion_logprobs(policy, batch.select(b0, b1), r.completions[rows], G,
                                                     cfg.temperature if grpo else 1.0, cfg.train_encoder,
