@@ -245,7 +245,8 @@ def main():
     model.eval()
     B, G, T = args.batch_size, args.group_size, args.new_tokens
     data = gs.SpeechData(gs.read_manifest(args.data)[:B])
-    batch = gs.collate(data, list(range(B)), tok, model.config.audio_token_id).to(device)
+    batch = gs.collate(data, list(range(B)), tok, model.config.audio_token_id,
+                       system=gs.system_turn(tok), config=model.config).to(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B={B} G={G} T={T}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
 

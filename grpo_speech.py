@@ -131,7 +131,7 @@ class Config:
     grad_accum: int = opt(1, "split each step's prompts into this many micro-batches")
     train_encoder: bool = opt(False, "also train the audio encoder (default: projector + LM)")
     lora: int = opt(0, "R: train a rank-R LoRA on the LM's --lora-targets and the whole "
-                       "projector, LM and encoder frozen (0: every LM weight trains)")
+                       "projector, the LM frozen (0: every LM weight trains); the encoder as always")
     lora_alpha: float = opt(32.0, "LoRA scale alpha / R (the released adapter: R 64, alpha 32)")
     lora_targets: str = opt("q_proj,v_proj", "comma list of Linear names in the LM's decoder "
                                              "layers (the released adapter's)")
@@ -598,13 +598,22 @@ def load_model(name: str, device: torch.device):
             raise InputError(f"{path}: has_lora_adapter is {has} in config.json but "
                              f"adapter_config.json is {state}")
         config.has_lora_adapter = False   # merged below: what is loaded and saved is plain weights
-        shards = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_"))
+        index = path / "model.safetensors.index.json"
+        shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+                  if index.is_file() else
+                  sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_")))
         if not shards:
             raise InputError(f"{path}: no *.safetensors weights")
         weights = {k: v for f in shards for k, v in load_file(f).items()}
-        model = GraniteSpeechForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=weights, dtype=torch.float32)
+        model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+            None, config=config, state_dict=weights, dtype=torch.float32, output_loading_info=True)
         del weights
+        # transformers fills a missing weight with random values and only logs it: refuse instead
+        bad = [f"missing {k}" for k in info["missing_keys"]] + [f"unexpected {k}" for k in info["unexpected_keys"]]
+        if bad:
+            raise InputError(f"{path}: weights do not match config.json ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''})")
+        model.name_or_path = str(name)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not Path(name).exists() else ""
@@ -649,6 +658,8 @@ def merge_lora_adapter(model, path: str | Path) -> list[str]:
     if bad:
         raise InputError(f"{cfg_file}: unsupported adapter setting {bad[0]}={acfg.get(bad[0])!r} "
                          "(only plain LoRA merges exactly)")
+    if not {"r", "lora_alpha"} <= set(acfg):
+        raise InputError(f"{path / 'adapter_config.json'}: needs r and lora_alpha")
     r, alpha = acfg["r"], acfg["lora_alpha"]
     scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
     modules = dict(model.named_modules())
@@ -742,8 +753,10 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
                       torch.ones_like(completions)], dim=1)
     hidden = model.model(inputs_embeds=embeds, attention_mask=mask,
-                         position_ids=positions(mask)).last_hidden_state[:, -(T + 1):-1]
-    logits = lm_logits(model, hidden).float() / temperature                  # (N, T, V)
+                         position_ids=positions(mask)).last_hidden_state[:, -(T + 1):]
+    # position P+t-1 predicts o_{i,t}; the head sees T+1 rows, as transformers' logits_to_keep
+    # does, so the floats equal those of model(..., logits_to_keep=T+1)
+    logits = lm_logits(model, hidden)[:, :-1].float() / temperature           # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)                              # (N, T)
     if not with_entropy:
@@ -866,7 +879,7 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     subtracting afterwards would not give W back exactly in float."""
     state = model.state_dict()
     for name, m in lora_layers(model):
-        state[f"{name}.weight"] = m.weight + m.scale * (m.lora_B @ m.lora_A)
+        state[f"{name}.weight"] = (m.weight + m.scale * (m.lora_B @ m.lora_A)).cpu()   # one at a time on GPU
         del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
     return state
 
@@ -975,19 +988,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         # distribution the teacher-forced pass will compute, or s_{i,t} != 1 on-policy
         logits = logits / temperature if temperature > 0 else logits
         logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
-        if temperature <= 0:
-            token = logits.masked_fill(banned, -float("inf")).argmax(-1)
-        else:
-            # Inverse-CDF sampling with a given uniform instead of torch.multinomial: the draw is a
-            # pure function of (seed, step, prompt), so batch mates and processes cannot shift it.
-            if top_p < 1.0:
-                probs = torch.softmax(top_p_filter(logits.masked_fill(banned, -float("inf")), top_p), -1)
-            else:
-                probs = logp_all.exp().masked_fill(banned, 0.0)
-            cdf = probs.cumsum(-1)                                          # (N, V)
-            # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
-            u = uniforms[:, t:t + 1] * cdf[:, -1:]
-            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+        token = choose_tokens(logits, logp_all, banned, temperature, top_p, uniforms[:, t])
         token = torch.where(done, pad_id, token)                           # finished rows only pad
         tokens[:, t] = token
         logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
@@ -1002,6 +1003,23 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
     T = int(lengths.max())
     return Samples(tokens[:, :T], lengths, logps[:, :T])
+
+
+def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
+    """One token per row: the argmax at temperature 0, else a draw from the (top-p) distribution
+    without the banned tokens, by inverting its CDF at the given uniforms u (N,). Unlike
+    torch.multinomial, the draw is then a pure function of (seed, step, prompt): batch mates and
+    processes cannot shift it."""
+    if temperature <= 0:
+        return logits.masked_fill(banned, -float("inf")).argmax(-1)
+    if top_p < 1.0:
+        probs = torch.softmax(top_p_filter(logits.masked_fill(banned, -float("inf")), top_p), -1)
+    else:
+        probs = logp_all.exp().masked_fill(banned, 0.0)
+    cdf = probs.cumsum(-1)                                                  # (N, V)
+    # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
+    token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    return token.clamp(max=cdf.shape[1] - 1)
 
 
 def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int, length: int) -> torch.Tensor:
@@ -1555,16 +1573,10 @@ def all_processes(metrics: dict, update: dict, dist: Dist) -> dict:
     return metrics | dict(zip(names, totals.tolist())) | dict(zip(rollout, means.tolist()))
 
 
-def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out: Path, amp, device,
-          dist: Dist = Dist()) -> Path:
-    """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
-
-    Returns the directory of the best-on-dev weights (best/), which results.json reports.
-    """
-    grpo = cfg.mode in ("grpo", "mp-grpo")
-    G = cfg.group_size if grpo else 1
-    B = cfg.batch_size if grpo else cfg.sft_batch_size         # prompts per step, all processes
-    B_local = B // dist.world                                   # this process's share of them
+def setup_training(cfg: Config, raw_model, dist: Dist):
+    """What trains (the projector and LM; --lora: the projector and LoRA's A, B; --train-encoder
+    adds the encoder), AdamW over it, the schedule, and the frozen reference pi_ref (None when
+    beta = 0), which is taken from the start weights before any compile."""
     for name, p in raw_model.named_parameters():
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
@@ -1574,12 +1586,50 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     if dist.main:
         print(trainable_summary(raw_model, params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
-    # the frozen reference pi_ref is copied from the start weights, before any compile
+    grpo = cfg.mode in ("grpo", "mp-grpo")
     ref_model = frozen_reference(raw_model, cfg) if grpo and cfg.beta != 0 else None
-    if cfg.compile:  # in place: the module keeps its state_dict names, and every caller gets the compiled LM
+    if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
         raw_model.model.language_model.compile(dynamic=True)
-    policy = raw_model
     raw_model.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
+    return params, optimizer, scheduler, ref_model
+
+
+def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, step: int, prompt_ids: list[int],
+                 suppress, amp) -> tuple[Rollout, dict]:
+    """Everything one update needs, fixed before it starts: the completions (sampled groups and
+    their advantages for GRPO; the references for SFT) and the log-probs held constant through
+    the update: pi_ref's for the KL term and, when mu > 1, pi_old's for the ratio."""
+    device = batch.input_ids.device
+    if cfg.mode in ("grpo", "mp-grpo"):
+        G = cfg.group_size
+        with amp():
+            completions, lengths, rewards, off_policy, metrics = grpo_rollout(
+                cfg, raw_model, tokenizer, batch, step, prompt_ids, suppress, REWARDS[cfg.reward])
+        r = Rollout(completions, None, G, group_advantages(rewards, G, cfg.scale_rewards), off_policy=off_policy)
+    else:
+        completions, lengths = pad_completions([encode_target(tokenizer, t) for t in batch.targets],
+                                               tokenizer.pad_token_id, device)
+        r, metrics = Rollout(completions, None, 1), {}
+    r.mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]   # (N, T)
+    t0 = time.perf_counter()
+    with torch.no_grad(), amp():
+        if ref_model is not None:
+            r.ref_logp = completion_logprobs(ref_model, batch, completions, r.group_size, cfg.temperature)
+        if r.advantages is not None and cfg.num_iterations > 1:
+            r.old_logp = completion_logprobs(raw_model, batch, completions, r.group_size, cfg.temperature)
+    metrics["perf/ref_logp_s"] = time.perf_counter() - t0
+    return r, metrics
+
+
+def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out: Path, amp, device,
+          dist: Dist = Dist()) -> Path:
+    """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
+
+    Returns the directory of the best-on-dev weights (best/), which results.json reports.
+    """
+    B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size   # prompts per step
+    B_local = B // dist.world                                   # this process's share of them
+    params, optimizer, scheduler, ref_model = setup_training(cfg, raw_model, dist)
     audio_id = raw_model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, raw_model.config.text_config.vocab_size, audio_id)
     system = system_turn(tokenizer, cfg.system_prompt)
@@ -1588,6 +1638,7 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log = Logger(out / "metrics.jsonl", bar) if dist.main else (lambda step, metrics: None)
     dev_eval = lambda: evaluate_and_keep_best(cfg, raw_model, tokenizer, splits["dev"], amp, ts, out, dist)
+    keep = lambda: save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
     if ts.step == 0:
         log(0, dev_eval())  # the start model is a candidate too: best-on-dev may be step 0
     try:
@@ -1597,32 +1648,12 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
             idx = splits["train"].batch_indices(cfg.seed, ts.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
                             config=raw_model.config).to(device)
-            # 1. what to learn from: sampled groups scored against the reference (GRPO), or the reference
-            r = Rollout(None, None, G)
-            if grpo:
-                with amp():
-                    r.completions, lengths, rewards, r.off_policy, metrics = grpo_rollout(
-                        cfg, raw_model, tokenizer, batch, ts.step, list(range(first, first + B_local)), suppress,
-                        REWARDS[cfg.reward])
-                r.advantages = group_advantages(rewards, G, cfg.scale_rewards)
-            else:
-                r.completions, lengths = pad_completions([encode_target(tokenizer, t) for t in batch.targets],
-                                                         tokenizer.pad_token_id, device)
-                metrics = {}
-            r.mask = torch.arange(r.completions.shape[1], device=device)[None] < lengths[:, None]   # (N, T)
-            # 2. log-probs held fixed through the update: pi_ref (KL) and, when mu > 1, pi_old (ratio)
+            r, metrics = make_rollout(cfg, raw_model, ref_model, tokenizer, batch, ts.step,
+                                      list(range(first, first + B_local)), suppress, amp)
             t0 = time.perf_counter()
-            with torch.no_grad(), amp():
-                if ref_model is not None:
-                    r.ref_logp = completion_logprobs(ref_model, batch, r.completions, G, cfg.temperature)
-                if grpo and cfg.num_iterations > 1:
-                    r.old_logp = completion_logprobs(policy, batch, r.completions, G, cfg.temperature)
-            metrics["perf/ref_logp_s"] = time.perf_counter() - t0
-            # 3. the policy update
-            t0 = time.perf_counter()
-            update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, r, B, ts, amp, dist)
+            update, grad_norm = policy_update(cfg, raw_model, params, optimizer, batch, r, B, ts, amp, dist)
             metrics = all_processes(metrics, update, dist)
-            if not grpo:
+            if r.advantages is None:
                 metrics["loss/sft"] = metrics.pop("loss/total")
             metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
                             "lr": scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t_step})
@@ -1630,14 +1661,14 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
             ts.step += 1
             if ts.step % cfg.eval_every == 0 or ts.step == cfg.max_steps:
                 metrics.update(dev_eval())
-                save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
+                keep()
             log(ts.step, metrics)
     finally:
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     if ts.step < cfg.max_steps:  # a process was asked to stop
-        save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
+        keep()
         if dist.main:
             print(f"stopped at step {ts.step}; checkpoint in {out / 'checkpoint'} (continue with --resume)")
         raise SystemExit(130)
@@ -1704,6 +1735,9 @@ def run(cfg: Config) -> dict:
     if cfg.mode == "eval":
         return results
     best = train(cfg, model, tokenizer, splits, out, amp, device, dist)
+    del model  # its weights are in final/; two 8B models at once may not fit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     dev_n = len(splits["dev"]) if cfg.dev_limit <= 0 else min(cfg.dev_limit, len(splits["dev"]))
     results["selection"] = (f"best dev BLEU ({cfg.eval_decoding} decoding, {dev_n} dev utterances) among "
                             f"step 0 and every {cfg.eval_every} steps")
