@@ -1178,7 +1178,8 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
 # the weights, gradients and AdamW moments, and gathers a layer's weights only while it runs.
 # This file calls submodules (model.model, lm_head, the sampler's language_model), never the
 # top module's forward, so FSDP's root hooks never fire: the root's weights are kept gathered
-# (regathered after every change), and only the decoder layers shard between uses.
+# (regathered after every change), and only the decoder layers shard between uses. The frozen
+# reference is sharded the same way. clip_grad_norm_ takes the DTensor gradients' global norm.
 
 
 def fsdp_units(model) -> list:
@@ -1237,7 +1238,8 @@ def full_state(model) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     if not fsdp_units(model):
         return None
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=full)
     first: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False) if state else []:
         state[name] = state[first.setdefault(p, name)]   # tied weights one tensor, saved once
@@ -1258,7 +1260,8 @@ def optimizer_state(model, optimizer) -> dict:
     regather(model)
     index = {n: i for i, n in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
     return {"state": {index[n]: v for n, v in full.get("state", {}).items()},
-            "param_groups": [g | {"params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])]}
+            "param_groups": [g | {"params": [index[n] for n in g["params"]]}
+                             for g in full.get("param_groups", [])]}
 
 
 def load_weights(model, weights: dict) -> None:
@@ -1279,8 +1282,10 @@ def load_optimizer(model, optimizer, state: dict) -> None:
     model.reshard()        # as in optimizer_state
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     state = {"state": {names[i]: v for i, v in state["state"].items()},
-             "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+             "param_groups": [g | {"params": [names[i] for i in g["params"]]}
+                              for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
     regather(model)
 
 
@@ -1347,7 +1352,8 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
 # (optimizer, scheduler, RNG, step) is loaded with weights_only=True.
 
 
-def save_model(model, tokenizer, path: Path, extra: dict | None = None, dist: Dist = Dist()) -> None:
+def save_model(model, tokenizer, path: Path, extra: dict | None = None,
+               dist: Dist = Dist()) -> None:
     """Every process calls this (FSDP gathers the weights from all of them); rank 0 writes."""
     state = full_state(model)
     if not dist.main:
@@ -1563,8 +1569,9 @@ def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist)
 
 def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, out: Path, dist: Dist) -> None:
     save_model(raw_model, tokenizer, out / "checkpoint",
-               {"optimizer": optimizer_state(raw_model, optimizer), "scheduler": scheduler.state_dict(),
-                "step": ts.step, "bad_steps": ts.bad_steps, "best_dev": ts.best_dev, "rng": rng_state()}, dist)
+               {"optimizer": optimizer_state(raw_model, optimizer),
+                "scheduler": scheduler.state_dict(), "step": ts.step, "bad_steps": ts.bad_steps,
+                "best_dev": ts.best_dev, "rng": rng_state()}, dist)
     dist.barrier()
 
 
@@ -1572,7 +1579,7 @@ def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, a
                            out: Path, dist: Dist) -> dict:
     """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper reports)."""
     with gathered(raw_model):
-        scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, desc="dev", dist=dist)
+        scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, "dev", dist)
     if scores["bleu"] > ts.best_dev:
         ts.best_dev = scores["bleu"]
         save_model(raw_model, tokenizer, out / "best", dist=dist)

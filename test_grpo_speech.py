@@ -1701,9 +1701,9 @@ def test_bf16_full_training_reference_is_stored_in_bf16_with_fp32_rope(model_tok
 # float rounding, not bit for bit: loss and grad norm to rel 1e-5 (observed ~1e-6), weights
 # after 2 AdamW steps to 1e-3 of how far they moved (observed ~2e-4).
 
-FSDP_SFT = ["--task", "ast", "--mode", "sft", "--max-steps", "2", "--eval-every", "1", "--eval-limit", "2",
-            "--dev-limit", "2", "--batch-size", "4", "--sft-batch-size", "4", "--max-new-tokens", "8",
-            "--lr", "1e-3", "--grad-accum", "2"]
+FSDP_SFT = ["--task", "ast", "--mode", "sft", "--max-steps", "2", "--eval-every", "1",
+            "--eval-limit", "2", "--dev-limit", "2", "--batch-size", "4", "--sft-batch-size", "4",
+            "--max-new-tokens", "8", "--lr", "1e-3", "--grad-accum", "2"]
 
 
 def run_torchrun(*args, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -1744,18 +1744,20 @@ def test_fsdp_sft_matches_one_process_and_saves_plain_weights(fsdp_sft, fixture_
     for name in ("final", "best", "checkpoint"):   # gathered, plain: transformers loads them as is
         _, info = GraniteSpeechForConditionalGeneration.from_pretrained(
             str(work / "two" / name), output_loading_info=True)
-        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        assert not any(info[k] for k in kinds), info
         config = json.loads((work / "two" / name / "config.json").read_text())
         assert config["architectures"] == ["GraniteSpeechForConditionalGeneration"]
-    start, one, two = (_weights(p) for p in (fixture_model_dir, work / "one" / "final", work / "two" / "final"))
-    assert one.keys() == two.keys()                 # tied embeddings saved once, as one process does
+    start = _weights(fixture_model_dir)
+    one, two = _weights(work / "one" / "final"), _weights(work / "two" / "final")
+    assert one.keys() == two.keys()            # tied embeddings saved once, as one process does
     norm = lambda d: math.sqrt(sum(float((t ** 2).sum()) for t in d.values()))
     moved = norm({k: one[k] - start[k] for k in one})
     assert moved > 0.1
     assert norm({k: two[k] - one[k] for k in one}) < 1e-3 * moved
     # checkpoint/'s optimizer state: full tensors numbered as one process numbers them
-    sa, sb = (torch.load(work / r / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]
-              for r in ("one", "two"))
+    sa, sb = (torch.load(work / r / "checkpoint" / "trainer_state.pt",
+                         weights_only=True)["optimizer"] for r in ("one", "two"))
     assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
     for i, s in sa["state"].items():
         assert s["exp_avg"].shape == sb["state"][i]["exp_avg"].shape
@@ -1777,8 +1779,9 @@ def test_fsdp_checkpoint_resumes_exactly(fsdp_sft):
 
 def test_fsdp_grpo_step_matches_one_process(tiny_data, fixture_model_dir, tmp_path):
     # the first step only: later steps sample from weights that differ by float rounding, and an
-    # untrained model can then flip a sampled token (see test_torchrun_two_processes_match_one_process)
-    args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast",
+    # untrained model can then flip a sampled token (test_torchrun_two_processes_match_one_process)
+    args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir,
+            "--data", tiny_data / "ast",
             "--max-steps", "1", "--eval-every", "1", "--eval-limit", "2", "--dev-limit", "2",
             "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "8", "--reward", "chrf"]
     one = run_cli(*args, "--out", tmp_path / "one", cwd=tmp_path)
@@ -1796,7 +1799,8 @@ def test_fsdp_grpo_step_matches_one_process(tiny_data, fixture_model_dir, tmp_pa
 def test_fsdp_refuses_what_it_does_not_support(tiny_data, fixture_model_dir, tmp_path, capsys):
     base = ["--task", "ast", "--mode", "sft", "--model", str(fixture_model_dir), "--data",
             str(tiny_data / "ast"), *TINY, "--fsdp", "--out", str(tmp_path / "out")]
-    for extra, words in (([], "torchrun"), (["--lora", "4"], "--lora"), (["--compile"], "--compile")):
+    cases = (([], "torchrun"), (["--lora", "4"], "--lora"), (["--compile"], "--compile"))
+    for extra, words in cases:
         assert gs.main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --fsdp") and words in err[0], err
