@@ -49,6 +49,7 @@ First commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -149,6 +150,8 @@ class Config:
     device: str = opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     bf16: bool = opt(False, "bf16 autocast for forward passes (log-probs stay fp32)")
     compile: bool = opt(False, "torch.compile the language model")
+    fsdp: bool = opt(False, "under torchrun, shard weights, gradients and AdamW state over the "
+                            "processes (FSDP2 fully_shard); not with --lora or --compile")
     resume: bool = opt(False, "continue from <out>/checkpoint")
     overwrite: bool = opt(False, "replace an existing run in --out")
     max_audio_seconds: float = opt(30.0, "reject longer audio files before training starts")
@@ -211,6 +214,8 @@ def resolve_config(cfg: Config) -> Config:
         raise InputError(f"--sft-batch-size {cfg.sft_batch_size} must be at least 1")
     if cfg.beta < 0 or cfg.epsilon < 0 or cfg.epsilon_high < 0:
         raise InputError("--beta, --epsilon and --epsilon-high must be >= 0")
+    if cfg.fsdp and (cfg.lora or cfg.compile):
+        raise InputError("--fsdp with --lora or --compile is not supported (see FSDP in the file)")
     return cfg
 
 
@@ -1209,6 +1214,122 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
 
 
+# FSDP (--fsdp): torch's fully_shard (FSDP2) on each decoder layer and on the whole model (the
+# root: encoder, projector, tied embeddings/LM head, final norm), so each process keeps 1/N of
+# the weights, gradients and AdamW moments, and gathers a layer's weights only while it runs.
+# This file calls submodules (model.model, lm_head, the sampler's language_model), never the
+# top module's forward, so FSDP's root hooks never fire: the root's weights are kept gathered
+# (regathered after every change), and only the decoder layers shard between uses. The frozen
+# reference is sharded the same way. clip_grad_norm_ takes the DTensor gradients' global norm.
+
+
+def fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def shard_model(model) -> None:
+    """fully_shard in place, bottom-up: each decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for unit in fsdp_units(model):
+        # FSDP averages gradients over processes; policy_update's weights make the SUM the
+        # batch gradient. Sum-only reductions: gloo has no PREMUL_SUM.
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    model.set_reshard_after_backward(False, recurse=False)    # the root stays gathered
+    with torch.no_grad():  # FSDP makes the first module forwarded its root: this one
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device))
+    model.reshard()        # the optimizer must get the shards: regather() after it is built
+
+
+def regather(model, stale_only: bool = False) -> None:
+    """The root's weights gathered afresh: after an optimizer step (which updates the shards)
+    and after a state dict is taken or loaded (which leaves them sharded). A collective.
+    stale_only: only if they are gathered now (the step hook: DCP's state-dict functions take
+    a zero-lr optimizer step of their own while the root is sharded)."""
+    from torch.distributed.tensor import DTensor
+    if fsdp_units(model) and not (stale_only and isinstance(model.lm_head.weight, DTensor)):
+        model.reshard()
+        model.unshard()
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every layer's weights gathered for a while (sampling, evaluation). A sharded layer's
+    forward is a collective, and processes sample different numbers of tokens (each stops at
+    its own EOS) or evaluate different numbers of batches: they would wait on each other."""
+    layers = [m for m in fsdp_units(model) if m is not model]
+    for m in layers:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_state(model) -> dict | None:
+    """FSDP: the whole model as plain tensors on rank 0's CPU ({} elsewhere); every process must
+    take part. None without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not fsdp_units(model):
+        return None
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=full)
+    first: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False) if state else []:
+        state[name] = state[first.setdefault(p, name)]   # tied weights one tensor, saved once
+    regather(model)
+    return state
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state dict; under FSDP gathered in full to rank 0 and numbered like a
+    plain optimizer's (position in the trainable parameters), so checkpoint/ is the same file
+    with or without --fsdp and resumes on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    if not fsdp_units(model):
+        return optimizer.state_dict()
+    model.reshard()        # it maps the optimizer's tensors (the shards) to the model's names
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+    regather(model)
+    index = {n: i for i, n in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
+    return {"state": {index[n]: v for n, v in full.get("state", {}).items()},
+            "param_groups": [g | {"params": [index[n] for n in g["params"]]}
+                             for g in full.get("param_groups", [])]}
+
+
+def load_weights(model, weights: dict) -> None:
+    """Plain (full) weights into the model, sharded or not: every process holds them all."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if not fsdp_units(model):
+        return model.load_state_dict(weights)
+    model.reshard()        # it loads into the shards
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    regather(model)
+
+
+def load_optimizer(model, optimizer, state: dict) -> None:
+    """optimizer_state's dict back into the optimizer, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if not fsdp_units(model):
+        return optimizer.load_state_dict(state)
+    model.reshard()        # as in optimizer_state
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = {"state": {names[i]: v for i, v in state["state"].items()},
+             "param_groups": [g | {"params": [names[i] for i in g["params"]]}
+                              for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
+    regather(model)
+
+
 # ------------------------------------------------------------------------ evaluation ----
 
 
@@ -1272,13 +1393,19 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
 # (optimizer, scheduler, RNG, step) is loaded with weights_only=True.
 
 
-def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
+def save_model(model, tokenizer, path: Path, extra: dict | None = None,
+               dist: Dist = Dist()) -> None:
+    """Every process calls this (FSDP gathers the weights from all of them); rank 0 writes."""
+    state = full_state(model)
+    if not dist.main:
+        return
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if extra is not None and lora_layers(model):   # a LoRA run's checkpoint/: what trains, unmerged
         save_trainable(model, tmp)
     else:                                           # a plain checkpoint: any LoRA merged into W
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model))
+        state = merged_state_dict(model) if state is None else state
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         torch.save(extra, tmp / "trainer_state.pt")
@@ -1296,7 +1423,7 @@ def load_checkpoint(model, path: Path) -> dict:
     # from_pretrained maps the saved (hub) names back onto the module's; then copy in place
     saved = type(model).from_pretrained(path, dtype=torch.float32)
     try:
-        model.load_state_dict(saved.state_dict())
+        load_weights(model, saved.state_dict())
     except RuntimeError as e:
         raise InputError(f"{path}: checkpoint does not match --model ({str(e).splitlines()[1].strip()[:120]})") from None
     return torch.load(path / "trainer_state.pt", weights_only=True)
@@ -1470,7 +1597,7 @@ def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist)
     if not (cfg.resume and ckpt.exists()):
         return TrainState()
     state = load_checkpoint(raw_model, ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer(raw_model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -1485,21 +1612,21 @@ def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist)
 
 
 def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, out: Path, dist: Dist) -> None:
-    if dist.main:
-        save_model(raw_model, tokenizer, out / "checkpoint",
-                   {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": ts.step,
-                    "bad_steps": ts.bad_steps, "best_dev": ts.best_dev, "rng": rng_state()})
+    save_model(raw_model, tokenizer, out / "checkpoint",
+               {"optimizer": optimizer_state(raw_model, optimizer),
+                "scheduler": scheduler.state_dict(), "step": ts.step, "bad_steps": ts.bad_steps,
+                "best_dev": ts.best_dev, "rng": rng_state()}, dist)
     dist.barrier()
 
 
 def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, amp, ts: TrainState,
                            out: Path, dist: Dist) -> dict:
     """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper reports)."""
-    scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, desc="dev", dist=dist)
+    with gathered(raw_model):
+        scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, "dev", dist)
     if scores["bleu"] > ts.best_dev:
         ts.best_dev = scores["bleu"]
-        if dist.main:
-            save_model(raw_model, tokenizer, out / "best")
+        save_model(raw_model, tokenizer, out / "best", dist=dist)
         dist.barrier()
     return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | \
         {"eval/best_dev_bleu": ts.best_dev}
@@ -1546,8 +1673,9 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
             m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + v * float(weight) / mu
-        for p in params:
-            dist.sum(p.grad)
+        if not cfg.fsdp:  # FSDP has summed them (reduce-scatter) in backward
+            for p in params:
+                dist.sum(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         # every process takes the same decision, or their weights would part ways
         bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
@@ -1576,18 +1704,25 @@ def all_processes(metrics: dict, update: dict, dist: Dist) -> dict:
 def setup_training(cfg: Config, raw_model, dist: Dist):
     """What trains (the projector and LM; --lora: the projector and LoRA's A, B; --train-encoder
     adds the encoder), AdamW over it, the schedule, and the frozen reference pi_ref (None when
-    beta = 0), which is taken from the start weights before any compile."""
+    beta = 0), which is taken from the start weights before any compile. --fsdp shards both."""
     for name, p in raw_model.named_parameters():
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(raw_model, cfg)
+    # the frozen reference pi_ref is copied from the start weights, before any compile or sharding
+    grpo = cfg.mode in ("grpo", "mp-grpo")
+    ref_model = frozen_reference(raw_model, cfg) if grpo and cfg.beta != 0 else None
+    sharded = list(filter(None, [raw_model, ref_model] if cfg.fsdp else []))
+    for model in sharded:     # before the optimizer: FSDP replaces the parameters by shards
+        shard_model(model)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    optimizer.register_step_post_hook(lambda *_: regather(raw_model, stale_only=True))   # FSDP
+    for model in sharded:
+        regather(model)
     if dist.main:
         print(trainable_summary(raw_model, params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
-    grpo = cfg.mode in ("grpo", "mp-grpo")
-    ref_model = frozen_reference(raw_model, cfg) if grpo and cfg.beta != 0 else None
     if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
         raw_model.model.language_model.compile(dynamic=True)
     raw_model.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
@@ -1602,7 +1737,7 @@ def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, ste
     device = batch.input_ids.device
     if cfg.mode in ("grpo", "mp-grpo"):
         G = cfg.group_size
-        with amp():
+        with amp(), gathered(raw_model):   # FSDP: every process samples its own number of tokens
             completions, lengths, rewards, off_policy, metrics = grpo_rollout(
                 cfg, raw_model, tokenizer, batch, step, prompt_ids, suppress, REWARDS[cfg.reward])
         r = Rollout(completions, None, G, group_advantages(rewards, G, cfg.scale_rewards), off_policy=off_policy)
@@ -1672,8 +1807,7 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
         if dist.main:
             print(f"stopped at step {ts.step}; checkpoint in {out / 'checkpoint'} (continue with --resume)")
         raise SystemExit(130)
-    if dist.main:
-        save_model(raw_model, tokenizer, out / "final")
+    save_model(raw_model, tokenizer, out / "final", dist=dist)
     dist.barrier()
     return out / "best"
 
@@ -1708,6 +1842,8 @@ def run(cfg: Config) -> dict:
     dist, device = init_distributed(cfg)
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
         raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible by the {dist.world} processes")
+    if cfg.fsdp and not torch.distributed.is_initialized():
+        raise InputError("--fsdp shards over torchrun's processes: run it under torchrun")
     torch.manual_seed(cfg.seed)
     # every input is checked before the run directory is made
     wanted = ("test",) if cfg.mode == "eval" else ("train", "dev", "test")

@@ -1693,3 +1693,115 @@ def test_bf16_full_training_reference_is_stored_in_bf16_with_fp32_rope(model_tok
     mask = torch.arange(s.tokens.shape[1])[None] < s.lengths[:, None]
     assert light.dtype == torch.float32                                     # log-probs in fp32
     assert not torch.equal(light, full) and (light - full)[mask].abs().max() < 0.5
+
+
+# ---------------------------------------------------------------------------- FSDP ----
+# `--fsdp` under torchrun (gloo on CPU): 2 sharded processes against 1 plain process. The
+# processes sum their gradients in another order and reduce-scatter them, so numbers agree to
+# float rounding, not bit for bit: loss and grad norm to rel 1e-5 (observed ~1e-6), weights
+# after 2 AdamW steps to 1e-3 of how far they moved (observed ~2e-4).
+
+FSDP_SFT = ["--task", "ast", "--mode", "sft", "--max-steps", "2", "--eval-every", "1",
+            "--eval-limit", "2", "--dev-limit", "2", "--batch-size", "4", "--sft-batch-size", "4",
+            "--max-new-tokens", "8", "--lr", "1e-3", "--grad-accum", "2"]
+
+
+def run_torchrun(*args, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "grpo_speech.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fsdp_sft(tiny_data, fixture_model_dir, tmp_path_factory):
+    """The same 2-step SFT run (a checkpoint and a dev evaluation after each step) in one plain
+    process and in 2 --fsdp processes."""
+    work = tmp_path_factory.mktemp("fsdp")
+    args = [*FSDP_SFT, "--model", fixture_model_dir, "--data", tiny_data / "ast"]
+    one = run_cli(*args, "--out", work / "one", cwd=work)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_torchrun(*args, "--fsdp", "--out", work / "two", cwd=work)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return work, args
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(path / "model.safetensors")
+
+
+def test_fsdp_sft_matches_one_process_and_saves_plain_weights(fsdp_sft, fixture_model_dir):
+    from transformers import GraniteSpeechForConditionalGeneration
+    work, _ = fsdp_sft
+    a, b = _step_metrics(work / "one"), _step_metrics(work / "two")
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    for step in (1, 2):
+        for key in ("loss/sft", "perf/grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    assert [a[s]["eval/dev_chrf"] for s in a] == [b[s]["eval/dev_chrf"] for s in b]
+    for name in ("final", "best", "checkpoint"):   # gathered, plain: transformers loads them as is
+        _, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+            str(work / "two" / name), output_loading_info=True)
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        assert not any(info[k] for k in kinds), info
+        config = json.loads((work / "two" / name / "config.json").read_text())
+        assert config["architectures"] == ["GraniteSpeechForConditionalGeneration"]
+    start = _weights(fixture_model_dir)
+    one, two = _weights(work / "one" / "final"), _weights(work / "two" / "final")
+    assert one.keys() == two.keys()            # tied embeddings saved once, as one process does
+    norm = lambda d: math.sqrt(sum(float((t ** 2).sum()) for t in d.values()))
+    moved = norm({k: one[k] - start[k] for k in one})
+    assert moved > 0.1
+    assert norm({k: two[k] - one[k] for k in one}) < 1e-3 * moved
+    # checkpoint/'s optimizer state: full tensors numbered as one process numbers them
+    sa, sb = (torch.load(work / r / "checkpoint" / "trainer_state.pt",
+                         weights_only=True)["optimizer"] for r in ("one", "two"))
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for i, s in sa["state"].items():
+        assert s["exp_avg"].shape == sb["state"][i]["exp_avg"].shape
+        assert torch.allclose(s["exp_avg"], sb["state"][i]["exp_avg"], rtol=1e-3, atol=1e-6), i
+
+
+def test_fsdp_checkpoint_resumes_exactly(fsdp_sft):
+    work, args = fsdp_sft
+    cut = work / "cut"
+    first = run_torchrun(*args, "--fsdp", "--max-steps", "1", "--out", cut, cwd=work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = run_torchrun(*args, "--fsdp", "--max-steps", "2", "--resume", "--out", cut, cwd=work)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resumed from" in rest.stdout
+    assert _step_metrics(cut) == _step_metrics(work / "two")                 # bit for bit on CPU
+    a, b = _weights(work / "two" / "final"), _weights(cut / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_grpo_step_matches_one_process(tiny_data, fixture_model_dir, tmp_path):
+    # the first step only: later steps sample from weights that differ by float rounding, and an
+    # untrained model can then flip a sampled token (test_torchrun_two_processes_match_one_process)
+    args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir,
+            "--data", tiny_data / "ast",
+            "--max-steps", "1", "--eval-every", "1", "--eval-limit", "2", "--dev-limit", "2",
+            "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "8", "--reward", "chrf"]
+    one = run_cli(*args, "--out", tmp_path / "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_torchrun(*args, "--fsdp", "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _step_metrics(tmp_path / "one")[1], _step_metrics(tmp_path / "two")[1]
+    assert b["reward/mean"] == pytest.approx(a["reward/mean"], rel=1e-6)    # the same samples
+    assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-5)
+    for key in ("loss/total", "kl/mean"):                                     # ~0 on step 1
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert a["perf/grad_norm"] > 0.1
+
+
+def test_fsdp_refuses_what_it_does_not_support(tiny_data, fixture_model_dir, tmp_path, capsys):
+    base = ["--task", "ast", "--mode", "sft", "--model", str(fixture_model_dir), "--data",
+            str(tiny_data / "ast"), *TINY, "--fsdp", "--out", str(tmp_path / "out")]
+    cases = (([], "torchrun"), (["--lora", "4"], "--lora"), (["--compile"], "--compile"))
+    for extra, words in cases:
+        assert gs.main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --fsdp") and words in err[0], err
+        assert not (tmp_path / "out").exists()
