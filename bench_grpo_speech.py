@@ -215,10 +215,137 @@ def default_runs(args) -> None:
                                  lambda _: f"{marks[0]}\n{text}{marks[1]}", old, flags=re.S))
 
 
+# --memory: bytes per parameter measured on the shipped model through the training code, scaled
+# by the released models' parameter counts (RELEASED.md), counted on the meta device.
+GRANITE_LM = {"2B": dict(hidden_size=2048, intermediate_size=8192), "8B": dict(hidden_size=4096, intermediate_size=12800)}
+
+
+def granite_speech_meta(size: str):
+    """granite-speech-3.3-{2b,8b} as shapes only: built on the meta device, no weights, no files."""
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+    text = dict(model_type="granite", num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                vocab_size=49160, tie_word_embeddings=True, **GRANITE_LM[size])
+    encoder = dict(num_layers=16, hidden_dim=1024, num_heads=8, dim_head=128, feedforward_mult=4,
+                   conv_kernel_size=15, context_size=200, output_dim=256, input_dim=160)
+    projector = dict(model_type="blip_2_qformer", num_hidden_layers=2, hidden_size=1024, num_attention_heads=16,
+                     intermediate_size=4096, encoder_hidden_size=1024, cross_attention_frequency=1)
+    config = GraniteSpeechConfig(text_config=text, encoder_config=encoder, projector_config=projector,
+                                 window_size=15, downsample_rate=5, audio_token_index=49159, tie_word_embeddings=True,
+                                 has_lora_adapter=False)   # the adapter adds no parameters: merged at load
+    with torch.device("meta"):
+        return GraniteSpeechForConditionalGeneration(config)
+
+
+def state_bytes(model, params, optimizer, ref_model) -> dict:
+    """Bytes held after an optimizer step: policy weights, gradients, AdamW moments, and the
+    reference's tensors that the policy does not share (found by data_ptr)."""
+    size = lambda ts: sum(t.element_size() * t.numel() for t in ts)
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    ref_own = [p for p in ref_model.parameters() if p.data_ptr() not in ptrs]
+    moments = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
+    return dict(weights=size(model.parameters()), gradients=size(p.grad for p in params if p.grad is not None),
+                adamw=size(moments), reference=size(ref_own),
+                n_weights=sum(p.numel() for p in model.parameters()), n_trained=sum(p.numel() for p in params),
+                n_reference=sum(p.numel() for p in ref_own))
+
+
+def memory(args) -> None:
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    rows = gs.read_manifest(args.data)[:2]
+    measured = {}
+    for name, extra in (("full", {}), ("full --bf16", dict(bf16=True)), ("--lora 64", dict(lora=64, lora_alpha=32.0))):
+        model, tok = gs.load_model(args.model, device)
+        cfg = gs.resolve_config(gs.Config(model=args.model, mode="grpo", **extra))
+        params, optimizer, _, ref_model = gs.setup_training(cfg, model, gs.Dist())
+        batch = gs.collate(gs.SpeechData(rows), [0, 1], tok, model.config.audio_token_id,
+                           system=gs.system_turn(tok), config=model.config)
+        completions = torch.randint(0, model.config.text_config.vocab_size, (2 * 2, 8))   # B=2, G=2, T=8
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            gs.completion_logprobs(model, batch, completions, 2).mean().backward()
+        optimizer.step()                                 # AdamW's moments exist from the first step
+        measured[name] = b = state_bytes(model, params, optimizer, ref_model)
+        print(f"measured, {name}: weights {b['weights'] / b['n_weights']:.2f} B/param, gradients "
+              f"{b['gradients'] / b['n_trained']:.2f} and AdamW {b['adamw'] / b['n_trained']:.2f} B/trained param, "
+              f"reference {b['reference'] / max(1, b['n_reference']):.2f} B/param over {b['n_reference']:,} "
+              f"unshared parameters ({b['n_reference'] / b['n_weights']:.1%} of the policy's)")
+    per = lambda name, k, n: measured[name][k] / measured[name][n]
+    w, g, a = per("full", "weights", "n_weights"), per("full", "gradients", "n_trained"), per("full", "adamw", "n_trained")
+    ref16, ref_lora = per("full --bf16", "reference", "n_reference"), per("--lora 64", "reference", "n_reference")
+    lw, lg, la = (per("--lora 64", "weights", "n_weights"), per("--lora 64", "gradients", "n_trained"),
+                  per("--lora 64", "adamw", "n_trained"))
+
+    counts, cols = {}, []
+    for size in ("2B", "8B"):
+        m = granite_speech_meta(size)
+        n = lambda mod: sum(p.numel() for p in mod.parameters())
+        lm = m.model.language_model
+        attn = lm.layers[0].self_attn
+        lora = 64 * sum(l.in_features + l.out_features for l in (attn.q_proj, attn.v_proj)) * len(lm.layers)
+        c = dict(total=n(m), encoder=n(m.model.encoder), projector=n(m.model.projector), lm=n(lm), lora=lora,
+                 root=n(m) - sum(n(layer) for layer in lm.layers))   # what shard_model leaves whole
+        counts[size] = c
+        print(f"counted, {size}: {c['total'] / 1e9:.3f}B parameters = encoder {c['encoder'] / 1e6:.1f}M + projector "
+              f"{c['projector'] / 1e6:.1f}M + LM {c['lm'] / 1e9:.3f}B (tied head); LoRA r64 q/v {c['lora'] / 1e6:.1f}M; "
+              f"FSDP root (encoder, projector, embeddings, norm) {c['root'] / 1e6:.0f}M")
+    GB = 1e9
+    for size in ("2B", "8B"):      # full training under --bf16: fp32 weights, bf16-stored reference
+        c = counts[size]
+        trained = c["total"] - c["encoder"]
+        cols.append((f"full, 1 GPU, {size}", [w * c["total"], g * trained, a * trained, ref16 * c["total"]]))
+    for size in ("2B", "8B"):      # --fsdp --bf16: everything in 1/4 shards, the root also whole
+        c = counts[size]
+        trained = c["total"] - c["encoder"]
+        cols.append((f"`--fsdp` per GPU of 4, {size}",
+                     [w * c["total"] / 4 + w * c["root"], g * trained / 4, a * trained / 4,
+                      ref16 * c["total"] / 4 + ref16 * c["root"]]))
+    for size in ("2B", "8B"):      # --lora 64: frozen fp32 weights, the reference copies the projector
+        c = counts[size]
+        trained = c["lora"] + c["projector"]
+        cols.append((f"`--lora 64`, 1 GPU, {size}",
+                     [lw * (c["total"] + c["lora"]), lg * trained, la * trained, ref_lora * c["projector"]]))
+    names = ["weights", "gradients", "AdamW moments", "reference pi_ref"]
+    fmt = lambda x: f"{x / GB:.1f}" if x >= GB else f"{x / GB:.2f}"
+    lines = ["| GB (1e9 bytes) | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(v[i]) for _, v in cols) + " |" for i, name in enumerate(names)]
+    lines += ["| **total before activations** | " + " | ".join(f"**{fmt(sum(v))}**" for _, v in cols) + " |"]
+    print()
+    print("\n".join(lines))
+    print(f"\nmeasured bytes per parameter (fp32 master weights): weights {w:.0f}, gradients {g:.0f}, AdamW {a:.0f} "
+          f"(two moments), reference {per('full', 'reference', 'n_reference'):.0f} (fp32) or {ref16:.0f} (--bf16); "
+          f"--lora: the reference shares the LM and copies only the projector ({ref_lora:.0f} B/param).")
+    print("full and --fsdp columns are --bf16 runs (reference stored in bf16; without --bf16 it is fp32, twice that). "
+          "--fsdp: each process holds 1/4 of every tensor, and shard_model keeps the root (encoder, projector, "
+          "embeddings, final norm) gathered whole on every GPU, in the weights and reference rows; the encoder is "
+          "frozen, so it has no gradients or AdamW moments.")
+    for size in ("2B", "8B"):      # make_rollout samples inside gathered(): every layer whole, no gradients yet
+        c, (_, v) = counts[size], cols[2 + ("2B", "8B").index(size)]
+        print(f"--fsdp while sampling, {size}: every layer is gathered, the whole fp32 policy on each GPU, "
+              f"{fmt(w * c['total'])} GB on top of the shards (gradients are freed by then): "
+              f"{fmt(v[0] - w * c['root'] + w * c['total'] + v[2] + v[3])} GB a GPU before the KV cache")
+    tokens = 8 * 450
+    for size in ("2B", "8B"):
+        h = GRANITE_LM[size]["hidden_size"]
+        print(f"activations, NOT measured (an estimate): one group, G = 8 x ~450 tokens, {size}: "
+              f"~{34 * tokens * h * 40 / GB:.0f} GB (34 bytes x tokens x hidden x 40 layers, 16-bit activations "
+              f"without recomputation, Korthikanti et al. 2022) plus fp32 logits and log-softmax "
+              f"{2 * 4 * 8 * 200 * 49160 / GB:.1f} GB")
+    act = {size: (34 * tokens * GRANITE_LM[size]["hidden_size"] * 40 + 2 * 4 * 8 * 200 * 49160) / GB
+           for size in ("2B", "8B")}
+    print("total with that estimate (an estimate): " + "; ".join(
+        f"{h.replace('`', '')} ~{sum(v) / GB + act[h[-2:]]:.0f} GB" for h, v in cols))
+    B, G, world = 8, 8, 4
+    print(f"--grad-accum: policy_update splits each process's B / processes prompts into --grad-accum micro-batches "
+          f"of whole groups, so one group (G = {G}) a micro-batch at --batch-size {B} needs --grad-accum {B} on one "
+          f"GPU, or --grad-accum {B // world} with torchrun --nproc_per_node {world} ({B // world} prompts a process)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
     p.add_argument("--compare", action="store_true", help="run the base/SFT/GRPO/MP-GRPO comparison")
+    p.add_argument("--memory", action="store_true",
+                   help="bytes per parameter measured on --model, scaled to the released 2B and 8B")
     p.add_argument("--quick", action="store_true", help="with --compare: one seed, 100 steps")
     p.add_argument("--steps", type=int, default=0, help="with --compare: steps per run (default 300, --quick 100)")
     p.add_argument("--out", default="", help="with --compare / --default-runs: run root (then README untouched)")
@@ -237,8 +364,10 @@ def main():
         return compare(args)
     if args.default_runs:
         return default_runs(args)
+    if args.memory:
+        return memory(args)
     if not args.speed:
-        p.error("nothing to do: pass --speed or --compare")
+        p.error("nothing to do: pass --speed, --compare or --memory")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)
