@@ -3,10 +3,13 @@
   python bench_grpo_speech.py --compare           # base vs SFT vs GRPO vs MP-GRPO, ast + sqa, 3 seeds
   python bench_grpo_speech.py --compare --quick   # one seed, fewer steps
   python bench_grpo_speech.py --speed             # same process, same model, same inputs
+  python bench_grpo_speech.py --default-runs      # the README's first command, seeds 0-2
+  python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B memory table
 
---compare runs the real command line once per (task, method, seed) into runs/compare/, writes
-runs/compare/table.md (corpus BLEU and chrF on the test split, mean +- std over seeds, of each
-method's best-on-dev checkpoint) and puts it into README.md between the compare markers, with
+--compare runs the real command line once per (task, method, seed) into runs/compare/ (SFT,
+GRPO, MP-GRPO, then SFT -> GRPO and SFT -> SFT from each seed's SFT best/), writes
+runs/compare/table.md (corpus BLEU and chrF on the test split, greedy and sampled, mean +- std
+over seeds, of each method's best-on-dev checkpoint) and puts it into README.md between the compare markers, with
 the command and its wall time; with matplotlib installed it also draws runs/compare/curves.png.
 SFT and GRPO get an equal budget of updates and sequences: the same number of steps, each
 step pushing B x G = 32 sequences through the policy (SFT: 32 references; GRPO: 4 prompts x 8
