@@ -1,6 +1,6 @@
 """Benchmarks of grpo_speech.py: the paper's comparison at small scale, and the hot loop's speed.
 
-  python bench_grpo_speech.py --compare           # base vs SFT vs GRPO vs MP-GRPO, ast + sqa, 3 seeds
+  python bench_grpo_speech.py --compare           # start, SFT, GRPO, MP-GRPO, SFT -> X; 3 seeds
   python bench_grpo_speech.py --compare --quick   # one seed, fewer steps
   python bench_grpo_speech.py --speed             # same process, same model, same inputs
   python bench_grpo_speech.py --default-runs      # the README's first command, seeds 0-2
@@ -60,15 +60,20 @@ def timed(fn, repeats: int) -> float:
 
 
 def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     return 2 * n**3 / timed(lambda: a @ b, repeats)
 
 
-def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int, model: str | None = None) -> dict:
-    """One training run through the real command line (resumed if already done); its results.json."""
-    if not (out / "results.json").exists() or "final" not in json.loads((out / "results.json").read_text()):
-        cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode, "--seed", str(seed),
-               "--max-steps", str(steps), "--eval-every", str(min(30, max(1, steps // 4))), "--out", str(out),
+def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int,
+               model: str | None = None) -> dict:
+    """One training run through the real command line (resumed if already done); its
+    results.json."""
+    if (not (out / "results.json").exists()
+            or "final" not in json.loads((out / "results.json").read_text())):
+        cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode,
+               "--seed", str(seed), "--max-steps", str(steps),
+               "--eval-every", str(min(30, max(1, steps // 4))), "--out", str(out),
                "--overwrite"] + (["--model", model] if model else [])
         t0 = time.time()
         env = dict(os.environ, TQDM_DISABLE="1")
@@ -77,12 +82,14 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: 
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
-        print(f"  {task} {mode} seed {seed}{' from ' + model if model else ''}: {time.time() - t0:.0f} s", flush=True)
+        print(f"  {task} {mode} seed {seed}{' from ' + model if model else ''}: "
+              f"{time.time() - t0:.0f} s", flush=True)
     return json.loads((out / "results.json").read_text())
 
 
 def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+    return (f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1
+            else f"{xs[0]:.1f}")
 
 
 # (label, mode, starts from the same seed's SFT best checkpoint)
@@ -91,14 +98,16 @@ METHODS = [("SFT", "sft", False), ("GRPO", "grpo", False), ("MP-GRPO", "mp-grpo"
 
 
 def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
-    name = {"SFT": "sft", "GRPO": "grpo", "MP-GRPO": "mp-grpo", "SFT → GRPO": "sft-grpo", "SFT → SFT": "sft-sft"}[label]
+    name = {"SFT": "sft", "GRPO": "grpo", "MP-GRPO": "mp-grpo", "SFT → GRPO": "sft-grpo",
+            "SFT → SFT": "sft-sft"}[label]
     return root / f"{task}-{name}-s{seed}"
 
 
 def compare(args) -> None:
     seeds = [0] if args.quick else [0, 1, 2]
     steps = args.steps or (100 if args.quick else 300)
-    root = Path(args.out) if args.out else gs.HERE / "runs" / ("compare-quick" if args.quick else "compare")
+    root = (Path(args.out) if args.out else
+            gs.HERE / "runs" / ("compare-quick" if args.quick else "compare"))
     tasks = ("ast", "sqa")
     t0 = time.time()
     # two phases: the SFT -> X runs start from the best/ checkpoint of a finished SFT run
@@ -117,25 +126,31 @@ def compare(args) -> None:
     rows = []
     for task in tasks:
         sft = [done[(task, "SFT", s)] for s in seeds]
-        rows.append((task, "start model", f"{sft[0]['base']['bleu']:.1f}", f"{sft[0]['base']['chrf']:.1f}",
-                     mean_std([r["base_sample"]["bleu"] for r in sft]), mean_std([r["base_sample"]["chrf"] for r in sft])))
+        rows.append((task, "start model", f"{sft[0]['base']['bleu']:.1f}",
+                     f"{sft[0]['base']['chrf']:.1f}",
+                     mean_std([r["base_sample"]["bleu"] for r in sft]),
+                     mean_std([r["base_sample"]["chrf"] for r in sft])))
         for label, _, _ in METHODS:
             rs = [done[(task, label, s)] for s in seeds]
-            rows.append((task, label, *(mean_std([r[k][m] for r in rs]) for k in ("final", "final_sample")
+            rows.append((task, label, *(mean_std([r[k][m] for r in rs])
+                                        for k in ("final", "final_sample")
                                         for m in ("bleu", "chrf"))))
     command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "") + \
-        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + (f" --steps {args.steps}" if args.steps else "")
-    table = "\n".join(["| task | method | greedy BLEU | greedy chrF | sampled BLEU | sampled chrF |",
+        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
+        (f" --steps {args.steps}" if args.steps else "")
+    table = "\n".join(["| task | method | greedy BLEU | greedy chrF | sampled BLEU | "
+                       "sampled chrF |",
                        "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
     n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
-    text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; {minutes:.0f} min on this "
-            f"machine, {os.cpu_count()} CPU cores, {args.jobs} runs side by side). Each cell: the best-on-dev "
-            f"checkpoint (greedy dev BLEU over every dev utterance, step 0 and every "
-            f"{min(30, max(1, steps // 4))} steps), corpus score on the test split (200 ast / 150 sqa utterances), "
-            f"mean ± std over seeds; greedy, and sampled with the paper's decoding (temperature 0.9, top-p 0.9, "
-            f"utterance i drawn from seeds (run seed, i)). SFT → X starts from the same seed's SFT best "
-            f"checkpoint and runs {steps} more steps of X (fresh optimizer and schedule, reference model = that "
-            f"checkpoint).\n\n{table}\n")
+    text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; "
+            f"{minutes:.0f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
+            f"by side). Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
+            f"utterance, step 0 and every {min(30, max(1, steps // 4))} steps), corpus score on "
+            f"the test split (200 ast / 150 sqa utterances), mean ± std over seeds; greedy, and "
+            f"sampled with the paper's decoding (temperature 0.9, top-p 0.9, utterance i drawn "
+            f"from seeds (run seed, i)). SFT → X starts from the same seed's SFT best checkpoint "
+            f"and runs {steps} more steps of X (fresh optimizer and schedule, reference model = "
+            f"that checkpoint).\n\n{table}\n")
     (root / "table.md").write_text(text)
     print(text)
     readme = gs.HERE / "README.md"
@@ -162,8 +177,11 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
     smooth = lambda ys, k=20: [statistics.mean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
     for col, task in enumerate(tasks):
         for label, mode, _ in METHODS:
-            runs = [[json.loads(l) for l in (run_dir(root, task, label, s) / "metrics.jsonl").open()] for s in seeds]
-            mean_of = lambda key: [statistics.mean(v) for v in zip(*[[r[key] for r in run if key in r] for run in runs])]
+            runs = [[json.loads(l) for l in
+                     (run_dir(root, task, label, s) / "metrics.jsonl").open()] for s in seeds]
+
+            mean_of = lambda key: [statistics.mean(v) for v in
+                                   zip(*[[r[key] for r in run if key in r] for run in runs])]
             if mode != "sft":  # SFT samples nothing: no reward
                 ys = smooth(mean_of("reward/mean"))
                 axes[0, col].plot(range(1, len(ys) + 1), ys, label=label)
@@ -171,10 +189,12 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
             axes[1, col].plot(range(1, len(ys) + 1), ys, label=label)
             xs = [r["step"] for r in runs[0] if "eval/dev_bleu" in r]
             axes[2, col].plot(xs, mean_of("eval/dev_bleu"), marker="o", label=label)
-        axes[0, col].set(title=f"{task}: reward of the on-policy samples ({n}, 20-step mean)", xlabel="step",
-                         ylabel="sentence BLEU / 100")
-        axes[1, col].set(title=f"{task}: policy entropy on the trained tokens (nats/token)", xlabel="step")
-        axes[2, col].set(title=f"{task}: greedy dev BLEU (mean of {n})", xlabel="step", ylabel="corpus BLEU")
+        axes[0, col].set(title=f"{task}: reward of the on-policy samples ({n}, 20-step mean)",
+                         xlabel="step", ylabel="sentence BLEU / 100")
+        axes[1, col].set(title=f"{task}: policy entropy on the trained tokens (nats/token)",
+                         xlabel="step")
+        axes[2, col].set(title=f"{task}: greedy dev BLEU (mean of {n})", xlabel="step",
+                         ylabel="corpus BLEU")
         for ax in axes[:, col]:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -185,7 +205,8 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
 
 
 def default_runs(args) -> None:
-    """The README's first command for seeds 0, 1, 2 at torch's default thread count, one at a time."""
+    """The README's first command for seeds 0, 1, 2 at torch's default thread count, one at a
+    time."""
     root = Path(args.out) if args.out else gs.HERE / "runs" / "default"
     rows, times = [], []
     for seed in (0, 1, 2):
@@ -195,7 +216,8 @@ def default_runs(args) -> None:
         rows.append(r)
     base = rows[0]["base"]
     gains = [r["final"]["bleu"] - base["bleu"] for r in rows]
-    table = "\n".join(["| | greedy test BLEU | greedy test chrF | sampled test BLEU |", "|---|---|---|---|",
+    table = "\n".join(["| | greedy test BLEU | greedy test chrF | sampled test BLEU |",
+                       "|---|---|---|---|",
                        f"| start model | {base['bleu']:.2f} | {base['chrf']:.2f} | "
                        f"{mean_std([r['base_sample']['bleu'] for r in rows])} |"] +
                       [f"| GRPO seed {s} | {r['final']['bleu']:.2f} | {r['final']['chrf']:.2f} | "
@@ -203,10 +225,11 @@ def default_runs(args) -> None:
                       [f"| GRPO mean ± std | {mean_std([r['final']['bleu'] for r in rows])} | "
                        f"{mean_std([r['final']['chrf'] for r in rows])} | "
                        f"{mean_std([r['final_sample']['bleu'] for r in rows])} |"])
-    text = (f"`python grpo_speech.py --task ast --mode grpo --seed S`, S = 0, 1, 2, one after another with "
-            f"torch's default threads ({torch.get_num_threads()} here), through `python bench_grpo_speech.py "
-            f"--default-runs`: {min(times):.0f}-{max(times):.0f} s a run. Every seed above the start model: "
-            f"{'yes' if min(gains) > 0 else 'no'} (greedy BLEU gains {', '.join(f'{g:+.2f}' for g in gains)}).\n\n"
+    text = (f"`python grpo_speech.py --task ast --mode grpo --seed S`, S = 0, 1, 2, one after "
+            f"another with torch's default threads ({torch.get_num_threads()} here), through "
+            f"`python bench_grpo_speech.py --default-runs`: {min(times):.0f}-{max(times):.0f} s "
+            f"a run. Every seed above the start model: {'yes' if min(gains) > 0 else 'no'} "
+            f"(greedy BLEU gains {', '.join(f'{g:+.2f}' for g in gains)}).\n\n"
             f"{table}\n")
     print(text)
     (root / "table.md").write_text(text)
@@ -346,15 +369,19 @@ def memory(args) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
-    p.add_argument("--compare", action="store_true", help="run the base/SFT/GRPO/MP-GRPO comparison")
+    p.add_argument("--compare", action="store_true",
+                   help="run the base/SFT/GRPO/MP-GRPO comparison")
     p.add_argument("--memory", action="store_true",
                    help="bytes per parameter measured on --model, scaled to the released 2B and 8B")
     p.add_argument("--quick", action="store_true", help="with --compare: one seed, 100 steps")
-    p.add_argument("--steps", type=int, default=0, help="with --compare: steps per run (default 300, --quick 100)")
-    p.add_argument("--out", default="", help="with --compare / --default-runs: run root (then README untouched)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="with --compare: steps per run (default 300, --quick 100)")
+    p.add_argument("--out", default="",
+                   help="with --compare / --default-runs: run root (then README untouched)")
     p.add_argument("--default-runs", action="store_true",
                    help="the README's first command, seeds 0-2, at torch's default threads")
-    p.add_argument("--jobs", type=int, default=2, help="with --compare: runs side by side (one thread each on 2 cores)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="with --compare: runs side by side (one thread each on 2 cores)")
     p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
     p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
     p.add_argument("--batch-size", type=int, default=4, help="B prompts")
@@ -379,17 +406,18 @@ def main():
     data = gs.SpeechData(gs.read_manifest(args.data)[:B])
     batch = gs.collate(data, list(range(B)), tok, model.config.audio_token_id,
                        system=gs.system_turn(tok), config=model.config).to(device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"B={B} G={G} T={T}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, B={B} "
+          f"G={G} T={T}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
 
     # 1. group sampling against generate(num_return_sequences=G)
-    ours = lambda: gs.sample_groups(model, batch, G, max_new_tokens=T, eos_id=-1, pad_id=tok.pad_token_id,
-                                    temperature=1.0)
+    ours = lambda: gs.sample_groups(model, batch, G, max_new_tokens=T, eos_id=-1,
+                                    pad_id=tok.pad_token_id, temperature=1.0)
     def hf():
         with torch.no_grad():
             model.generate(input_ids=batch.input_ids, input_features=batch.features,
-                           input_features_mask=batch.features_mask, attention_mask=batch.attention_mask,
-                           do_sample=True, num_return_sequences=G, max_new_tokens=T, min_new_tokens=T,
+                           input_features_mask=batch.features_mask,
+                           attention_mask=batch.attention_mask, do_sample=True,
+                           num_return_sequences=G, max_new_tokens=T, min_new_tokens=T,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=0)
     t_ours, t_hf = timed(ours, args.repeats), timed(hf, args.repeats)
     s = ours()
@@ -403,9 +431,11 @@ def main():
         loss, _ = gs.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
         loss.backward()
         m.zero_grad(set_to_none=True)
-    expanded = gs.Batch(batch.features.repeat_interleave(G, 0), batch.frames.repeat_interleave(G, 0),
+    expanded = gs.Batch(batch.features.repeat_interleave(G, 0),
+                        batch.frames.repeat_interleave(G, 0),
                         batch.features_mask.repeat_interleave(G, 0),
-                        batch.input_ids.repeat_interleave(G, 0), batch.attention_mask.repeat_interleave(G, 0),
+                        batch.input_ids.repeat_interleave(G, 0),
+                        batch.attention_mask.repeat_interleave(G, 0),
                         [], [])
     t_once = timed(lambda: update(model, batch, G), args.repeats)
     t_per = timed(lambda: update(model, expanded, 1), args.repeats)
@@ -417,7 +447,7 @@ def main():
             update(model, batch, G, False)
     t_bf16 = timed(bf16, args.repeats)
     compiled = copy.deepcopy(model)
-    compiled.model.language_model.compile(dynamic=True)               # as train() does under --compile
+    compiled.model.language_model.compile(dynamic=True)  # as train() does under --compile
     t_compile = timed(lambda: update(compiled, batch, G, False), args.repeats)
 
     # 4. FLOP/s of the update against the matmul peak, and peak memory
@@ -436,15 +466,20 @@ def main():
     with torch.no_grad():
         t_ref = timed(ref, args.repeats)
 
-    print(f"update fp32: {flops / 1e9:.2f} GFLOP in {t_fp32 * 1e3:.0f} ms = {flops / t_fp32 / 1e9:.1f} GFLOP/s, "
-          f"{100 * flops / t_fp32 / peak:.1f}% of the measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"peak memory: {mem:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'process max RSS'})")
-    print(f"step breakdown (s): sample {t_ours:.3f}, reward {t_reward:.3f}, reference log-probs {t_ref:.3f}, "
-          f"policy update {t_fp32:.3f}")
-    print(f"encoder once per group vs per completion (fwd+bwd, encoder trained): {t_per / t_once:.2f}x")
+    print(f"update fp32: {flops / 1e9:.2f} GFLOP in {t_fp32 * 1e3:.0f} ms = "
+          f"{flops / t_fp32 / 1e9:.1f} GFLOP/s, {100 * flops / t_fp32 / peak:.1f}% of the "
+          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"peak memory: {mem:.0f} MiB "
+          f"({'CUDA allocated' if device.type == 'cuda' else 'process max RSS'})")
+    print(f"step breakdown (s): sample {t_ours:.3f}, reward {t_reward:.3f}, "
+          f"reference log-probs {t_ref:.3f}, policy update {t_fp32:.3f}")
+    print(f"encoder once per group vs per completion (fwd+bwd, encoder trained): "
+          f"{t_per / t_once:.2f}x")
     print(f"bf16 autocast vs fp32 (fwd+bwd): {t_fp32 / t_bf16:.2f}x")
     print(f"torch.compile vs eager (fwd+bwd): {t_fp32 / t_compile:.2f}x")
-    print(f"group sampling vs generate(num_return_sequences={G}): {t_hf * 1e3:.0f} ms / {t_ours * 1e3:.0f} ms")
+    print(f"group sampling vs generate(num_return_sequences={G}): {t_hf * 1e3:.0f} ms / "
+          f"{t_ours * 1e3:.0f} ms")
+
     print(f"{t_hf / t_ours:.2f}x")
 
 

@@ -96,12 +96,15 @@ def opt(default, help, **kw):
 @dataclass
 class Config:
     # what to run
-    task: str = opt("ast", "ast (speech translation en->de), asr (transcription) or sqa (spoken QA)", choices=TASKS)
+    task: str = opt("ast", "ast (speech translation en->de), asr (transcription) or sqa "
+                           "(spoken QA)", choices=TASKS)
     mode: str = opt("grpo", "eval, sft, grpo or mp-grpo (GRPO + reference as off-policy sample)",
                     choices=MODES)
-    model: str = opt("data/tiny-granite-speech", "local Granite Speech directory or hub id (hub needs HF_HUB_OFFLINE=0)")
-    data: str = opt("", "data directory: <data>/<task>/{train,dev,test}.jsonl, a directory of jsonl splits, "
-                        "a CoVoST2 TSV directory or LibriSQA JSON directory (default: data/<task>)")
+    model: str = opt("data/tiny-granite-speech", "local Granite Speech directory or hub id "
+                                                 "(hub needs HF_HUB_OFFLINE=0)")
+    data: str = opt("", "data directory: <data>/<task>/{train,dev,test}.jsonl, a directory of "
+                        "jsonl splits, a CoVoST2 TSV directory or LibriSQA JSON directory "
+                        "(default: data/<task>)")
     out: str = opt("", "run directory (default: runs/<task>-<mode>)")
     # the GRPO objective
     max_steps: int = opt(300, "optimizer steps")
@@ -110,12 +113,15 @@ class Config:
     beta: float = opt(0.02, "KL coefficient (the paper: 0.02; 0 diverged there)")
     epsilon: float = opt(0.2, "lower clip range of the ratio s_{i,t}")
     epsilon_high: float | None = opt(None, "upper clip range (DAPO clip-higher); default: epsilon")
-    loss_type: str = opt("dapo", "dapo: token mean over the group (the paper); grpo: per-sequence mean; "
-                                 "dr_grpo: sum / (N * --max-new-tokens)", choices=("dapo", "grpo", "dr_grpo"))
-    num_iterations: int = opt(1, "mu: policy updates per rollout (old log-probs reused); a step is one "
-                                 "rollout: its mu updates share the step's learning rate, metrics average them")
+    loss_type: str = opt("dapo", "dapo: token mean over the group (the paper); grpo: "
+                                 "per-sequence mean; dr_grpo: sum / (N * --max-new-tokens)",
+                         choices=("dapo", "grpo", "dr_grpo"))
+    num_iterations: int = opt(1, "mu: policy updates per rollout (old log-probs reused); a step "
+                                 "is one rollout: its mu updates share the step's learning rate, "
+                                 "metrics average them")
     scale_rewards: bool = opt(True, "divide advantages by the group's std (off: Dr. GRPO)")
-    reward: str = opt("bleu", "reward: bleu (the paper), chrf, or bleu+chrf (their mean)", choices=("bleu", "chrf", "bleu+chrf"))
+    reward: str = opt("bleu", "reward: bleu (the paper), chrf, or bleu+chrf (their mean)",
+                      choices=("bleu", "chrf", "bleu+chrf"))
     temperature: float = opt(1.0, "sampling temperature for rollouts, > 0 (the paper: 1)")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     max_new_tokens: int = opt(48, "longest completion in tokens (the paper: 200)")
@@ -131,19 +137,21 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     grad_accum: int = opt(1, "split each step's prompts into this many micro-batches")
     train_encoder: bool = opt(False, "also train the audio encoder (default: projector + LM)")
-    lora: int = opt(0, "R: train a rank-R LoRA on the LM's --lora-targets and the whole "
-                       "projector, the LM frozen (0: every LM weight trains); the encoder as always")
+    lora: int = opt(0, "R: train a rank-R LoRA on the LM's --lora-targets and the whole projector, "
+                       "the LM frozen (0: every LM weight trains); the encoder as always")
     lora_alpha: float = opt(32.0, "LoRA scale alpha / R (the released adapter: R 64, alpha 32)")
     lora_targets: str = opt("q_proj,v_proj", "comma list of Linear names in the LM's decoder "
                                              "layers (the released adapter's)")
-    sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G: the same sequences per "
-                                           "update as GRPO)")
+    sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G: the same "
+                                           "sequences per update as GRPO)")
     # evaluation
     eval_every: int = opt(30, "steps between dev evaluations; the best-on-dev weights go to best/")
     eval_limit: int = opt(200, "test utterances scored for results.json (0: all)")
-    dev_limit: int = opt(0, "dev utterances scored every --eval-every steps (0: all); best/ keeps the best")
-    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy, or sample (the paper: T 0.9, "
-                                       "top-p 0.9); the test split is always scored under both", choices=("greedy", "sample"))
+    dev_limit: int = opt(0, "dev utterances scored every --eval-every steps (0: all); "
+                            "best/ keeps the best")
+    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy, or sample "
+                                       "(the paper: T 0.9, top-p 0.9); the test split is always "
+                                       "scored under both", choices=("greedy", "sample"))
     eval_batch_size: int = opt(32, "utterances per evaluation batch")
     # machinery
     seed: int = opt(0, "seed; every random draw derives from (seed, step, index)")
@@ -159,7 +167,8 @@ class Config:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: )" where the help text says what empty means
+    # no "(default: )" where the help text says what empty means
+    def _get_help_string(self, action):
         return action.help if action.default in ("", None) else super()._get_help_string(action)
 
 
@@ -176,15 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
         meta = dict(f.metadata)
         text = meta["help"].replace("%", "%%")  # argparse %-formats help texts
         if f.type in ("bool", bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=text)
         else:
-            kind = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}[f.type]
-            p.add_argument(name, type=kind, default=f.default, help=text, choices=meta.get("choices"))
+            kind = {"int": int, "float": float, "str": str, "float | None": float,
+                    "int | None": int}[f.type]
+            p.add_argument(name, type=kind, default=f.default, help=text,
+                           choices=meta.get("choices"))
     return p
 
 
 def resolve_config(cfg: Config) -> Config:
-    """Fill the defaults that depend on other fields; paths relative to this file work from anywhere."""
+    """Fill the defaults that depend on other fields; paths relative to this file work from
+    anywhere."""
     cfg = copy.copy(cfg)
     cfg.data = cfg.data or str(HERE / "data" / cfg.task)
     cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
@@ -193,21 +206,24 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.epsilon_high is None:
         cfg.epsilon_high = cfg.epsilon
     if cfg.mode in ("grpo", "mp-grpo") and cfg.group_size < 2:
-        raise InputError(f"--group-size {cfg.group_size}: a group needs at least 2 completions to have an advantage")
-    for name in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum", "eval_batch_size"):
+        raise InputError(f"--group-size {cfg.group_size}: a group needs at least 2 completions "
+                         "to have an advantage")
+    for name in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum",
+                 "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
     if cfg.lora < 0 or (cfg.lora and cfg.lora_alpha <= 0):
         raise InputError(f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: "
                          "the rank must be >= 0 and alpha > 0")
     if cfg.batch_size < 1 or cfg.batch_size % cfg.grad_accum:
-        raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum {cfg.grad_accum}")
+        raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of "
+                         f"--grad-accum {cfg.grad_accum}")
     if cfg.sft_batch_size is None:
         cfg.sft_batch_size = cfg.batch_size * cfg.group_size
     # values the objective cannot use: say so now rather than divide by zero at step 1
     if cfg.mode in ("grpo", "mp-grpo") and cfg.temperature <= 0:
-        raise InputError(f"--temperature {cfg.temperature}: GRPO samples its groups, and the teacher-forced "
-                         "log-probs divide by the temperature; use a value > 0")
+        raise InputError(f"--temperature {cfg.temperature}: GRPO samples its groups, and the "
+                         "teacher-forced log-probs divide by the temperature; use a value > 0")
     if not 0 < cfg.top_p <= 1:
         raise InputError(f"--top-p {cfg.top_p} must be in (0, 1]")
     if cfg.sft_batch_size < 1:
@@ -224,7 +240,8 @@ def resolve_config(cfg: Config) -> Config:
 # every 20 ms. The window Q-Former then turns every 15 frames into 3 LM embeddings (10 a second).
 
 
-def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int = 6, rolloff: float = 0.99) -> torch.Tensor:
+def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int = 6,
+             rolloff: float = 0.99) -> torch.Tensor:
     """Band-limited polyphase resampling with a Hann-windowed sinc (the algorithm torchaudio uses).
 
     After dividing both rates by their gcd, output phase j of every block of `new` samples is a
@@ -241,7 +258,8 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int =
     t = (torch.arange(0, -new, -1, dtype=torch.float64)[:, None] / new + idx) * cutoff
     t = t.clamp(-lowpass_width, lowpass_width)
     window = torch.cos(t * math.pi / lowpass_width / 2) ** 2
-    kernel = torch.where(t == 0, 1.0, torch.sin(t * math.pi) / (t * math.pi)) * window * cutoff / orig
+    kernel = torch.where(t == 0, 1.0,
+                         torch.sin(t * math.pi) / (t * math.pi)) * window * cutoff / orig
     x = F.pad(wave.double()[None, None], (width, width + orig))
     y = F.conv1d(x, kernel[:, None], stride=orig)             # (1, new, blocks)
     y = y[0].t().reshape(-1)[: math.ceil(new * wave.numel() / orig)]
@@ -260,10 +278,12 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE) -> torch.Tens
     return resample(wave, sr, sampling_rate)
 
 
-def mel_filterbank(n_freqs: int = 257, n_mels: int = 80, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def mel_filterbank(n_freqs: int = 257, n_mels: int = 80,
+                   sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Triangular HTK-scale mel filters with no area normalisation, (n_freqs, n_mels)."""
     hz_to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
-    mels = torch.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2, dtype=torch.float64)
+    mels = torch.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2,
+                          dtype=torch.float64)
     f_pts = 700.0 * (10 ** (mels / 2595.0) - 1.0)             # band edges in Hz
     freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
     slopes = f_pts[None, :] - freqs[:, None]                  # (n_freqs, n_mels + 2)
@@ -287,7 +307,8 @@ def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     lengths = torch.tensor([w.numel() for w in waves])
     x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)               # (B, S)
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
-                      center=True, pad_mode="reflect", return_complex=True).abs() ** 2   # (B, 257, frames)
+                      center=True, pad_mode="reflect",
+                      return_complex=True).abs() ** 2                          # (B, 257, frames)
     mel = (_MEL.T @ spec).transpose(1, 2)                                      # (B, frames, 80)
     logmel = mel.clamp(min=1e-10).log10()
     logmel = torch.maximum(logmel, logmel.amax(dim=(1, 2), keepdim=True) - 8.0) / 4 + 1
@@ -388,7 +409,8 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        missing = [k for k in FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        missing = [k for k in FIELDS
+                   if not isinstance(row, dict) or not isinstance(row.get(k), str)]
         if missing:
             raise InputError(f"{path}:{n}: missing or non-string field(s) {', '.join(missing)}")
         if not row["target"].strip():
@@ -400,7 +422,8 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
     return check_audio_files(rows, path, max_seconds)
 
 
-def check_audio_files(rows: list[dict], source: Path, max_seconds: float = float("inf")) -> list[dict]:
+def check_audio_files(rows: list[dict], source: Path,
+                      max_seconds: float = float("inf")) -> list[dict]:
     """Fail fast, before training, on audio that is missing, unreadable, empty or too long."""
     converted = 0
     for row in rows:
@@ -414,13 +437,15 @@ def check_audio_files(rows: list[dict], source: Path, max_seconds: float = float
         if info.frames == 0:
             raise InputError(f"{audio}: audio file has 0 samples (listed in {source})")
         if info.duration < 0.025:
-            raise InputError(f"{audio}: {info.frames} samples is shorter than one 25 ms analysis window (listed in {source})")
+            raise InputError(f"{audio}: {info.frames} samples is shorter than one 25 ms analysis "
+                             f"window (listed in {source})")
         if info.duration > max_seconds:
-            raise InputError(f"{audio}: {info.duration:.1f} s is longer than --max-audio-seconds {max_seconds}")
+            raise InputError(f"{audio}: {info.duration:.1f} s is longer than "
+                             f"--max-audio-seconds {max_seconds}")
         converted += info.samplerate != SAMPLE_RATE or info.channels != 1
     if converted:
-        print(f"note: {converted} audio files in {source} are not 16 kHz mono; they are resampled / down-mixed on load",
-              file=sys.stderr)
+        print(f"note: {converted} audio files in {source} are not 16 kHz mono; they are "
+              "resampled / down-mixed on load", file=sys.stderr)
     return rows
 
 
@@ -431,9 +456,11 @@ def read_covost2(tsv: Path, task: str, max_seconds: float = float("inf")) -> lis
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         need = {"path", "sentence", "translation"}
         if not need <= set(reader.fieldnames or ()):
-            raise InputError(f"{tsv}: CoVoST2 TSV needs columns {sorted(need)}, has {reader.fieldnames}")
+            raise InputError(f"{tsv}: CoVoST2 TSV needs columns {sorted(need)}, "
+                             f"has {reader.fieldnames}")
         rows = [{"id": r["path"], "audio": str(tsv.parent / "clips" / r["path"]), "task": task,
-                 "text": PROMPTS[task], "target": r["translation"] if task == "ast" else r["sentence"]}
+                 "text": PROMPTS[task],
+                 "target": r["translation"] if task == "ast" else r["sentence"]}
                 for r in reader]
     if not rows:
         raise InputError(f"{tsv}: manifest is empty")
@@ -450,8 +477,9 @@ def read_librisqa(path: Path, max_seconds: float = float("inf")) -> list[dict]:
     for n, it in enumerate(items):
         if not all(k in it for k in ("speech_path", "question", "answer")):
             raise InputError(f"{path}: item {n} lacks speech_path, question or answer")
-        rows.append({"id": str(it["speech_path"]), "audio": str(path.parent / it["speech_path"]), "task": "sqa",
-                     "text": PROMPTS["sqa"].format(question=it["question"]), "target": it["answer"]})
+        rows.append({"id": str(it["speech_path"]), "audio": str(path.parent / it["speech_path"]),
+                     "task": "sqa", "text": PROMPTS["sqa"].format(question=it["question"]),
+                     "target": it["answer"]})
     if not rows:
         raise InputError(f"{path}: manifest is empty")
     return check_audio_files(rows, path, max_seconds)
@@ -483,7 +511,8 @@ def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
                 rows = rows[:cut] if split == "dev" else rows[cut:]
             out[split] = rows
         else:
-            raise InputError(f"{data}: no {split} split ({jsonl.name}, {tsv.name} or {sqa_json.name})")
+            raise InputError(f"{data}: no {split} split ({jsonl.name}, {tsv.name} or "
+                             f"{sqa_json.name})")
     return out
 
 
@@ -508,7 +537,8 @@ class SpeechData:
         return self._waves[path]
 
     def order(self, seed: int, epoch: int) -> list[int]:
-        """The epoch's permutation, a pure function of (seed, epoch): resuming needs no saved state."""
+        """The epoch's permutation, a pure function of (seed, epoch): resuming needs no saved
+        state."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(len(self.rows), generator=g).tolist()
 
@@ -525,7 +555,8 @@ class SpeechData:
 @dataclass
 class Batch:
     """B prompts ready for the model. Prompts are left-padded so that completions line up."""
-    features: torch.Tensor        # (B, F, 160) log-mel frame pairs, each utterance's own, zero-padded
+    features: torch.Tensor        # (B, F, 160) log-mel frame pairs, each utterance's own,
+                                  # zero-padded
     frames: torch.Tensor          # (B,) frame pairs of each utterance
     features_mask: torch.Tensor   # (B, A) which projector outputs are real audio
     input_ids: torch.Tensor       # (B, P) chat-templated prompts, <|audio|> expanded
@@ -535,12 +566,14 @@ class Batch:
 
     def to(self, device):
         return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
-                                            ("features", "frames", "features_mask", "input_ids", "attention_mask")})
+                                            ("features", "frames", "features_mask", "input_ids",
+                                             "attention_mask")})
 
     def select(self, b0: int, b1: int) -> "Batch":
         """Prompts b0..b1-1 (a micro-batch)."""
-        return Batch(self.features[b0:b1], self.frames[b0:b1], self.features_mask[b0:b1], self.input_ids[b0:b1],
-                     self.attention_mask[b0:b1], self.targets[b0:b1], self.rows[b0:b1])
+        return Batch(self.features[b0:b1], self.frames[b0:b1], self.features_mask[b0:b1],
+                     self.input_ids[b0:b1], self.attention_mask[b0:b1], self.targets[b0:b1],
+                     self.rows[b0:b1])
 
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
@@ -562,8 +595,10 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
         input_ids[b, P - len(p):] = torch.tensor(p)
         attention_mask[b, P - len(p):] = 1
     features_mask = torch.arange(int(n_audio.max()))[None] < n_audio[:, None]
-    return Batch(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), frames, features_mask, input_ids,
-                 attention_mask, [data.rows[i]["target"] for i in idx], [data.rows[i] for i in idx])
+    return Batch(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), frames, features_mask,
+                 input_ids, attention_mask, [data.rows[i]["target"] for i in idx],
+                 [data.rows[i] for i in idx])
+
 
 
 # ----------------------------------------------------------------------------- model ----
@@ -588,7 +623,8 @@ def load_model(name: str, device: torch.device):
             raise InputError(f"{path}: not a model directory (no config.json)")
         kind = json.loads(config.read_text()).get("model_type")
         if kind != "granite_speech":
-            raise InputError(f"{path}: model_type is {kind!r}, not a Granite Speech checkpoint ('granite_speech')")
+            raise InputError(f"{path}: model_type is {kind!r}, not a Granite Speech checkpoint "
+                             "('granite_speech')")
     elif name.startswith((".", "/")) or name.count("/") != 1:
         raise InputError(f"{name}: model directory not found")
     try:
@@ -606,7 +642,8 @@ def load_model(name: str, device: torch.device):
         index = path / "model.safetensors.index.json"
         shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
                   if index.is_file() else
-                  sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_")))
+                  sorted(f for f in path.glob("*.safetensors")
+                         if not f.name.startswith("adapter_")))
         if not shards:
             raise InputError(f"{path}: no *.safetensors weights")
         weights = {k: v for f in shards for k, v in load_file(f).items()}
@@ -614,7 +651,8 @@ def load_model(name: str, device: torch.device):
             None, config=config, state_dict=weights, dtype=torch.float32, output_loading_info=True)
         del weights
         # transformers fills a missing weight with random values and only logs it: refuse instead
-        bad = [f"missing {k}" for k in info["missing_keys"]] + [f"unexpected {k}" for k in info["unexpected_keys"]]
+        bad = ([f"missing {k}" for k in info["missing_keys"]]
+               + [f"unexpected {k}" for k in info["unexpected_keys"]])
         if bad:
             raise InputError(f"{path}: weights do not match config.json ({', '.join(bad[:3])}"
                              f"{', ...' if len(bad) > 3 else ''})")
@@ -622,11 +660,13 @@ def load_model(name: str, device: torch.device):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not Path(name).exists() else ""
-        raise InputError(f"{name}: cannot load model{hint}: {str(e).splitlines()[0][:160]}") from None
+        raise InputError(f"{name}: cannot load model{hint}: "
+                         f"{str(e).splitlines()[0][:160]}") from None
     if adapter.is_file():
         merge_lora_adapter(model, path)
     if len(tokenizer) > model.config.text_config.vocab_size:
-        raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.text_config.vocab_size}")
+        raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model's vocabulary "
+                         f"{model.config.text_config.vocab_size}")
     return model.to(device), tokenizer
 
 
@@ -746,15 +786,17 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
-                        temperature: float = 1.0, train_encoder: bool = False, with_entropy: bool = False):
+                        temperature: float = 1.0, train_encoder: bool = False,
+                        with_entropy: bool = False):
     """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, fp32 (N, T).
 
     Only the last T+1 positions go through the LM head. Log-probs are taken in fp32: under bf16,
     ratios of two nearly equal probabilities drift from 1.
     """
     N, T = completions.shape
-    prompt = prompt_embeddings(model, batch, train_encoder).repeat_interleave(group_size, 0)   # (N, P, D)
-    embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)             # (N, P+T, D)
+    # (N, P, D)
+    prompt = prompt_embeddings(model, batch, train_encoder).repeat_interleave(group_size, 0)
+    embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)  # (N, P+T, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
                       torch.ones_like(completions)], dim=1)
     hidden = model.model(inputs_embeds=embeds, attention_mask=mask,
@@ -763,11 +805,11 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     # does, so the floats equal those of model(..., logits_to_keep=T+1)
     logits = lm_logits(model, hidden)[:, :-1].float() / temperature           # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)                              # (N, T)
+    logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
         return logp
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                                          # (N, T)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (N, T)
     return logp, entropy
 
 
@@ -884,7 +926,8 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     subtracting afterwards would not give W back exactly in float."""
     state = model.state_dict()
     for name, m in lora_layers(model):
-        state[f"{name}.weight"] = (m.weight + m.scale * (m.lora_B @ m.lora_A)).cpu()   # one at a time on GPU
+        # one at a time on GPU
+        state[f"{name}.weight"] = (m.weight + m.scale * (m.lora_B @ m.lora_A)).cpu()
         del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
     return state
 
@@ -945,8 +988,9 @@ class Samples:
 
 
 @torch.no_grad()
-def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int, pad_id: int,
-                  temperature: float = 1.0, top_p: float = 1.0, suppress: torch.Tensor | None = None,
+def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int,
+                  pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                  suppress: torch.Tensor | None = None,
                   uniforms: torch.Tensor | None = None) -> Samples:
     """G completions for each of B prompts from one shared prefill, decoded with a KV cache.
 
@@ -964,14 +1008,17 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     # encode + prefill B prompts, then copy the cache G times, and decode N rows in lock-step.
     # A static cache: K/V buffers of P + max_new_tokens positions, written in place. A growing
     # (dynamic) cache copies itself whole at every token; on CPU that copy was 40% of sampling.
-    # Positions past the current token are hidden by the causal mask, so attn can be all ones there.
+    # Positions past the current token are hidden by the causal mask, so attn can be all
+    # ones there.
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)], dim=1)
+    attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
+                     dim=1)
     pos = positions(batch.attention_mask)
     out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
                       position_ids=pos, cache=cache, use_cache=True)
     for layer in cache.layers:                                             # (B, ...) -> (N, ...)
-        layer.keys, layer.values = layer.keys.repeat_interleave(G, 0), layer.values.repeat_interleave(G, 0)
+        layer.keys, layer.values = (layer.keys.repeat_interleave(G, 0),
+                                    layer.values.repeat_interleave(G, 0))
     attn = attn.repeat_interleave(G, 0)                                    # (N, P + max_new_tokens)
     logits = lm_logits(model, out.last_hidden_state[:, -1]).float()        # (B, V)
     logits = logits.repeat_interleave(G, 0)                                # (N, V)
@@ -1004,7 +1051,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         done |= finished_now
         if bool(done.all()):
             break
-        out = lm(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
+        out = lm(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
+                 use_cache=True)
         logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
     T = int(lengths.max())
     return Samples(tokens[:, :T], lengths, logps[:, :T])
@@ -1027,10 +1075,12 @@ def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u:
     return token.clamp(max=cdf.shape[1] - 1)
 
 
-def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int, length: int) -> torch.Tensor:
+def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int,
+                 length: int) -> torch.Tensor:
     """(len(prompts) * G, length) uniform draws, a pure function of (seed, step, prompt): the same
     completions whatever the batch size, the number of processes or the point of resumption."""
-    draws = [torch.rand(group_size, length, generator=torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + p))
+    draws = [torch.rand(group_size, length, generator=torch.Generator().manual_seed(
+                            (seed * 1_000_003 + step) * 1_000_003 + p))
              for p in prompts]
     return torch.cat(draws)
 
@@ -1048,7 +1098,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def decode(tokenizer, samples: Samples) -> list[str]:
     """Completion texts, cut at their lengths (never at the first pad id)."""
-    return decode_tokens(tokenizer, [row[:n] for row, n in zip(samples.tokens.tolist(), samples.lengths.tolist())])
+    return decode_tokens(tokenizer, [row[:n] for row, n in
+                                     zip(samples.tokens.tolist(), samples.lengths.tolist())])
 
 
 def decode_tokens(tokenizer, completions: list[list[int]]) -> list[str]:
@@ -1065,12 +1116,14 @@ def decode_tokens(tokenizer, completions: list[list[int]]) -> list[str]:
 
 def bleu_reward(completions: list[str], references: list[str]) -> torch.Tensor:
     """r_i = sentence BLEU in [0, 1], sacrebleu's defaults (13a tokens, exp smoothing)."""
-    return torch.tensor([sacrebleu.sentence_bleu(c, [r]).score / 100 for c, r in zip(completions, references)])
+    return torch.tensor([sacrebleu.sentence_bleu(c, [r]).score / 100
+                         for c, r in zip(completions, references)])
 
 
 def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
     """Character n-gram F-score in [0, 1]: smoother than BLEU on short, partly right answers."""
-    return torch.tensor([sacrebleu.sentence_chrf(c, [r]).score / 100 for c, r in zip(completions, references)])
+    return torch.tensor([sacrebleu.sentence_chrf(c, [r]).score / 100
+                         for c, r in zip(completions, references)])
 
 
 REWARDS = {  # --reward; only the ranking within a group matters once advantages are normalised
@@ -1083,7 +1136,8 @@ REWARDS = {  # --reward; only the ranking within a group matters once advantages
 # ------------------------------------------------------------------------ advantages ----
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     scale_rewards: bool = True) -> torch.Tensor:
     """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i.
 
     std is torch's unbiased one, +1e-4 so an all-equal group gives A = 0, not 0/0. Without
@@ -1110,8 +1164,8 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2, epsilon_high=None,
-              loss_type="dapo", off_policy=None, max_completion_length=None):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
+              epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None):
     """The KL-regularised clipped GRPO objective, negated (PAPER.md), and its metrics.
 
     logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
@@ -1126,7 +1180,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     # logp.detach(): s = 1 in value, but its gradient is grad log pi, the policy gradient
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    surrogate = torch.min(ratio * A, clipped * A)      # pessimistic: the clip only ever removes gain
+    surrogate = torch.min(ratio * A, clipped * A)  # pessimistic: the clip only ever removes gain
     # MP-GRPO (LUFFY): the off-policy weight is pi_theta / pi_phi with pi_phi = 1, never clipped
     if off_policy is not None:
         surrogate = torch.where(off_policy[:, None], torch.exp(logp) * A, surrogate)
@@ -1137,7 +1191,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     else:
         kl = torch.zeros_like(logp)
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
-    per_token = torch.where(mask.bool(), per_token, 0.0)   # padding never reaches the loss, not even as inf * 0
+    # padding never reaches the loss, not even as inf * 0
+    per_token = torch.where(mask.bool(), per_token, 0.0)
     # normalisation: dapo averages over every completion token of the group (the paper's), so a
     # long answer's tokens weigh as much as a short one's; grpo averages each sequence first,
     # which gives every token of a short answer more weight
@@ -1159,8 +1214,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
         n_on = on.sum().clamp(min=1)
         metrics = {
             "kl/mean": ((kl * mask).sum() / mask.sum().clamp(min=1)).item(),
-            "loss/clip_low": (((ratio < 1 - epsilon) & (A < 0)).float() * on).sum().item() / n_on.item(),
-            "loss/clip_high": (((ratio > 1 + eps_high) & (A > 0)).float() * on).sum().item() / n_on.item(),
+            "loss/clip_low":
+                (((ratio < 1 - epsilon) & (A < 0)).float() * on).sum().item() / n_on.item(),
+            "loss/clip_high":
+                (((ratio > 1 + eps_high) & (A > 0)).float() * on).sum().item() / n_on.item(),
             "loss/ratio_mean": ((ratio * on).sum() / n_on).item(),
         }
     return loss, metrics
@@ -1365,25 +1422,28 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
     Under torchrun each process decodes every world-th utterance; all get the gathered scores."""
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
-    idx.sort(key=lambda i: data.wave(i).numel())                           # similar lengths batch well
+    idx.sort(key=lambda i: data.wave(i).numel())  # similar lengths batch well
     audio_id = model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
     greedy = (decoding or cfg.eval_decoding) == "greedy"
     system = system_turn(tokenizer, cfg.system_prompt)
     hyps: dict[int, str] = {}
-    for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False, disable=None if dist.main else True):
+    for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False,
+                  disable=None if dist.main else True):
         b_idx = idx[k:k + cfg.eval_batch_size]
         batch = collate(data, b_idx, tokenizer, audio_id, system=system, config=model.config)
         batch = batch.to(model.device)
         with amp():
-            s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
-                              pad_id=tokenizer.pad_token_id, temperature=0.0 if greedy else 0.9,
-                              top_p=1.0 if greedy else 0.9, suppress=suppress,
-                              uniforms=None if greedy else row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens))
+            s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens,
+                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                              temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
+                              suppress=suppress, uniforms=None if greedy else
+                              row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens))
         hyps.update(zip(b_idx, decode(tokenizer, s)))
     hyps = dict(dist.gather(list(hyps.items())))
     order = sorted(hyps)
-    rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]} for i in order]
+    rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}
+            for i in order]
     return corpus_scores([r["hyp"] for r in rows], [r["ref"] for r in rows], cfg.task), rows
 
 
@@ -1425,7 +1485,8 @@ def load_checkpoint(model, path: Path) -> dict:
     try:
         load_weights(model, saved.state_dict())
     except RuntimeError as e:
-        raise InputError(f"{path}: checkpoint does not match --model ({str(e).splitlines()[1].strip()[:120]})") from None
+        raise InputError(f"{path}: checkpoint does not match --model "
+                         f"({str(e).splitlines()[1].strip()[:120]})") from None
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
@@ -1472,7 +1533,7 @@ class Logger:
     def __init__(self, path: Path | None, bar):
         self.fh = open(path, "a", encoding="utf-8") if path else None
         self.bar = bar
-        self.shown: dict[str, str] = {}                      # dev BLEU stays on the bar between evals
+        self.shown: dict[str, str] = {}  # dev BLEU stays on the bar between evals
 
     def __call__(self, step: int, metrics: dict) -> None:
         if self.fh:
@@ -1480,7 +1541,8 @@ class Logger:
             self.fh.flush()
         if self.bar is not None:
             self.bar.n = step
-            self.shown.update({name: f"{metrics[k]:.3f}" if k.startswith(("reward", "kl", "loss")) else f"{metrics[k]:.1f}"
+            self.shown.update({name: f"{metrics[k]:.3f}" if k.startswith(("reward", "kl", "loss"))
+                               else f"{metrics[k]:.1f}"
                                for k, name in self.BAR.items() if k in metrics})
             self.bar.set_postfix(self.shown)
 
@@ -1505,7 +1567,8 @@ class Stop:
         self.requested = True
 
 
-def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids: list[int], suppress, reward_fn):
+def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids: list[int],
+                 suppress, reward_fn):
     """Sample the groups (MP-GRPO: G-1 samples + the reference) and score them.
 
     Returns completions (N, T), lengths (N,), rewards (N,), off_policy (N,) or None, and metrics.
@@ -1519,14 +1582,16 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
     uniforms = row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens)
     t0 = time.perf_counter()
     s = sample_groups(raw_model, batch, n, max_new_tokens=cfg.max_new_tokens,
-                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                      top_p=cfg.top_p, suppress=suppress, uniforms=uniforms)
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
+                      uniforms=uniforms)
     t_sample = time.perf_counter() - t0
     sampled = [row[:k] for row, k in zip(s.tokens.tolist(), s.lengths.tolist())]
     t0 = time.perf_counter()
     # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
     references = [t for t in batch.targets for _ in range(n)]
-    sampled_rewards = torch.nan_to_num(reward_fn(decode_tokens(tokenizer, sampled), references), nan=0.0)
+    sampled_rewards = torch.nan_to_num(reward_fn(decode_tokens(tokenizer, sampled), references),
+                                       nan=0.0)
     metrics = reward_metrics(sampled_rewards.view(-1, n))
     groups, rewards, off_policy = [], [], []
     for b, target in enumerate(batch.targets):
@@ -1539,14 +1604,17 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
             # less than 1, so the same tokens never score 1 as the reference and less as a sample.
             ref = encode_target(tokenizer, target)[:cfg.max_new_tokens]
             groups.append(ref)
-            rewards.append(float(torch.nan_to_num(reward_fn(decode_tokens(tokenizer, [ref]), [target]), nan=0.0)[0]))
+            rewards.append(float(torch.nan_to_num(
+                reward_fn(decode_tokens(tokenizer, [ref]), [target]), nan=0.0)[0]))
             off_policy.append(True)
     if mixed:  # the spread that makes advantages is the mixed group's, reference included
         mixed_r = torch.tensor(rewards).view(-1, G)
         metrics |= {k: v for k, v in reward_metrics(mixed_r).items() if k != "reward/mean"}
         metrics["reward/ref_mean"] = mixed_r[:, -1].mean().item()
         metrics["reward/ref_truncated_frac"] = sum(
-            len(encode_target(tokenizer, t)) > cfg.max_new_tokens for t in batch.targets) / len(batch.targets)
+            len(encode_target(tokenizer, t)) > cfg.max_new_tokens
+            for t in batch.targets) / len(batch.targets)
+
     metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
                     "perf/sample_s": t_sample, "perf/reward_s": time.perf_counter() - t0})
     device = batch.input_ids.device
@@ -1582,7 +1650,8 @@ class Rollout:
     off_policy: torch.Tensor | None = None   # (N,) MP-GRPO's reference rows
 
 
-def pad_completions(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_completions(rows: list[list[int]], pad_id: int,
+                    device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists as an (N, T) tensor padded on the right, and their (N,) lengths."""
     lengths = torch.tensor([len(r) for r in rows], device=device)
     completions = torch.full((len(rows), int(lengths.max())), pad_id, device=device)
@@ -1592,7 +1661,8 @@ def pad_completions(rows: list[list[int]], pad_id: int, device) -> tuple[torch.T
 
 
 def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
-    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint; a fresh state otherwise."""
+    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint; a fresh state
+    otherwise."""
     ckpt = out / "checkpoint"
     if not (cfg.resume and ckpt.exists()):
         return TrainState()
@@ -1611,7 +1681,8 @@ def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist)
     return TrainState(state["step"], state["bad_steps"], state["best_dev"])
 
 
-def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, out: Path, dist: Dist) -> None:
+def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, out: Path,
+                    dist: Dist) -> None:
     save_model(raw_model, tokenizer, out / "checkpoint",
                {"optimizer": optimizer_state(raw_model, optimizer),
                 "scheduler": scheduler.state_dict(), "step": ts.step, "bad_steps": ts.bad_steps,
@@ -1621,7 +1692,9 @@ def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, 
 
 def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, amp, ts: TrainState,
                            out: Path, dist: Dist) -> dict:
-    """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper reports)."""
+    """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper
+    reports)."""
+
     with gathered(raw_model):
         scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, "dev", dist)
     if scores["bleu"] > ts.best_dev:
@@ -1632,8 +1705,8 @@ def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, a
         {"eval/best_dev_bleu": ts.best_dev}
 
 
-def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollout, B: int, ts: TrainState,
-                  amp, dist: Dist) -> tuple[dict, float]:
+def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollout, B: int,
+                  ts: TrainState, amp, dist: Dist) -> tuple[dict, float]:
     """mu optimizer steps on one rollout (SFT: one), each over micro-batches of whole groups.
 
     Each micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
@@ -1654,15 +1727,17 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
             rows, mb_mask = slice(b0 * G, b1 * G), r.mask[b0 * G:b1 * G]
             # log pi_theta(o_{i,t}) with gradient, one teacher-forced pass over the micro-batch
             with amp():
-                logp, entropy = completion_logprobs(policy, batch.select(b0, b1), r.completions[rows], G,
-                                                    cfg.temperature if grpo else 1.0, cfg.train_encoder,
-                                                    with_entropy=True)
-            if grpo:  # mu = 1: pi_old is the policy itself, so logp.detach() (the ratio is 1 in value)
-                loss, m = grpo_loss(logp, logp.detach() if r.old_logp is None else r.old_logp[rows],
-                                    None if r.ref_logp is None else r.ref_logp[rows], r.advantages[rows], mb_mask,
-                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                    loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
-                                    off_policy=None if r.off_policy is None else r.off_policy[rows])
+                logp, entropy = completion_logprobs(
+                    policy, batch.select(b0, b1), r.completions[rows], G,
+                    cfg.temperature if grpo else 1.0, cfg.train_encoder, with_entropy=True)
+            # mu = 1: pi_old is the policy itself, so logp.detach() (the ratio is 1 in value)
+            if grpo:
+                loss, m = grpo_loss(
+                    logp, logp.detach() if r.old_logp is None else r.old_logp[rows],
+                    None if r.ref_logp is None else r.ref_logp[rows], r.advantages[rows], mb_mask,
+                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                    loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                    off_policy=None if r.off_policy is None else r.off_policy[rows])
                 weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
             else:
                 loss, m = sft_loss(logp, mb_mask), {}
@@ -1686,7 +1761,9 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
             ts.bad_steps += 1
             agg["loss/skipped"] = agg.get("loss/skipped", 0.0) + 1.0 / mu
             if ts.bad_steps >= cfg.max_bad_steps:
-                raise InputError(f"aborting: {ts.bad_steps} non-finite losses/gradients in a row at step {ts.step}")
+                raise InputError(f"aborting: {ts.bad_steps} non-finite losses/gradients in a row "
+                                 f"at step {ts.step}")
+
         optimizer.zero_grad(set_to_none=True)
     return agg, float(grad_norm)
 
@@ -1716,7 +1793,8 @@ def setup_training(cfg: Config, raw_model, dist: Dist):
     for model in sharded:     # before the optimizer: FSDP replaces the parameters by shards
         shard_model(model)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.99))
     optimizer.register_step_post_hook(lambda *_: regather(raw_model, stale_only=True))   # FSDP
     for model in sharded:
         regather(model)
@@ -1729,8 +1807,8 @@ def setup_training(cfg: Config, raw_model, dist: Dist):
     return params, optimizer, scheduler, ref_model
 
 
-def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, step: int, prompt_ids: list[int],
-                 suppress, amp) -> tuple[Rollout, dict]:
+def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, step: int,
+                 prompt_ids: list[int], suppress, amp) -> tuple[Rollout, dict]:
     """Everything one update needs, fixed before it starts: the completions (sampled groups and
     their advantages for GRPO; the references for SFT) and the log-probs held constant through
     the update: pi_ref's for the KL term and, when mu > 1, pi_old's for the ratio."""
@@ -1740,7 +1818,8 @@ def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, ste
         with amp(), gathered(raw_model):   # FSDP: every process samples its own number of tokens
             completions, lengths, rewards, off_policy, metrics = grpo_rollout(
                 cfg, raw_model, tokenizer, batch, step, prompt_ids, suppress, REWARDS[cfg.reward])
-        r = Rollout(completions, None, G, group_advantages(rewards, G, cfg.scale_rewards), off_policy=off_policy)
+        r = Rollout(completions, None, G, group_advantages(rewards, G, cfg.scale_rewards),
+                    off_policy=off_policy)
     else:
         completions, lengths = pad_completions([encode_target(tokenizer, t) for t in batch.targets],
                                                tokenizer.pad_token_id, device)
@@ -1749,9 +1828,11 @@ def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, ste
     t0 = time.perf_counter()
     with torch.no_grad(), amp():
         if ref_model is not None:
-            r.ref_logp = completion_logprobs(ref_model, batch, completions, r.group_size, cfg.temperature)
+            r.ref_logp = completion_logprobs(ref_model, batch, completions, r.group_size,
+                                             cfg.temperature)
         if r.advantages is not None and cfg.num_iterations > 1:
-            r.old_logp = completion_logprobs(raw_model, batch, completions, r.group_size, cfg.temperature)
+            r.old_logp = completion_logprobs(raw_model, batch, completions, r.group_size,
+                                             cfg.temperature)
     metrics["perf/ref_logp_s"] = time.perf_counter() - t0
     return r, metrics
 
@@ -1762,36 +1843,41 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
 
     Returns the directory of the best-on-dev weights (best/), which results.json reports.
     """
-    B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size   # prompts per step
+    # prompts per step
+    B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size
     B_local = B // dist.world                                   # this process's share of them
     params, optimizer, scheduler, ref_model = setup_training(cfg, raw_model, dist)
     audio_id = raw_model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, raw_model.config.text_config.vocab_size, audio_id)
     system = system_turn(tokenizer, cfg.system_prompt)
     ts = restore(cfg, raw_model, optimizer, scheduler, out, dist)
-    stop, bar = Stop(), tqdm(total=cfg.max_steps, initial=ts.step, desc=cfg.mode, disable=not dist.main)
+    stop, bar = Stop(), tqdm(total=cfg.max_steps, initial=ts.step, desc=cfg.mode,
+                             disable=not dist.main)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log = Logger(out / "metrics.jsonl", bar) if dist.main else (lambda step, metrics: None)
-    dev_eval = lambda: evaluate_and_keep_best(cfg, raw_model, tokenizer, splits["dev"], amp, ts, out, dist)
+    dev_eval = lambda: evaluate_and_keep_best(cfg, raw_model, tokenizer, splits["dev"], amp, ts,
+                                              out, dist)
     keep = lambda: save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
     if ts.step == 0:
         log(0, dev_eval())  # the start model is a candidate too: best-on-dev may be step 0
     try:
         while ts.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.requested))):
             t_step = time.perf_counter()
-            first = dist.rank * B_local                          # this process's prompts of the step
+            first = dist.rank * B_local  # this process's prompts of the step
             idx = splits["train"].batch_indices(cfg.seed, ts.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
                             config=raw_model.config).to(device)
             r, metrics = make_rollout(cfg, raw_model, ref_model, tokenizer, batch, ts.step,
                                       list(range(first, first + B_local)), suppress, amp)
             t0 = time.perf_counter()
-            update, grad_norm = policy_update(cfg, raw_model, params, optimizer, batch, r, B, ts, amp, dist)
+            update, grad_norm = policy_update(cfg, raw_model, params, optimizer, batch, r, B, ts,
+                                              amp, dist)
             metrics = all_processes(metrics, update, dist)
             if r.advantages is None:
                 metrics["loss/sft"] = metrics.pop("loss/total")
             metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
-                            "lr": scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t_step})
+                            "lr": scheduler.get_last_lr()[0],
+                            "perf/step_s": time.perf_counter() - t_step})
             scheduler.step()
             ts.step += 1
             if ts.step % cfg.eval_every == 0 or ts.step == cfg.max_steps:
@@ -1805,7 +1891,8 @@ def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out:
     if ts.step < cfg.max_steps:  # a process was asked to stop
         keep()
         if dist.main:
-            print(f"stopped at step {ts.step}; checkpoint in {out / 'checkpoint'} (continue with --resume)")
+            print(f"stopped at step {ts.step}; checkpoint in {out / 'checkpoint'} "
+                  "(continue with --resume)")
         raise SystemExit(130)
     save_model(raw_model, tokenizer, out / "final", dist=dist)
     dist.barrier()
@@ -1829,7 +1916,8 @@ def prepare_out(cfg: Config) -> Path:
     """Refuse to mix two runs in one directory; created only after every input was checked."""
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"{out}: holds another run; pass --resume to continue it or --overwrite to replace it")
+        raise InputError(f"{out}: holds another run; pass --resume to continue it or --overwrite "
+                         "to replace it")
     if cfg.overwrite and out.exists() and not cfg.resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1841,7 +1929,8 @@ def run(cfg: Config) -> dict:
     cfg = resolve_config(cfg)
     dist, device = init_distributed(cfg)
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
-        raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible by the {dist.world} processes")
+        raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible "
+                         f"by the {dist.world} processes")
     if cfg.fsdp and not torch.distributed.is_initialized():
         raise InputError("--fsdp shards over torchrun's processes: run it under torchrun")
     torch.manual_seed(cfg.seed)
@@ -1856,9 +1945,11 @@ def run(cfg: Config) -> dict:
         prepare_out(cfg)
     dist.barrier()
     say = print if dist.main else (lambda *a: None)
-    # precision is decided here, once: bf16 autocast around forward passes, fp32 weights and log-probs
+    # precision is decided here, once: bf16 autocast around forward passes, fp32 weights and
+    # log-probs
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, processes {dist.world}")
+    say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, "
+        f"processes {dist.world}")
     if (system := system_turn(tokenizer, cfg.system_prompt)) is not None:
         say(f"system turn: {system!r}")
     results_file = out / "results.json"
@@ -1875,23 +1966,24 @@ def run(cfg: Config) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     dev_n = len(splits["dev"]) if cfg.dev_limit <= 0 else min(cfg.dev_limit, len(splits["dev"]))
-    results["selection"] = (f"best dev BLEU ({cfg.eval_decoding} decoding, {dev_n} dev utterances) among "
-                            f"step 0 and every {cfg.eval_every} steps")
+    results["selection"] = (f"best dev BLEU ({cfg.eval_decoding} decoding, {dev_n} dev "
+                            f"utterances) among step 0 and every {cfg.eval_every} steps")
     best_model, _ = load_model(str(best), device)
     score_test(best_model, tokenizer, splits["test"], cfg, amp, dist, "final", results, out)
-    say(f"best-on-dev model on test: {fmt(results['final'])}; sampled: {fmt(results['final_sample'])}")
+    say(f"best-on-dev model on test: {fmt(results['final'])}; "
+        f"sampled: {fmt(results['final_sample'])}")
     return results
 
 
-def score_test(model, tokenizer, test: SpeechData, cfg: Config, amp, dist: Dist, tag: str, results: dict,
-               out: Path) -> None:
+def score_test(model, tokenizer, test: SpeechData, cfg: Config, amp, dist: Dist, tag: str,
+               results: dict, out: Path) -> None:
     """results[tag] (greedy) and results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
     utterance) on the test split, hypotheses beside them; results.json is rewritten after each."""
     for decoding, key in (("greedy", tag), ("sample", f"{tag}_sample")):
         if key in results:  # --resume: scored before the interruption
             continue
-        results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, amp, f"test {key}", dist,
-                                      decoding=decoding)
+        results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, amp,
+                                      f"test {key}", dist, decoding=decoding)
         results[key]["decoding"] = decoding
         if dist.main:
             write_json(out / "results.json", results)
@@ -1909,7 +2001,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

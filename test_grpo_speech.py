@@ -815,6 +815,13 @@ def test_word_errors_hand_examples():
 # -------------------------------------------------------------------- command line ----
 
 
+def test_source_lines_fit_in_100_columns():
+    """The file is read as a tutorial, side by side with the paper: no line over 100 characters."""
+    long = [n for n, line in enumerate((REPO / "grpo_speech.py").read_text().splitlines(), 1)
+            if len(line) > 100]
+    assert long == [], f"grpo_speech.py lines over 100 characters: {long[:10]}"
+
+
 def test_help_lists_every_option(tmp_path):
     p = run_cli("--help", cwd=tmp_path)
     assert p.returncode == 0
