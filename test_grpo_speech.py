@@ -822,6 +822,24 @@ def test_source_lines_fit_in_100_columns():
     assert long == [], f"grpo_speech.py lines over 100 characters: {long[:10]}"
 
 
+def test_readme_symbol_map_points_at_the_code():
+    """README's map from the paper's symbols to grpo_speech.py: each row's line holds its code."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- symbol-map:begin -->")[1].split("<!-- symbol-map:end -->")[0]
+    source = (REPO / "grpo_speech.py").read_text().splitlines()
+    rows = [r for r in block.strip().splitlines()[2:]]
+    assert len(rows) >= 12
+    lines = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        function, line, code = cells[-3].strip("`"), int(cells[-2]), cells[-1].strip("`")
+        assert source[line - 1].strip().startswith(code.removesuffix("...")), (row, source[line - 1])
+        defs = [n for n, l in enumerate(source[:line], 1) if l.startswith(("def ", "class "))]
+        assert source[defs[-1] - 1].split("(")[0].split()[1] == function, row
+        lines.append(line)
+    assert lines == sorted(lines)                              # in the order the file defines them
+
+
 def test_help_lists_every_option(tmp_path):
     p = run_cli("--help", cwd=tmp_path)
     assert p.returncode == 0
