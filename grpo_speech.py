@@ -881,6 +881,11 @@ def close_distributed(ok: bool) -> None:
     """
     if not torch.distributed.is_initialized():
         return
+    if not ok:
+        # torchrun SIGTERMs the other ranks the moment one exits non-zero; a rank that is itself
+        # on its way out (a tenth of a second behind) would die as -15 instead of reporting its
+        # own exit code. This process is leaving, so SIGTERM has nothing left to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if ok:
             torch.distributed.barrier()
