@@ -49,9 +49,11 @@ First commands:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -163,6 +165,8 @@ class Config:
     resume: bool = opt(False, "continue from <out>/checkpoint")
     overwrite: bool = opt(False, "replace an existing run in --out")
     max_audio_seconds: float = opt(30.0, "reject longer audio files before training starts")
+    audio_cache_mb: float = opt(1024, "MiB of decoded training audio kept in memory, least "
+                                      "recently used dropped first (0: none); evaluation adds none")
     max_bad_steps: int = opt(3, "abort after this many non-finite losses in a row")
 
 
@@ -212,6 +216,8 @@ def resolve_config(cfg: Config) -> Config:
                  "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
+    if cfg.audio_cache_mb < 0:
+        raise InputError(f"--audio-cache-mb {cfg.audio_cache_mb} must be >= 0 (0: no cache)")
     if cfg.lora < 0 or (cfg.lora and cfg.lora_alpha <= 0):
         raise InputError(f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: "
                          "the rank must be >= 0 and alpha > 0")
@@ -424,7 +430,11 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
 
 def check_audio_files(rows: list[dict], source: Path,
                       max_seconds: float = float("inf")) -> list[dict]:
-    """Fail fast, before training, on audio that is missing, unreadable, empty or too long."""
+    """Fail fast, before training, on audio that is missing, unreadable, empty or too long.
+
+    Each row also gets "num_samples", its length at 16 kHz, read from the header: evaluation
+    orders utterances by it without decoding (and keeping) the whole split.
+    """
     converted = 0
     for row in rows:
         audio = Path(row["audio"])
@@ -443,6 +453,8 @@ def check_audio_files(rows: list[dict], source: Path,
             raise InputError(f"{audio}: {info.duration:.1f} s is longer than "
                              f"--max-audio-seconds {max_seconds}")
         converted += info.samplerate != SAMPLE_RATE or info.channels != 1
+        # exactly resample()'s output length, ceil(16000 * frames / sr), in integers
+        row["num_samples"] = -(-SAMPLE_RATE * info.frames // info.samplerate)
     if converted:
         print(f"note: {converted} audio files in {source} are not 16 kHz mono; they are "
               "resampled / down-mixed on load", file=sys.stderr)
@@ -516,25 +528,66 @@ def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
     return out
 
 
-class SpeechData:
-    """Examples with their audio loaded once and cached, and a seeded, resumable order."""
+class AudioCache:
+    """Decoded waves by path, at most `max_bytes` of samples, least recently used dropped first.
 
-    def __init__(self, rows: list[dict], max_seconds: float = float("inf")):
+    A CoVoST2-size train split is ~430 h: ~100 GB as float32, so keeping every wave is not an
+    option; decoding one clip again costs milliseconds. One object may serve several SpeechData.
+    """
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._waves: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+
+    def __len__(self):
+        return len(self._waves)
+
+    def get(self, path: str) -> torch.Tensor | None:
+        w = self._waves.get(path)
+        if w is not None:
+            self._waves.move_to_end(path)                    # now the most recently used
+        return w
+
+    def put(self, path: str, wave: torch.Tensor) -> None:
+        if path in self._waves or wave.nbytes > self.max_bytes:
+            return
+        self._waves[path] = wave
+        self.nbytes += wave.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._waves.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
+class SpeechData:
+    """Examples with a bounded cache of their decoded audio, and a seeded, resumable order."""
+
+    def __init__(self, rows: list[dict], max_seconds: float = float("inf"), cache_mb: float = 1024):
         self.rows = rows
         self.max_seconds = max_seconds
-        self._waves: dict[str, torch.Tensor] = {}
+        self._waves = AudioCache(cache_mb * 2**20)  # pretrain() shares one between two SpeechData
 
     def __len__(self):
         return len(self.rows)
 
-    def wave(self, i: int) -> torch.Tensor:
+    def wave(self, i: int, cache: bool = True) -> torch.Tensor:
+        """Utterance i at 16 kHz. cache=False (evaluation) reads through the cache without adding
+        to it: a test split scored once would otherwise push the training audio out."""
         path = self.rows[i]["audio"]
-        if path not in self._waves:
+        w = self._waves.get(path)
+        if w is None:
             w = load_audio(path)
             if w.numel() / SAMPLE_RATE > self.max_seconds:
                 raise InputError(f"{path}: longer than --max-audio-seconds {self.max_seconds}")
-            self._waves[path] = w
-        return self._waves[path]
+            if cache:
+                self._waves.put(path, w)
+        return w
+
+    def num_samples(self, i: int) -> int:
+        """Length of utterance i at 16 kHz, from the header read at startup (rows that did not
+        pass check_audio_files are decoded, uncached)."""
+        n = self.rows[i].get("num_samples")
+        return n if n is not None else self.wave(i, cache=False).numel()
 
     def order(self, seed: int, epoch: int) -> list[int]:
         """The epoch's permutation, a pure function of (seed, epoch): resuming needs no saved
@@ -577,11 +630,12 @@ class Batch:
 
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
-            system: str | None = None, config=None) -> Batch:
+            system: str | None = None, config=None, cache: bool = True) -> Batch:
     """Features of each utterance alone: the encoder has no padding mask, so batch padding would
     leak into the audio embeddings and make an answer depend on its batch mates. `config` (the
-    model's) gives the projector's window_size and downsample_rate; `system` the system turn."""
-    waves = [data.wave(i) for i in idx]
+    model's) gives the projector's window_size and downsample_rate; `system` the system turn;
+    cache=False reads audio without keeping it (evaluation)."""
+    waves = [data.wave(i, cache) for i in idx]
     feats = [log_mel(w) for w in waves]
     frames = torch.tensor([f.shape[0] for f in feats])
     window = {k: getattr(config, k) for k in ("window_size", "downsample_rate")} if config else {}
@@ -1387,6 +1441,34 @@ def load_optimizer(model, optimizer, state: dict) -> None:
     regather(model)
 
 
+def close_distributed(ok: bool) -> None:
+    """Tear the process group down on every exit path (main's `finally`). Left to the interpreter's
+    exit, gloo's threads can die in their destructors: "terminate called without an active
+    exception", SIGABRT, and torchrun reports the run failed.
+
+    ok (run() returned): a barrier first, so every rank finishes together. Otherwise (bad input,
+    Ctrl-C, a crash) the other ranks may never arrive, being stuck in a collective or already
+    gone, so wait at most 30 s for them (monitored_barrier; gloo only, NCCL has no per-call
+    timeout) and then leave: a rank that exits non-zero makes torchrun stop the rest.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    if not ok:
+        # torchrun SIGTERMs the other ranks the moment one exits non-zero; a rank that is itself
+        # on its way out (a tenth of a second behind) would die as -15 instead of reporting its
+        # own exit code. This process is leaving, so SIGTERM has nothing left to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if ok:
+            torch.distributed.barrier()
+        elif torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    except RuntimeError:  # a peer timed out or has gone: nothing left to wait for
+        pass
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------------ evaluation ----
 
 
@@ -1422,7 +1504,7 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
     Under torchrun each process decodes every world-th utterance; all get the gathered scores."""
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
-    idx.sort(key=lambda i: data.wave(i).numel())  # similar lengths batch well
+    idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
     audio_id = model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
     greedy = (decoding or cfg.eval_decoding) == "greedy"
@@ -1431,8 +1513,8 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
     for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False,
                   disable=None if dist.main else True):
         b_idx = idx[k:k + cfg.eval_batch_size]
-        batch = collate(data, b_idx, tokenizer, audio_id, system=system, config=model.config)
-        batch = batch.to(model.device)
+        batch = collate(data, b_idx, tokenizer, audio_id, system=system, config=model.config,
+                        cache=False).to(model.device)
         with amp():
             s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens,
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -1936,7 +2018,7 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     # every input is checked before the run directory is made
     wanted = ("test",) if cfg.mode == "eval" else ("train", "dev", "test")
-    splits = {k: SpeechData(v, cfg.max_audio_seconds)
+    splits = {k: SpeechData(v, cfg.max_audio_seconds, cache_mb=cfg.audio_cache_mb)
               for k, v in load_splits(cfg.data, cfg.task, wanted, cfg.max_audio_seconds).items()}
     model, tokenizer = load_model(cfg.model, device)
     check_lora(cfg, model)
@@ -2007,11 +2089,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = Config(**vars(build_parser().parse_args(argv)))
+    ok = False
     try:
         run(cfg)
+        ok = True
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:  # normal end, InputError, SystemExit(130) after a signal, or any crash
+        close_distributed(ok)
     return 0
 
 

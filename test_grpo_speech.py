@@ -1830,3 +1830,85 @@ def test_fsdp_refuses_what_it_does_not_support(tiny_data, fixture_model_dir, tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --fsdp") and words in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------ scale: bounded audio memory, torchrun exits ----
+
+
+def test_audio_cache_keeps_at_most_max_bytes_dropping_least_recently_used():
+    cache = gs.AudioCache(max_bytes=1000)
+    waves = {k: torch.full((100,), float(i)) for i, k in enumerate("abcd")}    # 400 bytes each
+    cache.put("a", waves["a"])
+    cache.put("b", waves["b"])
+    assert cache.get("a") is waves["a"]                 # a is now more recent than b
+    cache.put("c", waves["c"])                          # 1200 bytes > 1000: the oldest, b, goes
+    assert cache.get("b") is None and len(cache) == 2 and cache.nbytes == 800
+    assert cache.get("a") is waves["a"] and cache.get("c") is waves["c"]
+    cache.put("big", torch.zeros(300))                  # 1200 bytes alone: never cached
+    assert cache.get("big") is None and cache.nbytes == 800
+    assert gs.AudioCache(0).put("a", waves["a"]) is None and len(gs.AudioCache(0)) == 0
+
+
+def test_speech_data_cache_is_bounded_and_uncached_reads_add_nothing(tiny_data):
+    rows = gs.read_manifest(tiny_data / "ast" / "train.jsonl")
+    sizes = [gs.load_audio(r["audio"]).nbytes for r in rows]
+    budget = max(sizes[-2:]) + min(sizes[-2:])          # room for about two waves, never all four
+    assert budget < sum(sizes)
+    data = gs.SpeechData(rows, cache_mb=budget / 2**20)
+    for i in range(len(rows)):
+        assert torch.equal(data.wave(i), gs.load_audio(rows[i]["audio"]))
+        assert data._waves.nbytes <= budget
+    assert 1 <= len(data._waves) < len(rows)
+    held = list(data._waves._waves)
+    fresh = gs.SpeechData(rows, cache_mb=budget / 2**20)
+    for i in range(len(rows)):
+        assert torch.equal(fresh.wave(i, cache=False), data.wave(i, cache=False))
+    assert len(fresh._waves) == 0 and list(data._waves._waves) == held
+
+
+def test_num_samples_from_the_header_equals_the_decoded_length(tiny_data, tmp_path):
+    """Evaluation orders by num_samples: it must order exactly as the decoded lengths did."""
+    files = [(tmp_path / "a.wav", 0.5, 16_000, 1), (tmp_path / "b.wav", 0.37, 44_100, 2),
+             (tmp_path / "c.flac", 1.03, 8_000, 1), (tmp_path / "d.wav", 0.2, 22_050, 1)]
+    for path, seconds, sr, ch in files:
+        write_wav(path, seconds=seconds, sr=sr, channels=ch)
+    rows = gs.read_manifest(tiny_data / "ast" / "test.jsonl")
+    rows += [{"audio": str(f[0])} for f in files]
+    gs.check_audio_files(rows, tmp_path)
+    data = gs.SpeechData(rows)
+    decoded = [gs.load_audio(r["audio"]).numel() for r in rows]
+    assert [data.num_samples(i) for i in range(len(rows))] == decoded
+    assert len(data._waves) == 0
+    del rows[0]["num_samples"]                          # a row that skipped the check is decoded
+    assert data.num_samples(0) == decoded[0] and len(data._waves) == 0
+
+
+def test_evaluate_adds_nothing_to_the_audio_cache(model_tok, tiny_data):
+    model, tok = model_tok
+    data = gs.SpeechData(gs.read_manifest(tiny_data / "ast" / "test.jsonl"))
+    cfg = gs.Config(task="ast", eval_batch_size=2, max_new_tokens=4)
+    scores, rows = gs.evaluate(model, tok, data, cfg, 0, gs.nullamp)
+    assert scores["n"] == len(data) and len(rows) == len(data)
+    assert len(data._waves) == 0 and data._waves.nbytes == 0
+
+
+def test_torchrun_bad_input_exits_2_on_every_rank_with_one_line(tiny_data, fixture_model_dir, tmp_path):
+    """The error is raised after the process group is up: each rank tears it down and exits 2 (no
+    SIGABRT from gloo's destructors, no traceback), its one line in its own log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3", str(REPO / "grpo_speech.py"), "--task", "ast",
+           "--mode", "sft", "--model", str(fixture_model_dir), "--data", str(tmp_path / "nowhere"),
+           "--out", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0
+    codes = [line.split(":")[1].split()[0] for line in p.stderr.splitlines()
+             if line.strip().startswith("exitcode")]
+    assert codes == ["2", "2"], p.stderr[-3000:]
+    errs = sorted(logs.rglob("stderr.log"))
+    assert len(errs) == 2
+    for f in errs:
+        lines = f.read_text().strip().splitlines()
+        assert lines == [f"error: {tmp_path / 'nowhere'}: data directory not found"], (f, lines)
+    assert not (tmp_path / "out").exists()
