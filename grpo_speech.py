@@ -565,7 +565,7 @@ class SpeechData:
     def __init__(self, rows: list[dict], max_seconds: float = float("inf"), cache_mb: float = 1024):
         self.rows = rows
         self.max_seconds = max_seconds
-        self._waves = AudioCache(cache_mb * 2**20)  # --audio-cache-mb: memory stays flat over an epoch
+        self._waves = AudioCache(cache_mb * 2**20)  # --audio-cache-mb: flat memory
 
     def __len__(self):
         return len(self.rows)
