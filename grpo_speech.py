@@ -1332,6 +1332,9 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
 # top module's forward, so FSDP's root hooks never fire: the root's weights are kept gathered
 # (regathered after every change), and only the decoder layers shard between uses. The frozen
 # reference is sharded the same way. clip_grad_norm_ takes the DTensor gradients' global norm.
+# What it saves: gradients, AdamW moments and the decoder layers between uses. Sampling, dev
+# evaluation and the test scores gather every layer, so the full fp32 weights must still fit
+# on one device at those moments (README: paper scale).
 
 
 def fsdp_units(model) -> list:
@@ -1510,9 +1513,12 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
     greedy = (decoding or cfg.eval_decoding) == "greedy"
     system = system_turn(tokenizer, cfg.system_prompt)
     hyps: dict[int, str] = {}
-    for k in tqdm(range(0, len(idx), cfg.eval_batch_size), desc=desc, leave=False,
-                  disable=None if dist.main else True):
-        b_idx = idx[k:k + cfg.eval_batch_size]
+    batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
+    # FSDP: a process with nothing to decode would skip forwards the others record, and their next
+    # backward's prefetch all-gathers would no longer pair up (a hang): it decodes a throwaway
+    throwaway = not batches and bool(fsdp_units(model))
+    for b_idx in tqdm([[0]] if throwaway else batches, desc=desc, leave=False,
+                      disable=None if dist.main else True):
         batch = collate(data, b_idx, tokenizer, audio_id, system=system, config=model.config,
                         cache=False).to(model.device)
         with amp():
@@ -1521,7 +1527,8 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
                               temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
                               suppress=suppress, uniforms=None if greedy else
                               row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens))
-        hyps.update(zip(b_idx, decode(tokenizer, s)))
+        if not throwaway:
+            hyps.update(zip(b_idx, decode(tokenizer, s)))
     hyps = dict(dist.gather(list(hyps.items())))
     order = sorted(hyps)
     rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}

@@ -1821,6 +1821,18 @@ def test_fsdp_grpo_step_matches_one_process(tiny_data, fixture_model_dir, tmp_pa
     assert a["perf/grad_norm"] > 0.1
 
 
+def test_fsdp_sft_with_a_process_that_has_no_dev_utterance_does_not_hang(tiny_data, fixture_model_dir,
+                                                                          tmp_path):
+    """--dev-limit 1 on 2 processes: one of them decodes nothing at the dev evaluation. It must
+    still run the forwards FSDP records, or the next backward's collectives do not pair up."""
+    args = [*FSDP_SFT, "--model", fixture_model_dir, "--data", tiny_data / "ast", "--dev-limit", "1",
+            "--max-steps", "3", "--fsdp", "--out", tmp_path / "p"]
+    p = run_torchrun(*args, cwd=tmp_path, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
 def test_fsdp_refuses_what_it_does_not_support(tiny_data, fixture_model_dir, tmp_path, capsys):
     base = ["--task", "ast", "--mode", "sft", "--model", str(fixture_model_dir), "--data",
             str(tiny_data / "ast"), *TINY, "--fsdp", "--out", str(tmp_path / "out")]
