@@ -1682,7 +1682,7 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
     sampled_rewards = torch.nan_to_num(reward_fn(decode_tokens(tokenizer, sampled), references),
                                        nan=0.0)
     metrics = reward_metrics(sampled_rewards.view(-1, n))
-    groups, rewards, off_policy = [], [], []
+    groups, rewards, off_policy, truncated = [], [], [], 0
     for b, target in enumerate(batch.targets):
         groups += sampled[b * n:(b + 1) * n]
         rewards += sampled_rewards[b * n:(b + 1) * n].tolist()
@@ -1691,7 +1691,8 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
             # The reference answer as the G-th, off-policy member. It is cut to the completion
             # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
             # less than 1, so the same tokens never score 1 as the reference and less as a sample.
-            ref = encode_target(tokenizer, target)[:cfg.max_new_tokens]
+            full = encode_target(tokenizer, target)
+            ref, truncated = full[:cfg.max_new_tokens], truncated + (len(full) > cfg.max_new_tokens)
             groups.append(ref)
             rewards.append(float(torch.nan_to_num(
                 reward_fn(decode_tokens(tokenizer, [ref]), [target]), nan=0.0)[0]))
@@ -1700,9 +1701,7 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
         mixed_r = torch.tensor(rewards).view(-1, G)
         metrics |= {k: v for k, v in reward_metrics(mixed_r).items() if k != "reward/mean"}
         metrics["reward/ref_mean"] = mixed_r[:, -1].mean().item()
-        metrics["reward/ref_truncated_frac"] = sum(
-            len(encode_target(tokenizer, t)) > cfg.max_new_tokens
-            for t in batch.targets) / len(batch.targets)
+        metrics["reward/ref_truncated_frac"] = truncated / len(batch.targets)
 
     metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
                     "perf/sample_s": t_sample, "perf/reward_s": time.perf_counter() - t0})
