@@ -87,6 +87,16 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: 
     return json.loads((out / "results.json").read_text())
 
 
+def replace_readme_block(name: str, text: str) -> None:
+    """Put `text` between README.md's <!-- name:begin --> and <!-- name:end --> markers, if any."""
+    readme = gs.HERE / "README.md"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = readme.read_text()
+    if begin in old:
+        readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end),
+                                 lambda _: f"{begin}\n{text}{end}", old, flags=re.S))
+
+
 def mean_std(xs: list[float]) -> str:
     return (f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1
             else f"{xs[0]:.1f}")
@@ -153,13 +163,8 @@ def compare(args) -> None:
             f"that checkpoint).\n\n{table}\n")
     (root / "table.md").write_text(text)
     print(text)
-    readme = gs.HERE / "README.md"
-    marks = ("<!-- compare:begin -->", "<!-- compare:end -->") if not args.quick else \
-            ("<!-- compare-quick:begin -->", "<!-- compare-quick:end -->")
-    old = readme.read_text()
-    if marks[0] in old and not args.out:
-        readme.write_text(re.sub(re.escape(marks[0]) + ".*?" + re.escape(marks[1]),
-                                 lambda _: f"{marks[0]}\n{text}{marks[1]}", old, flags=re.S))
+    if not args.out:
+        replace_readme_block("compare-quick" if args.quick else "compare", text)
     plot_curves(root, tasks, seeds, args.quick or bool(args.out))
 
 
@@ -233,12 +238,8 @@ def default_runs(args) -> None:
             f"{table}\n")
     print(text)
     (root / "table.md").write_text(text)
-    readme = gs.HERE / "README.md"
-    marks = ("<!-- default-table:begin -->", "<!-- default-table:end -->")
-    old = readme.read_text()
-    if marks[0] in old and not args.out:
-        readme.write_text(re.sub(re.escape(marks[0]) + ".*?" + re.escape(marks[1]),
-                                 lambda _: f"{marks[0]}\n{text}{marks[1]}", old, flags=re.S))
+    if not args.out:
+        replace_readme_block("default-table", text)
 
 
 # --memory: bytes per parameter measured on the shipped model through the training code, scaled
