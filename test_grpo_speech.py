@@ -1143,6 +1143,24 @@ def _step_metrics(out: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith("perf/") or k == "perf/grad_norm"} for r in rows}
 
 
+def _sigint_after_first_step(args, out: Path, cwd: Path) -> None:
+    """`python grpo_speech.py ARGS --out OUT`, Ctrl-C once its first training step is logged; it
+    must stop with exit code 130."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if m.exists() and any(json.loads(l)["step"] >= 1 for l in m.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(__import__("signal").SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+
+
 def test_sigint_then_resume_reaches_the_uninterrupted_run_bit_for_bit(tiny_data, fixture_model_dir, tmp_path):
     args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast",
             "--max-steps", "5", "--eval-every", "100", "--eval-limit", "2", "--dev-limit", "2", "--batch-size", "2",
@@ -1150,19 +1168,8 @@ def test_sigint_then_resume_reaches_the_uninterrupted_run_bit_for_bit(tiny_data,
     straight = run_cli(*args, "--out", tmp_path / "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out", str(cut)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # interrupt once the first training step is logged
-        m = cut / "metrics.jsonl"
-        if m.exists() and any(json.loads(l)["step"] >= 1 for l in m.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(__import__("signal").SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    _sigint_after_first_step(args, cut, tmp_path)
     stopped_at = max(_step_metrics(cut))
     assert 1 <= stopped_at < 5, "the run finished before it could be interrupted"
     assert not (cut / "final").exists()
@@ -1633,20 +1640,8 @@ def test_lora_sigint_then_resume_is_bit_identical_and_a_changed_lora_is_refused(
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert "trainable parameters:" in straight.stdout and "AdamW state" in straight.stdout
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     cut = tmp_path / "cut"
-    cmd = [sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out", str(cut)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # interrupt once the first training step is logged
-        m = cut / "metrics.jsonl"
-        if m.exists() and any(json.loads(l)["step"] >= 1 for l in m.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(__import__("signal").SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    _sigint_after_first_step(args, cut, tmp_path)
     assert 1 <= max(_step_metrics(cut)) < 4, "the run finished before it could be interrupted"
 
     # resuming with another LoRA setting is refused before anything in the run is touched
