@@ -1883,7 +1883,8 @@ def setup_training(cfg: Config, raw_model, dist: Dist):
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.99))
-    optimizer.register_step_post_hook(lambda *_: regather(raw_model, stale_only=True))   # FSDP
+    if cfg.fsdp:  # each step updates the shards: gather the root's weights afresh
+        optimizer.register_step_post_hook(lambda *_: regather(raw_model, stale_only=True))
     for model in sharded:
         regather(model)
     if dist.main:
