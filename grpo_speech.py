@@ -54,6 +54,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -74,6 +75,7 @@ import sacrebleu
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -160,6 +162,9 @@ class Config:
     device: str = opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     bf16: bool = opt(False, "bf16 autocast for forward passes (log-probs stay fp32)")
     compile: bool = opt(False, "torch.compile the language model")
+    grad_checkpointing: bool = opt(False, "recompute each LM layer in the backward instead of "
+                                          "keeping its activations (less memory, ~1/3 more "
+                                          "compute): for long completions")
     fsdp: bool = opt(False, "under torchrun, shard weights, gradients and AdamW state over the "
                             "processes (FSDP2 fully_shard); not with --lora or --compile")
     resume: bool = opt(False, "continue from <out>/checkpoint")
@@ -853,8 +858,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)  # (N, P+T, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
                       torch.ones_like(completions)], dim=1)
-    hidden = model.model(inputs_embeds=embeds, attention_mask=mask,
-                         position_ids=positions(mask)).last_hidden_state[:, -(T + 1):]
+    hidden = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                         use_cache=False).last_hidden_state[:, -(T + 1):]
     # position P+t-1 predicts o_{i,t}; the head sees T+1 rows, as transformers' logits_to_keep
     # does, so the floats equal those of model(..., logits_to_keep=T+1)
     logits = lm_logits(model, hidden)[:, :-1].float() / temperature           # (N, T, V)
@@ -865,6 +870,21 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (N, T)
     return logp, entropy
+
+
+def checkpoint_layers(model) -> None:
+    """--grad-checkpointing: each LM decoder layer keeps only its input for the backward and runs
+    its forward again there (torch.utils.checkpoint), so a layer's attention and MLP activations
+    live one layer at a time instead of all at once. transformers' gradient_checkpointing_enable()
+    acts in training mode only, and the policy runs in eval mode (setup_training says why)."""
+    for layer in model.model.language_model.layers:
+        layer.forward = functools.partial(checkpointed, layer.forward)
+
+
+def checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # sampling, pi_ref and pi_old: no backward, nothing to keep
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 # ------------------------------------------------------------------------------ LoRA ----
@@ -1877,6 +1897,8 @@ def setup_training(cfg: Config, raw_model, dist: Dist):
     # the frozen reference pi_ref is copied from the start weights, before any compile or sharding
     grpo = cfg.mode in ("grpo", "mp-grpo")
     ref_model = frozen_reference(raw_model, cfg) if grpo and cfg.beta != 0 else None
+    if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward
+        checkpoint_layers(raw_model)
     sharded = list(filter(None, [raw_model, ref_model] if cfg.fsdp else []))
     for model in sharded:     # before the optimizer: FSDP replaces the parameters by shards
         shard_model(model)

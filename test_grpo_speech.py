@@ -1797,6 +1797,17 @@ def test_fsdp_checkpoint_resumes_exactly(fsdp_sft):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fsdp_with_grad_checkpointing_gives_the_same_run(fsdp_sft):
+    """Recomputing each sharded layer in the backward (FSDP gathers it again for that) changes
+    neither the losses, nor the gradients, nor the weights."""
+    work, args = fsdp_sft
+    ckpt = run_torchrun(*args, "--fsdp", "--grad-checkpointing", "--out", work / "ckpt", cwd=work)
+    assert ckpt.returncode == 0, ckpt.stderr[-3000:]
+    assert _step_metrics(work / "ckpt") == _step_metrics(work / "two")       # bit for bit on CPU
+    a, b = _weights(work / "two" / "final"), _weights(work / "ckpt" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fsdp_grpo_step_matches_one_process(tiny_data, fixture_model_dir, tmp_path):
     # the first step only: later steps sample from weights that differ by float rounding, and an
     # untrained model can then flip a sampled token (test_torchrun_two_processes_match_one_process)
@@ -1919,3 +1930,45 @@ def test_torchrun_bad_input_exits_2_on_every_rank_with_one_line(tiny_data, fixtu
         lines = f.read_text().strip().splitlines()
         assert lines == [f"error: {tmp_path / 'nowhere'}: data directory not found"], (f, lines)
     assert not (tmp_path / "out").exists()
+
+
+def test_grad_checkpointing_recomputes_each_layer_and_keeps_the_gradient(model_tok, ast_test):
+    """checkpoint_layers: a training forward keeps fewer activations for the backward and runs each
+    decoder layer a second time there; loss and every gradient stay bit for bit; no-grad passes
+    (sampling, pi_ref) run each layer once."""
+    model, tok = model_tok
+    batch = make_batch(model, tok, ast_test, [0, 1])
+    completions = torch.randint(5, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        calls, kept = [], []
+        hook = m.model.language_model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+        m.zero_grad()
+        pack = lambda t: kept.append(t.element_size() * t.numel()) or t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp = gs.completion_logprobs(m, batch, completions, 2)
+        (logp * torch.linspace(-1, 1, 6)).sum().backward()
+        with torch.no_grad():
+            gs.completion_logprobs(m, batch, completions, 2)
+        hook.remove()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return logp.detach(), grads, len(calls), sum(kept)
+
+    plain, ckpt = copy.deepcopy(model).requires_grad_(True), copy.deepcopy(model).requires_grad_(True)
+    gs.checkpoint_layers(ckpt)
+    lp0, g0, calls0, kept0 = run(plain)
+    lp1, g1, calls1, kept1 = run(ckpt)
+    assert (calls0, calls1) == (2, 3)         # forward + no-grad forward; + the recompute
+    assert kept1 < 0.7 * kept0, (kept0, kept1)
+    assert torch.equal(lp0, lp1) and g0.keys() == g1.keys() and len(g0) > 30
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_cli_grad_checkpointing_gives_the_same_run(mode_runs, tiny_data, fixture_model_dir, tmp_path):
+    _, plain = mode_runs["grpo"]
+    p = run_cli("--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast",
+                "--out", tmp_path / "ckpt", *TINY, "--grad-checkpointing", cwd=tmp_path)
+    _check_ok(p)
+    assert _step_metrics(tmp_path / "ckpt") == _step_metrics(plain)         # bit for bit on CPU
+    a, b = _weights(plain / "final"), _weights(tmp_path / "ckpt" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
