@@ -40,6 +40,9 @@ import grpo_speech as gs  # noqa: E402
 
 DATA = REPO / "data"
 SHIPPED_MODEL = DATA / "tiny-granite-speech"
+# Subprocess timeouts only catch hangs: generous, because a loaded 2-core machine runs a CLI test
+# several times slower than an idle one.
+HANG = 600
 TINY = ["--max-steps", "2", "--eval-limit", "4", "--dev-limit", "4", "--eval-every", "2", "--batch-size", "2",
         "--group-size", "3", "--sft-batch-size", "4", "--max-new-tokens", "8"]
 
@@ -47,7 +50,7 @@ TINY = ["--max-steps", "2", "--eval-limit", "4", "--dev-limit", "4", "--eval-eve
 # ------------------------------------------------------------------------- helpers ----
 
 
-def run_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
     """`python grpo_speech.py ARGS` in `cwd`, one thread, output captured."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     env.pop("RANK", None)
@@ -55,7 +58,7 @@ def run_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_make_model(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_make_model(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
     """`python data/make_model.py ARGS` in `cwd`, as run_cli runs grpo_speech.py."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(DATA / "make_model.py"), *map(str, args)]
@@ -128,7 +131,7 @@ def fixture_model_dir(tiny_data, tmp_path_factory) -> Path:
     """A throw-away model made by the real pre-training script (2 steps per stage)."""
     work = tmp_path_factory.mktemp("pretrain")
     p = run_make_model("--steps", "2,2,2,2", "--data", tiny_data, "--out", work / "model",
-                       "--dev-limit", "2", cwd=work, timeout=300)
+                       "--dev-limit", "2", cwd=work)
     assert p.returncode == 0, p.stderr[-3000:]
     return work / "model"
 
@@ -1150,14 +1153,15 @@ def _sigint_after_first_step(args, out: Path, cwd: Path) -> None:
     cmd = [sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG
     while time.time() < deadline:
         m = out / "metrics.jsonl"
-        if m.exists() and any(json.loads(l)["step"] >= 1 for l in m.read_text().splitlines()):
+        done = m.read_text().split("\n")[:-1] if m.exists() else []   # whole lines only
+        if any(json.loads(l)["step"] >= 1 for l in done):
             break
         time.sleep(0.05)
     proc.send_signal(__import__("signal").SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 130, err[-2000:]
 
 
@@ -1215,7 +1219,7 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "grpo_speech.py"), *map(str, args)]
     two = subprocess.run(cmd + ["--out", str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=HANG)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _step_metrics(tmp_path / "one"), _step_metrics(tmp_path / "two")
     assert sorted(a) == sorted(b) == [0, 1, 2]
@@ -1225,7 +1229,7 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
     assert a[2]["eval/dev_chrf"] == b[2]["eval/dev_chrf"]
     # a global batch that does not split into whole prompts per process is refused
     bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--batch-size", "3"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HANG)
     assert bad.returncode != 0 and "--batch-size 3" in bad.stderr
 
 
@@ -1726,7 +1730,7 @@ FSDP_SFT = ["--task", "ast", "--mode", "sft", "--max-steps", "2", "--eval-every"
             "--max-new-tokens", "8", "--lr", "1e-3", "--grad-accum", "2"]
 
 
-def run_torchrun(*args, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_torchrun(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -1833,7 +1837,7 @@ def test_fsdp_sft_with_a_process_that_has_no_dev_utterance_does_not_hang(tiny_da
     still run the forwards FSDP records, or the next backward's collectives do not pair up."""
     args = [*FSDP_SFT, "--model", fixture_model_dir, "--data", tiny_data / "ast", "--dev-limit", "1",
             "--max-steps", "3", "--fsdp", "--out", tmp_path / "p"]
-    p = run_torchrun(*args, cwd=tmp_path, timeout=180)
+    p = run_torchrun(*args, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     steps = [json.loads(l)["step"] for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
@@ -1919,7 +1923,7 @@ def test_torchrun_bad_input_exits_2_on_every_rank_with_one_line(tiny_data, fixtu
            "--log-dir", str(logs), "--redirects", "3", str(REPO / "grpo_speech.py"), "--task", "ast",
            "--mode", "sft", "--model", str(fixture_model_dir), "--data", str(tmp_path / "nowhere"),
            "--out", str(tmp_path / "out")]
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
     assert p.returncode != 0
     codes = [line.split(":")[1].split()[0] for line in p.stderr.splitlines()
              if line.strip().startswith("exitcode")]
