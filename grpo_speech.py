@@ -163,8 +163,8 @@ class Config:
     bf16: bool = opt(False, "bf16 autocast for forward passes (log-probs stay fp32)")
     compile: bool = opt(False, "torch.compile the language model")
     grad_checkpointing: bool = opt(False, "recompute each LM layer in the backward instead of "
-                                          "keeping its activations (less memory, ~1/3 more "
-                                          "compute): for long completions")
+                                          "keeping its activations (less memory, one more "
+                                          "forward): for long completions")
     fsdp: bool = opt(False, "under torchrun, shard weights, gradients and AdamW state over the "
                             "processes (FSDP2 fully_shard); not with --lora or --compile")
     resume: bool = opt(False, "continue from <out>/checkpoint")
