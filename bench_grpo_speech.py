@@ -66,15 +66,15 @@ def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
 
 
 def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int,
-               model: str | None = None) -> dict:
+               model: str | None = None, extra: tuple = ()) -> dict:
     """One training run through the real command line (resumed if already done); its
-    results.json."""
+    results.json. `extra` options come last, so they override the ones set here."""
     if (not (out / "results.json").exists()
             or "final" not in json.loads((out / "results.json").read_text())):
         cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode,
                "--seed", str(seed), "--max-steps", str(steps),
                "--eval-every", str(min(30, max(1, steps // 4))), "--out", str(out),
-               "--overwrite"] + (["--model", model] if model else [])
+               "--overwrite"] + (["--model", model] if model else []) + list(extra)
         t0 = time.time()
         env = dict(os.environ, TQDM_DISABLE="1")
         if threads:
@@ -116,6 +116,9 @@ def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
 def compare(args) -> None:
     seeds = [0] if args.quick else [0, 1, 2]
     steps = args.steps or (100 if args.quick else 300)
+    # --quick is a smoke test of the whole pipeline in under 10 minutes: dev scored twice
+    # (every dev utterance), the test split's first 100 utterances
+    extra = ("--eval-every", str(max(1, steps // 2)), "--eval-limit", "100") if args.quick else ()
     root = (Path(args.out) if args.out else
             gs.HERE / "runs" / ("compare-quick" if args.quick else "compare"))
     tasks = ("ast", "sqa")
@@ -127,7 +130,8 @@ def compare(args) -> None:
     def job(j):
         task, (label, mode, from_sft), seed = j
         model = str(run_dir(root, task, "SFT", seed) / "best") if from_sft else None
-        return run_method(task, mode, seed, steps, run_dir(root, task, label, seed), threads, model)
+        return run_method(task, mode, seed, steps, run_dir(root, task, label, seed), threads, model,
+                          extra)
     done = {}
     for phase in ([j for j in jobs if not j[1][2]], [j for j in jobs if j[1][2]]):
         with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
@@ -152,11 +156,13 @@ def compare(args) -> None:
                        "sampled chrF |",
                        "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
     n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    every = steps // 2 if args.quick else min(30, max(1, steps // 4))
+    test = "its first 100 utterances" if args.quick else "200 ast / 150 sqa utterances"
     text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; "
-            f"{minutes:.0f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
+            f"{minutes:.1f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
             f"by side). Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
-            f"utterance, step 0 and every {min(30, max(1, steps // 4))} steps), corpus score on "
-            f"the test split (200 ast / 150 sqa utterances), mean ± std over seeds; greedy, and "
+            f"utterance, step 0 and every {max(1, every)} steps), corpus score on "
+            f"the test split ({test}), mean ± std over seeds; greedy, and "
             f"sampled with the paper's decoding (temperature 0.9, top-p 0.9, utterance i drawn "
             f"from seeds (run seed, i)). SFT → X starts from the same seed's SFT best checkpoint "
             f"and runs {steps} more steps of X (fresh optimizer and schedule, reference model = "
