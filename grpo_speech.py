@@ -659,7 +659,6 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
                  [data.rows[i] for i in idx])
 
 
-
 # ----------------------------------------------------------------------------- model ----
 
 
@@ -1722,7 +1721,6 @@ def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids:
         metrics |= {k: v for k, v in reward_metrics(mixed_r).items() if k != "reward/mean"}
         metrics["reward/ref_mean"] = mixed_r[:, -1].mean().item()
         metrics["reward/ref_truncated_frac"] = truncated / len(batch.targets)
-
     metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
                     "perf/sample_s": t_sample, "perf/reward_s": time.perf_counter() - t0})
     device = batch.input_ids.device
@@ -1802,7 +1800,6 @@ def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, a
                            out: Path, dist: Dist) -> dict:
     """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper
     reports)."""
-
     with gathered(raw_model):
         scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, "dev", dist)
     if scores["bleu"] > ts.best_dev:
@@ -1871,7 +1868,6 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollo
             if ts.bad_steps >= cfg.max_bad_steps:
                 raise InputError(f"aborting: {ts.bad_steps} non-finite losses/gradients in a row "
                                  f"at step {ts.step}")
-
         optimizer.zero_grad(set_to_none=True)
     return agg, float(grad_norm)
 
