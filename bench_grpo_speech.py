@@ -66,15 +66,14 @@ def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
 
 
 def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: int,
-               model: str | None = None, extra: tuple = ()) -> dict:
-    """One training run through the real command line (resumed if already done); its
-    results.json. `extra` options come last, so they override the ones set here."""
+               model: str | None = None, options: tuple = ()) -> dict:
+    """One training run through the real command line (resumed if already done), with
+    `options` added to it; its results.json."""
     if (not (out / "results.json").exists()
             or "final" not in json.loads((out / "results.json").read_text())):
         cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode,
-               "--seed", str(seed), "--max-steps", str(steps),
-               "--eval-every", str(min(30, max(1, steps // 4))), "--out", str(out),
-               "--overwrite"] + (["--model", model] if model else []) + list(extra)
+               "--seed", str(seed), "--max-steps", str(steps), "--out", str(out),
+               "--overwrite"] + (["--model", model] if model else []) + list(options)
         t0 = time.time()
         env = dict(os.environ, TQDM_DISABLE="1")
         if threads:
@@ -118,7 +117,8 @@ def compare(args) -> None:
     steps = args.steps or (100 if args.quick else 300)
     # --quick is a smoke test of the whole pipeline in under 10 minutes: dev scored twice
     # (every dev utterance), the test split's first 100 utterances
-    extra = ("--eval-every", str(max(1, steps // 2)), "--eval-limit", "100") if args.quick else ()
+    every = max(1, steps // 2) if args.quick else min(30, max(1, steps // 4))
+    options = ("--eval-every", str(every)) + (("--eval-limit", "100") if args.quick else ())
     root = (Path(args.out) if args.out else
             gs.HERE / "runs" / ("compare-quick" if args.quick else "compare"))
     tasks = ("ast", "sqa")
@@ -131,7 +131,7 @@ def compare(args) -> None:
         task, (label, mode, from_sft), seed = j
         model = str(run_dir(root, task, "SFT", seed) / "best") if from_sft else None
         return run_method(task, mode, seed, steps, run_dir(root, task, label, seed), threads, model,
-                          extra)
+                          options)
     done = {}
     for phase in ([j for j in jobs if not j[1][2]], [j for j in jobs if j[1][2]]):
         with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
@@ -156,12 +156,11 @@ def compare(args) -> None:
                        "sampled chrF |",
                        "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
     n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
-    every = steps // 2 if args.quick else min(30, max(1, steps // 4))
     test = "its first 100 utterances" if args.quick else "200 ast / 150 sqa utterances"
     text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; "
             f"{minutes:.1f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
             f"by side). Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
-            f"utterance, step 0 and every {max(1, every)} steps), corpus score on "
+            f"utterance, step 0 and every {every} steps), corpus score on "
             f"the test split ({test}), mean ± std over seeds; greedy, and "
             f"sampled with the paper's decoding (temperature 0.9, top-p 0.9, utterance i drawn "
             f"from seeds (run seed, i)). SFT → X starts from the same seed's SFT best checkpoint "
@@ -190,7 +189,6 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
         for label, mode, _ in METHODS:
             runs = [[json.loads(l) for l in
                      (run_dir(root, task, label, s) / "metrics.jsonl").open()] for s in seeds]
-
             mean_of = lambda key: [statistics.mean(v) for v in
                                    zip(*[[r[key] for r in run if key in r] for run in runs])]
             if mode != "sft":  # SFT samples nothing: no reward
