@@ -58,11 +58,30 @@ def run_cli(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProc
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_torchrun(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "grpo_speech.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_make_model(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
     """`python data/make_model.py ARGS` in `cwd`, as run_cli runs grpo_speech.py."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(DATA / "make_model.py"), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(path / "model.safetensors")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """The checkpoints in directories a and b hold the same tensors, bit for bit."""
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def _copy_rows(src_manifest: Path, n: int, root: Path, task: str, split: str) -> None:
@@ -1183,9 +1202,7 @@ def test_sigint_then_resume_reaches_the_uninterrupted_run_bit_for_bit(tiny_data,
     a, b = _step_metrics(tmp_path / "straight"), _step_metrics(cut)
     assert sorted(a) == sorted(b) == list(range(6))
     assert a == b                                                            # bit-identical on CPU
-    from safetensors.torch import load_file
-    wa, wb = load_file(tmp_path / "straight" / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _same_weights(tmp_path / "straight" / "final", cut / "final")
 
 
 def test_non_finite_losses_are_skipped_then_abort(tiny_data, fixture_model_dir, tmp_path, monkeypatch):
@@ -1215,11 +1232,7 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
             "--sft-batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-3"]
     one = run_cli(*args, "--out", tmp_path / "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "grpo_speech.py"), *map(str, args)]
-    two = subprocess.run(cmd + ["--out", str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=HANG)
+    two = run_torchrun(*args, "--out", tmp_path / "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _step_metrics(tmp_path / "one"), _step_metrics(tmp_path / "two")
     assert sorted(a) == sorted(b) == [0, 1, 2]
@@ -1228,8 +1241,7 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
     assert a[2]["eval/dev_chrf"] == b[2]["eval/dev_chrf"]
     # a global batch that does not split into whole prompts per process is refused
-    bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--batch-size", "3"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=HANG)
+    bad = run_torchrun(*args, "--out", tmp_path / "bad", "--batch-size", "3", cwd=tmp_path)
     assert bad.returncode != 0 and "--batch-size 3" in bad.stderr
 
 
@@ -1282,9 +1294,8 @@ def _write_adapter(dst: Path, tensors: dict, **config_changes) -> None:
 def released_dirs(tmp_path_factory) -> dict[str, Path]:
     """released: shipped weights + adapter (has_lora_adapter true); merged: the same adapter merged
     by this test's own arithmetic into a plain checkpoint, on the checkpoint's own tensor names."""
-    from safetensors.torch import load_file
     root = tmp_path_factory.mktemp("released")
-    base = load_file(str(SHIPPED_MODEL / "model.safetensors"))
+    base = _weights(SHIPPED_MODEL)
     lora = _lora_tensors()
     released = _save_variant(root / "released", base, has_lora_adapter=True)
     _write_adapter(released, lora)
@@ -1364,9 +1375,7 @@ def test_cli_grpo_on_released_checkpoint_saves_plain_weights_and_resumes_exactly
     _check_ok(run_cli(*args, "--out", tmp_path / "cut", "--max-steps", "1", cwd=tmp_path))
     _check_ok(run_cli(*args, "--out", tmp_path / "cut", "--resume", cwd=tmp_path))
     assert _step_metrics(tmp_path / "cut") == logged
-    from safetensors.torch import load_file
-    wa, wb = load_file(final / "model.safetensors"), load_file(tmp_path / "cut" / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _same_weights(final, tmp_path / "cut" / "final")
 
 
 def test_cli_bad_adapters_exit_2_with_one_line(released_dirs, tiny_data, tmp_path, capsys):
@@ -1409,8 +1418,7 @@ def scaled_dir(tmp_path_factory) -> Path:
     is x8 (so the head's logits are x8 before the division), embedding_multiplier /8 brings the
     text inputs back, and the projector's output layer x8 does the same for the audio (Granite
     multiplies every inputs_embeds, audio included, by embedding_multiplier). Powers of 2: exact."""
-    from safetensors.torch import load_file
-    w = load_file(str(SHIPPED_MODEL / "model.safetensors"))
+    w = _weights(SHIPPED_MODEL)
     for k in ("language_model.model.embed_tokens.weight", "projector.linear.weight", "projector.linear.bias"):
         w[k] = w[k] * 8
     m = json.loads((SHIPPED_MODEL / "config.json").read_text())["text_config"]["embedding_multiplier"]
@@ -1661,10 +1669,7 @@ def test_lora_sigint_then_resume_is_bit_identical_and_a_changed_lora_is_refused(
     a, b = _step_metrics(tmp_path / "straight"), _step_metrics(cut)
     assert sorted(a) == sorted(b) == list(range(5))
     assert a == b                                                            # bit-identical on CPU
-    from safetensors.torch import load_file
-    wa = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    wb = load_file(cut / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _same_weights(tmp_path / "straight" / "final", cut / "final")
 
 
 def test_lora_bad_settings_exit_2_before_the_run_directory_is_touched(
@@ -1730,14 +1735,6 @@ FSDP_SFT = ["--task", "ast", "--mode", "sft", "--max-steps", "2", "--eval-every"
             "--max-new-tokens", "8", "--lr", "1e-3", "--grad-accum", "2"]
 
 
-def run_torchrun(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "grpo_speech.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def fsdp_sft(tiny_data, fixture_model_dir, tmp_path_factory):
     """The same 2-step SFT run (a checkpoint and a dev evaluation after each step) in one plain
@@ -1749,11 +1746,6 @@ def fsdp_sft(tiny_data, fixture_model_dir, tmp_path_factory):
     two = run_torchrun(*args, "--fsdp", "--out", work / "two", cwd=work)
     assert two.returncode == 0, two.stderr[-3000:]
     return work, args
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(path / "model.safetensors")
 
 
 def test_fsdp_sft_matches_one_process_and_saves_plain_weights(fsdp_sft, fixture_model_dir):
@@ -1797,8 +1789,7 @@ def test_fsdp_checkpoint_resumes_exactly(fsdp_sft):
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resumed from" in rest.stdout
     assert _step_metrics(cut) == _step_metrics(work / "two")                 # bit for bit on CPU
-    a, b = _weights(work / "two" / "final"), _weights(cut / "final")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(work / "two" / "final", cut / "final")
 
 
 def test_fsdp_with_grad_checkpointing_gives_the_same_run(fsdp_sft):
@@ -1808,8 +1799,7 @@ def test_fsdp_with_grad_checkpointing_gives_the_same_run(fsdp_sft):
     ckpt = run_torchrun(*args, "--fsdp", "--grad-checkpointing", "--out", work / "ckpt", cwd=work)
     assert ckpt.returncode == 0, ckpt.stderr[-3000:]
     assert _step_metrics(work / "ckpt") == _step_metrics(work / "two")       # bit for bit on CPU
-    a, b = _weights(work / "two" / "final"), _weights(work / "ckpt" / "final")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(work / "two" / "final", work / "ckpt" / "final")
 
 
 def test_fsdp_grpo_step_matches_one_process(tiny_data, fixture_model_dir, tmp_path):
@@ -1986,5 +1976,4 @@ def test_cli_grad_checkpointing_gives_the_same_run(mode_runs, tiny_data, fixture
                 "--out", tmp_path / "ckpt", *TINY, "--grad-checkpointing", cwd=tmp_path)
     _check_ok(p)
     assert _step_metrics(tmp_path / "ckpt") == _step_metrics(plain)         # bit for bit on CPU
-    a, b = _weights(plain / "final"), _weights(tmp_path / "ckpt" / "final")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(plain / "final", tmp_path / "ckpt" / "final")
