@@ -313,23 +313,15 @@ def memory(args) -> None:
         lm = m.model.language_model
         attn = lm.layers[0].self_attn
         lora = 64 * sum(l.in_features + l.out_features for l in (attn.q_proj, attn.v_proj)) * len(lm.layers)
-        c = dict(total=n(m), encoder=n(m.model.encoder), projector=n(m.model.projector), lm=n(lm), lora=lora,
-                 root=n(m) - sum(n(layer) for layer in lm.layers))   # what shard_model leaves whole
+        c = dict(total=n(m), encoder=n(m.model.encoder), projector=n(m.model.projector), lm=n(lm), lora=lora)
         counts[size] = c
         print(f"counted, {size}: {c['total'] / 1e9:.3f}B parameters = encoder {c['encoder'] / 1e6:.1f}M + projector "
-              f"{c['projector'] / 1e6:.1f}M + LM {c['lm'] / 1e9:.3f}B (tied head); LoRA r64 q/v {c['lora'] / 1e6:.1f}M; "
-              f"FSDP root (encoder, projector, embeddings, norm) {c['root'] / 1e6:.0f}M")
+              f"{c['projector'] / 1e6:.1f}M + LM {c['lm'] / 1e9:.3f}B (tied head); LoRA r64 q/v {c['lora'] / 1e6:.1f}M")
     GB = 1e9
     for size in ("2B", "8B"):      # full training under --bf16: fp32 weights, bf16-stored reference
         c = counts[size]
         trained = c["total"] - c["encoder"]
         cols.append((f"full, 1 GPU, {size}", [w * c["total"], g * trained, a * trained, ref16 * c["total"]]))
-    for size in ("2B", "8B"):      # --fsdp --bf16: everything in 1/4 shards, the root also whole
-        c = counts[size]
-        trained = c["total"] - c["encoder"]
-        cols.append((f"`--fsdp` per GPU of 4, {size}",
-                     [w * c["total"] / 4 + w * c["root"], g * trained / 4, a * trained / 4,
-                      ref16 * c["total"] / 4 + ref16 * c["root"]]))
     for size in ("2B", "8B"):      # --lora 64: frozen fp32 weights, the reference copies the projector
         c = counts[size]
         trained = c["lora"] + c["projector"]
@@ -345,15 +337,8 @@ def memory(args) -> None:
     print(f"\nmeasured bytes per parameter (fp32 master weights): weights {w:.0f}, gradients {g:.0f}, AdamW {a:.0f} "
           f"(two moments), reference {per('full', 'reference', 'n_reference'):.0f} (fp32) or {ref16:.0f} (--bf16); "
           f"--lora: the reference shares the LM and copies only the projector ({ref_lora:.0f} B/param).")
-    print("full and --fsdp columns are --bf16 runs (reference stored in bf16; without --bf16 it is fp32, twice that). "
-          "--fsdp: each process holds 1/4 of every tensor, and shard_model keeps the root (encoder, projector, "
-          "embeddings, final norm) gathered whole on every GPU, in the weights and reference rows; the encoder is "
-          "frozen, so it has no gradients or AdamW moments.")
-    for size in ("2B", "8B"):      # make_rollout samples inside gathered(): every layer whole, no gradients yet
-        c, (_, v) = counts[size], cols[2 + ("2B", "8B").index(size)]
-        print(f"--fsdp while sampling, {size}: every layer is gathered, the whole fp32 policy on each GPU, "
-              f"{fmt(w * c['total'])} GB on top of the shards (gradients are freed by then): "
-              f"{fmt(v[0] - w * c['root'] + w * c['total'] + v[2] + v[3])} GB a GPU before the KV cache")
+    print("full columns are --bf16 runs (reference stored in bf16; without --bf16 it is fp32, twice that); the "
+          "encoder is frozen, so it has no gradients or AdamW moments.")
     tokens = 8 * 450
     for size in ("2B", "8B"):
         h = GRANITE_LM[size]["hidden_size"]
@@ -466,7 +451,7 @@ def main():
     # 5. one GRPO step, piece by piece
     ref = lambda: gs.completion_logprobs(model, batch, completions, G)
     refs = [t for t in batch.targets for _ in range(G)]
-    texts = gs.decode(tok, s)
+    texts = gs.decode(tok, s.token_lists())
     t_reward = timed(lambda: gs.bleu_reward(texts, refs), args.repeats)
     with torch.no_grad():
         t_ref = timed(ref, args.repeats)

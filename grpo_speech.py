@@ -8,8 +8,8 @@ Speech-Aware Language Models with GRPO" (arXiv 2509.16990). It also holds the SF
 MP-GRPO (the reference answer as an off-policy group member) and evaluation. The tiny Granite
 Speech shipped in data/tiny-granite-speech was pre-trained by data/make_model.py.
 
-Read it top to bottom: config, audio, text, data sets, model, sampling, rewards, advantages,
-losses, distributed, evaluation, checkpoints, training loops, main.
+Read it top to bottom: config, audio, text, data sets, model, LoRA, sampling, rewards,
+advantages, losses, processes, evaluation, checkpoints, training, main.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by this project on espeak-ng
@@ -49,8 +49,6 @@ First commands:
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -62,6 +60,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +105,8 @@ class Config:
                     choices=MODES)
     model: str = opt("data/tiny-granite-speech", "local Granite Speech directory or hub id "
                                                  "(hub needs HF_HUB_OFFLINE=0)")
-    data: str = opt("", "data directory: <data>/<task>/{train,dev,test}.jsonl, a directory of "
-                        "jsonl splits, a CoVoST2 TSV directory or LibriSQA JSON directory "
-                        "(default: data/<task>)")
+    data: str = opt("", "data directory (default: data/<task>) holding {train,dev,test}.jsonl, "
+                        "CoVoST2 TSVs or LibriSQA JSON")
     out: str = opt("", "run directory (default: runs/<task>-<mode>)")
     # the GRPO objective
     max_steps: int = opt(300, "optimizer steps")
@@ -120,20 +118,17 @@ class Config:
     loss_type: str = opt("dapo", "dapo: token mean over the group (the paper); grpo: "
                                  "per-sequence mean; dr_grpo: sum / (N * --max-new-tokens)",
                          choices=("dapo", "grpo", "dr_grpo"))
-    num_iterations: int = opt(1, "mu: policy updates per rollout (old log-probs reused); a step "
-                                 "is one rollout: its mu updates share the step's learning rate, "
-                                 "metrics average them")
+    num_iterations: int = opt(1, "mu: policy updates per rollout, sharing the step's learning "
+                                 "rate (old log-probs reused; metrics average them)")
     scale_rewards: bool = opt(True, "divide advantages by the group's std (off: Dr. GRPO)")
     reward: str = opt("bleu", "reward: bleu (the paper), chrf, or bleu+chrf (their mean)",
                       choices=("bleu", "chrf", "bleu+chrf"))
     temperature: float = opt(1.0, "sampling temperature for rollouts, > 0 (the paper: 1)")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     max_new_tokens: int = opt(48, "longest completion in tokens (the paper: 200)")
-    system_prompt: str = opt("auto", "system turn before each prompt. auto: the model card's "
-                             "(CARD_SYSTEM, dated April 9, 2025) when the tokenizer's chat "
-                             "template writes a system turn of its own for a user turn alone "
-                             "(released Granite 3.x), none otherwise (the shipped model); "
-                             "none: no system turn; other text: that text")
+    system_prompt: str = opt("auto", "system turn before each prompt. auto: the model card's, "
+                             "dated April 9, 2025, when the chat template writes a system turn "
+                             "of its own (released Granite 3.x), else none; none; or the text")
     # optimisation
     lr: float = opt(1e-4, "peak learning rate (AdamW)")
     warmup_ratio: float = opt(0.1, "share of steps with linear warm-up; cosine decay to 10% after")
@@ -142,20 +137,19 @@ class Config:
     grad_accum: int = opt(1, "split each step's prompts into this many micro-batches")
     train_encoder: bool = opt(False, "also train the audio encoder (default: projector + LM)")
     lora: int = opt(0, "R: train a rank-R LoRA on the LM's --lora-targets and the whole projector, "
-                       "the LM frozen (0: every LM weight trains); the encoder as always")
+                       "the LM frozen (0: every LM weight trains)")
     lora_alpha: float = opt(32.0, "LoRA scale alpha / R (the released adapter: R 64, alpha 32)")
     lora_targets: str = opt("q_proj,v_proj", "comma list of Linear names in the LM's decoder "
                                              "layers (the released adapter's)")
-    sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G: the same "
-                                           "sequences per update as GRPO)")
+    sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G, the "
+                                           "sequences of a GRPO update)")
     # evaluation
     eval_every: int = opt(30, "steps between dev evaluations; the best-on-dev weights go to best/")
     eval_limit: int = opt(200, "test utterances scored for results.json (0: all)")
-    dev_limit: int = opt(0, "dev utterances scored every --eval-every steps (0: all); "
-                            "best/ keeps the best")
-    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy, or sample "
-                                       "(the paper: T 0.9, top-p 0.9); the test split is always "
-                                       "scored under both", choices=("greedy", "sample"))
+    dev_limit: int = opt(0, "dev utterances scored every --eval-every steps (0: all)")
+    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy or sample (T 0.9, "
+                                       "top-p 0.9, the paper's); test is scored under both",
+                             choices=("greedy", "sample"))
     eval_batch_size: int = opt(32, "utterances per evaluation batch")
     # machinery
     seed: int = opt(0, "seed; every random draw derives from (seed, step, index)")
@@ -163,15 +157,10 @@ class Config:
     bf16: bool = opt(False, "bf16 autocast for forward passes (log-probs stay fp32)")
     compile: bool = opt(False, "torch.compile the language model")
     grad_checkpointing: bool = opt(False, "recompute each LM layer in the backward instead of "
-                                          "keeping its activations (less memory, one more "
-                                          "forward): for long completions")
-    fsdp: bool = opt(False, "under torchrun, shard weights, gradients and AdamW state over the "
-                            "processes (FSDP2 fully_shard); not with --lora or --compile")
+                                          "keeping its activations (less memory, more compute)")
     resume: bool = opt(False, "continue from <out>/checkpoint")
     overwrite: bool = opt(False, "replace an existing run in --out")
     max_audio_seconds: float = opt(30.0, "reject longer audio files before training starts")
-    audio_cache_mb: float = opt(1024, "MiB of decoded training audio kept in memory, least "
-                                      "recently used dropped first (0: none); evaluation adds none")
     max_bad_steps: int = opt(3, "abort after this many non-finite losses in a row")
 
 
@@ -205,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(cfg: Config) -> Config:
-    """Fill the defaults that depend on other fields; paths relative to this file work from
-    anywhere."""
+    """Fill the defaults that depend on other fields and refuse values the objective cannot use,
+    now rather than as a division by zero at step 1. Paths relative to this file work anywhere."""
     cfg = copy.copy(cfg)
     cfg.data = cfg.data or str(HERE / "data" / cfg.task)
     cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
@@ -214,35 +203,30 @@ def resolve_config(cfg: Config) -> Config:
         cfg.model = str(HERE / cfg.model)
     if cfg.epsilon_high is None:
         cfg.epsilon_high = cfg.epsilon
-    if cfg.mode in ("grpo", "mp-grpo") and cfg.group_size < 2:
-        raise InputError(f"--group-size {cfg.group_size}: a group needs at least 2 completions "
-                         "to have an advantage")
-    for name in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum",
-                 "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
-    if cfg.audio_cache_mb < 0:
-        raise InputError(f"--audio-cache-mb {cfg.audio_cache_mb} must be >= 0 (0: no cache)")
-    if cfg.lora < 0 or (cfg.lora and cfg.lora_alpha <= 0):
-        raise InputError(f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: "
-                         "the rank must be >= 0 and alpha > 0")
-    if cfg.batch_size < 1 or cfg.batch_size % cfg.grad_accum:
-        raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of "
-                         f"--grad-accum {cfg.grad_accum}")
     if cfg.sft_batch_size is None:
         cfg.sft_batch_size = cfg.batch_size * cfg.group_size
-    # values the objective cannot use: say so now rather than divide by zero at step 1
-    if cfg.mode in ("grpo", "mp-grpo") and cfg.temperature <= 0:
-        raise InputError(f"--temperature {cfg.temperature}: GRPO samples its groups, and the "
-                         "teacher-forced log-probs divide by the temperature; use a value > 0")
-    if not 0 < cfg.top_p <= 1:
-        raise InputError(f"--top-p {cfg.top_p} must be in (0, 1]")
-    if cfg.sft_batch_size < 1:
-        raise InputError(f"--sft-batch-size {cfg.sft_batch_size} must be at least 1")
-    if cfg.beta < 0 or cfg.epsilon < 0 or cfg.epsilon_high < 0:
-        raise InputError("--beta, --epsilon and --epsilon-high must be >= 0")
-    if cfg.fsdp and (cfg.lora or cfg.compile):
-        raise InputError("--fsdp with --lora or --compile is not supported (see FSDP in the file)")
+    cfg.lora_targets = ",".join(sorted({t.strip() for t in cfg.lora_targets.split(",")} - {""}))
+    grpo = cfg.mode in ("grpo", "mp-grpo")
+    checks = [  # (holds, what the user is told)
+        (not grpo or cfg.group_size >= 2, f"--group-size {cfg.group_size}: a group needs at least "
+                                          "2 completions to have an advantage"),
+        *[(getattr(cfg, k) >= 1, f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least 1")
+          for k in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum",
+                    "eval_batch_size", "sft_batch_size")],
+        (cfg.lora >= 0 and (not cfg.lora or cfg.lora_alpha > 0),
+         f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: the rank must be >= 0 and alpha > 0"),
+        (cfg.batch_size >= 1 and cfg.batch_size % cfg.grad_accum == 0,
+         f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum "
+         f"{cfg.grad_accum}"),
+        (not grpo or cfg.temperature > 0, f"--temperature {cfg.temperature}: GRPO samples its "
+         "groups, and the teacher-forced log-probs divide by the temperature; use a value > 0"),
+        (0 < cfg.top_p <= 1, f"--top-p {cfg.top_p} must be in (0, 1]"),
+        (min(cfg.beta, cfg.epsilon, cfg.epsilon_high) >= 0,
+         "--beta, --epsilon and --epsilon-high must be >= 0"),
+    ]
+    for holds, message in checks:
+        if not holds:
+            raise InputError(message)
     return cfg
 
 
@@ -253,12 +237,9 @@ def resolve_config(cfg: Config) -> Config:
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int = 6,
              rolloff: float = 0.99) -> torch.Tensor:
-    """Band-limited polyphase resampling with a Hann-windowed sinc (the algorithm torchaudio uses).
-
-    After dividing both rates by their gcd, output phase j of every block of `new` samples is a
-    dot product of the input with a sinc centred at j * orig / new, low-passed at the lower
-    Nyquist frequency (times `rolloff`) so that nothing above it aliases.
-    """
+    """Band-limited polyphase resampling with a Hann-windowed sinc (torchaudio's algorithm):
+    with both rates divided by their gcd, output phase j of each block of `new` samples is the
+    input dotted with a sinc centred at j * orig / new, low-passed below the lower Nyquist."""
     if orig_sr == new_sr:
         return wave
     g = math.gcd(orig_sr, new_sr)
@@ -308,13 +289,9 @@ _MEL = mel_filterbank()
 
 
 def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Granite Speech features for a batch: (B, F, 160) features and (B,) audio-token counts.
-
-    Exactly GraniteSpeechFeatureExtractor: zero-pad the waves, power spectrogram (n_fft 512,
-    400-sample periodic Hann window, hop 160, reflect-padded centred frames), 80 HTK mel bands,
-    log10 clamped at 1e-10, floored at (utterance max - 8), /4 + 1, an odd last frame dropped,
-    frame pairs stacked. The padding is real silence to the encoder, which takes no mask.
-    """
+    """Granite Speech features for a batch, (B, F, 160), and (B,) audio-token counts: exactly
+    GraniteSpeechFeatureExtractor. Power spectrogram (n_fft 512, 400-sample Hann window, hop 160,
+    centred), 80 HTK mel bands, log10 floored at (max - 8), /4 + 1, frame pairs stacked."""
     lengths = torch.tensor([w.numel() for w in waves])
     x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)               # (B, S)
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
@@ -355,13 +332,9 @@ CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.
 
 
 def system_turn(tokenizer, system_prompt: str = "auto") -> str | None:
-    """The system turn text for --system-prompt (None: no system turn).
-
-    auto decides by the chat template itself: if, given a user turn alone, it writes a system
-    turn of its own (the released Granite 3.x templates do, dated today), the model was tuned
-    with one and gets the card's, dated; a template that writes none (the shipped model's) gets
-    none, so its prompts stay exactly what it was trained on.
-    """
+    """The system turn text for --system-prompt (None: none). auto asks the chat template: one
+    that writes a system turn of its own for a user turn alone (released Granite 3.x, dated
+    today) gets the card's, dated; one that writes none (the shipped model's) gets none."""
     if system_prompt != "auto":
         return None if system_prompt in ("", "none") else system_prompt
     mark = "\x00system\x00"
@@ -428,18 +401,16 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
             raise InputError(f"{path}:{n}: empty reference (target)")
         row["audio"] = str((path.parent / row["audio"]).resolve())
         rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: manifest is empty")
     return check_audio_files(rows, path, max_seconds)
 
 
 def check_audio_files(rows: list[dict], source: Path,
                       max_seconds: float = float("inf")) -> list[dict]:
-    """Fail fast, before training, on audio that is missing, unreadable, empty or too long.
-
-    Each row also gets "num_samples", its length at 16 kHz, read from the header: evaluation
-    orders utterances by it without decoding (and keeping) the whole split.
-    """
+    """Fail fast, before training, on a manifest without rows and on audio that is missing,
+    unreadable, empty or too long. Each row gets "num_samples", its length at 16 kHz from the
+    header: evaluation orders utterances by it without decoding the whole split."""
+    if not rows:
+        raise InputError(f"{source}: manifest is empty")
     converted = 0
     for row in rows:
         audio = Path(row["audio"])
@@ -479,8 +450,6 @@ def read_covost2(tsv: Path, task: str, max_seconds: float = float("inf")) -> lis
                  "text": PROMPTS[task],
                  "target": r["translation"] if task == "ast" else r["sentence"]}
                 for r in reader]
-    if not rows:
-        raise InputError(f"{tsv}: manifest is empty")
     return check_audio_files(rows, tsv, max_seconds)
 
 
@@ -497,18 +466,13 @@ def read_librisqa(path: Path, max_seconds: float = float("inf")) -> list[dict]:
         rows.append({"id": str(it["speech_path"]), "audio": str(path.parent / it["speech_path"]),
                      "task": "sqa", "text": PROMPTS["sqa"].format(question=it["question"]),
                      "target": it["answer"]})
-    if not rows:
-        raise InputError(f"{path}: manifest is empty")
     return check_audio_files(rows, path, max_seconds)
 
 
 def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
                 max_seconds: float = float("inf")) -> dict[str, list[dict]]:
-    """Find and read the splits under --data, recognising the layout from its files.
-
-    <data>/<split>.jsonl (ours); covost_v2.en_de.<split>.tsv (CoVoST2); LibriSQA-PartI-<split>.json
-    (LibriSQA has no dev split: the paper holds out 20% of train, and so do we, by a fixed seed).
-    """
+    """The splits under --data, by layout: <split>.jsonl (ours), covost_v2.en_de.<split>.tsv
+    or LibriSQA-PartI-<split>.json (no dev split: 20% of train held out, as in the paper)."""
     data = Path(data)
     if not data.is_dir():
         raise InputError(f"{data}: data directory not found")
@@ -533,70 +497,27 @@ def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
     return out
 
 
-class AudioCache:
-    """Decoded waves by path, at most `max_bytes` of samples, least recently used dropped first.
-
-    A CoVoST2-size train split is ~430 h: ~100 GB as float32, so keeping every wave is not an
-    option; decoding one clip again costs milliseconds. One object may serve several SpeechData.
-    """
-
-    def __init__(self, max_bytes: float):
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._waves: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-
-    def __len__(self):
-        return len(self._waves)
-
-    def get(self, path: str) -> torch.Tensor | None:
-        w = self._waves.get(path)
-        if w is not None:
-            self._waves.move_to_end(path)                    # now the most recently used
-        return w
-
-    def put(self, path: str, wave: torch.Tensor) -> None:
-        if path in self._waves or wave.nbytes > self.max_bytes:
-            return
-        self._waves[path] = wave
-        self.nbytes += wave.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self._waves.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-
 class SpeechData:
-    """Examples with a bounded cache of their decoded audio, and a seeded, resumable order."""
+    """Examples and a seeded, resumable order. Audio is decoded when a batch needs it (a clip
+    takes milliseconds), so memory stays flat whatever the split's size: CoVoST2's 430 h of
+    training audio would be ~100 GB as float32."""
 
-    def __init__(self, rows: list[dict], max_seconds: float = float("inf"), cache_mb: float = 1024):
+    def __init__(self, rows: list[dict]):
         self.rows = rows
-        self.max_seconds = max_seconds
-        self._waves = AudioCache(cache_mb * 2**20)  # --audio-cache-mb: flat memory
 
     def __len__(self):
         return len(self.rows)
 
-    def wave(self, i: int, cache: bool = True) -> torch.Tensor:
-        """Utterance i at 16 kHz. cache=False (evaluation) reads through the cache without adding
-        to it: a test split scored once would otherwise push the training audio out."""
-        path = self.rows[i]["audio"]
-        w = self._waves.get(path)
-        if w is None:
-            w = load_audio(path)
-            if w.numel() / SAMPLE_RATE > self.max_seconds:
-                raise InputError(f"{path}: longer than --max-audio-seconds {self.max_seconds}")
-            if cache:
-                self._waves.put(path, w)
-        return w
+    def wave(self, i: int) -> torch.Tensor:
+        return load_audio(self.rows[i]["audio"])
 
     def num_samples(self, i: int) -> int:
-        """Length of utterance i at 16 kHz, from the header read at startup (rows that did not
-        pass check_audio_files are decoded, uncached)."""
+        """Length of utterance i at 16 kHz, from the header read by check_audio_files."""
         n = self.rows[i].get("num_samples")
-        return n if n is not None else self.wave(i, cache=False).numel()
+        return n if n is not None else self.wave(i).numel()
 
     def order(self, seed: int, epoch: int) -> list[int]:
-        """The epoch's permutation, a pure function of (seed, epoch): resuming needs no saved
-        state."""
+        """The epoch's permutation, a function of (seed, epoch): resuming needs no saved state."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(len(self.rows), generator=g).tolist()
 
@@ -613,8 +534,7 @@ class SpeechData:
 @dataclass
 class Batch:
     """B prompts ready for the model. Prompts are left-padded so that completions line up."""
-    features: torch.Tensor        # (B, F, 160) log-mel frame pairs, each utterance's own,
-                                  # zero-padded
+    features: torch.Tensor        # (B, F, 160) each utterance's log-mel frame pairs, zero-padded
     frames: torch.Tensor          # (B,) frame pairs of each utterance
     features_mask: torch.Tensor   # (B, A) which projector outputs are real audio
     input_ids: torch.Tensor       # (B, P) chat-templated prompts, <|audio|> expanded
@@ -623,24 +543,19 @@ class Batch:
     rows: list[dict]
 
     def to(self, device):
-        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
-                                            ("features", "frames", "features_mask", "input_ids",
-                                             "attention_mask")})
+        return Batch(*(v.to(device) if torch.is_tensor(v) else v for v in vars(self).values()))
 
     def select(self, b0: int, b1: int) -> "Batch":
         """Prompts b0..b1-1 (a micro-batch)."""
-        return Batch(self.features[b0:b1], self.frames[b0:b1], self.features_mask[b0:b1],
-                     self.input_ids[b0:b1], self.attention_mask[b0:b1], self.targets[b0:b1],
-                     self.rows[b0:b1])
+        return Batch(*(v[b0:b1] for v in vars(self).values()))
 
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
-            system: str | None = None, config=None, cache: bool = True) -> Batch:
+            system: str | None = None, config=None) -> Batch:
     """Features of each utterance alone: the encoder has no padding mask, so batch padding would
     leak into the audio embeddings and make an answer depend on its batch mates. `config` (the
-    model's) gives the projector's window_size and downsample_rate; `system` the system turn;
-    cache=False reads audio without keeping it (evaluation)."""
-    waves = [data.wave(i, cache) for i in idx]
+    model's) gives the projector's window_size and downsample_rate; `system` the system turn."""
+    waves = [data.wave(i) for i in idx]
     feats = [log_mel(w) for w in waves]
     frames = torch.tensor([f.shape[0] for f in feats])
     window = {k: getattr(config, k) for k in ("window_size", "downsample_rate")} if config else {}
@@ -663,15 +578,9 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
 
 
 def load_model(name: str, device: torch.device):
-    """Granite Speech and its tokenizer by local path or hub id, fp32 master weights.
-
-    The same call loads the shipped tiny model and ibm-granite/granite-speech-3.3-2b. The released
-    3.3 checkpoints carry a LoRA adapter for audio turns (`has_lora_adapter`); it is merged into
-    the LM weights here (merge_lora_adapter), whether or not peft is installed. transformers is
-    handed the weights, not the directory, so its peft integration never finds the adapter (it
-    drops it without peft, and with peft < 0.22 attaches it but cannot save), and the config says
-    has_lora_adapter: false, so the model is plain Granite Speech and saves as one.
-    """
+    """Granite Speech and its tokenizer by local path or hub id, fp32 master weights. The
+    released 3.3 checkpoints' LoRA adapter for audio turns is merged into the LM weights, peft or
+    not: transformers gets the weights, not the directory, so it never sees the adapter."""
     from transformers import AutoConfig, AutoTokenizer, GraniteSpeechForConditionalGeneration
     from safetensors.torch import load_file
     path = Path(name)
@@ -696,6 +605,8 @@ def load_model(name: str, device: torch.device):
             has, state = ("true", "missing") if config.has_lora_adapter else ("false", "there")
             raise InputError(f"{path}: has_lora_adapter is {has} in config.json but "
                              f"adapter_config.json is {state}")
+        if adapter.is_file():
+            adapter_scale(path)   # refuse an adapter we cannot merge before any weight is read
         config.has_lora_adapter = False   # merged below: what is loaded and saved is plain weights
         index = path / "model.safetensors.index.json"
         shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -728,6 +639,29 @@ def load_model(name: str, device: torch.device):
     return model.to(device), tokenizer
 
 
+def adapter_scale(path: Path) -> tuple[int, float]:
+    """The rank r and scale of the peft LoRA adapter in `path`: lora_alpha / r (/ sqrt(r) with
+    use_rslora). Plain LoRA only: DoRA, biases, fan_in_fan_out and per-layer ranks are refused."""
+    cfg_file = path / "adapter_config.json"
+    if not (path / "adapter_model.safetensors").is_file():
+        raise InputError(f"{path / 'adapter_model.safetensors'}: missing (adapter_config.json "
+                         "names an adapter)")
+    try:
+        acfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_file}: not readable JSON ({e})") from None
+    plain = {"peft_type": "LORA", "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+             "rank_pattern": {}, "alpha_pattern": {}}
+    bad = [k for k, v in plain.items() if (acfg.get(k) or v) != v]
+    if bad:
+        raise InputError(f"{cfg_file}: unsupported adapter setting {bad[0]}={acfg.get(bad[0])!r} "
+                         "(only plain LoRA merges exactly)")
+    if not {"r", "lora_alpha"} <= set(acfg):
+        raise InputError(f"{cfg_file}: needs r and lora_alpha")
+    r, alpha = acfg["r"], acfg["lora_alpha"]
+    return r, alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+
+
 # Module names in the two layouts: release-era checkpoints (and their adapters) name the LM
 # `language_model.model.layers...`; transformers 5 modules are `model.language_model.layers...`.
 RELEASE_NAMES = (("language_model.model.", "model.language_model."),
@@ -737,34 +671,14 @@ RELEASE_NAMES = (("language_model.model.", "model.language_model."),
 
 @torch.no_grad()
 def merge_lora_adapter(model, path: str | Path) -> list[str]:
-    """Merge a peft LoRA adapter (adapter_config.json + adapter_model.safetensors in `path`) into
-    `model`'s weights in place: W += scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with
-    use_rslora). Returns the merged modules' names.
-
-    Exact here, not an approximation: the released adapter is meant for audio turns only
-    (transformers' generate enables it when input_features are given), and every prompt of this
-    file carries audio, so the adapter is always on and W + scale * B @ A is the adapted layer.
-    Plain LoRA only: DoRA, LoRA biases and fan_in_fan_out layouts are refused, not half-merged.
-    """
+    """Merge the peft LoRA adapter in `path` into `model`'s weights in place, W += scale * B @ A,
+    and return the merged modules' names. Exact, not an approximation: the released adapter is
+    for audio turns (transformers' generate enables it when input_features are given), and
+    every prompt of this file carries audio."""
     from safetensors.torch import load_file
     path = Path(path)
-    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise InputError(f"{weights_file}: missing (adapter_config.json names an adapter)")
-    try:
-        acfg = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{cfg_file}: not readable JSON ({e})") from None
-    plain = {"peft_type": "LORA", "use_dora": False, "bias": "none", "fan_in_fan_out": False,
-             "rank_pattern": {}, "alpha_pattern": {}}       # per-layer r / alpha: unsupported
-    bad = [k for k, v in plain.items() if (acfg.get(k) or v) != v]
-    if bad:
-        raise InputError(f"{cfg_file}: unsupported adapter setting {bad[0]}={acfg.get(bad[0])!r} "
-                         "(only plain LoRA merges exactly)")
-    if not {"r", "lora_alpha"} <= set(acfg):
-        raise InputError(f"{path / 'adapter_config.json'}: needs r and lora_alpha")
-    r, alpha = acfg["r"], acfg["lora_alpha"]
-    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    r, scale = adapter_scale(path)
+    weights_file = path / "adapter_model.safetensors"
     modules = dict(model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(weights_file).items():
@@ -815,11 +729,8 @@ def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.
 
 
 def prompt_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """The LM's input embeddings for B prompts, with the audio spliced in: (B, P, D).
-
-    The encoder runs once per prompt; the G completions of a group share its output (repeat the
-    result, not the encoder).
-    """
+    """The LM's input embeddings for B prompts, the audio spliced in at the <|audio|> ids:
+    (B, P, D). The G completions of a group repeat the result, not the encoder."""
     audio = audio_embeddings(model, batch, train_encoder)
     return model.model.get_merged_audio_embeddings(batch.input_ids, audio, batch.features_mask)
 
@@ -830,27 +741,18 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM's next-token logits from its last hidden states: the one place they are computed
-    (sampler, teacher-forced pass, SFT and evaluation all come here).
-
-    Granite LMs divide their logits by text_config.logits_scaling (8 for the 3.3 2B, 16 for the
-    8B). GraniteForCausalLM does; transformers 5.24's GraniteSpeechForConditionalGeneration, a
-    bare lm_head, does not, so its .logits are 8-16x too sharp: samples at temperature 1 nearly
-    greedy, group rewards without spread, a wrong KL. Callers therefore run model.model (hidden
-    states) and never read model(...).logits: the division happens here exactly once, whatever a
-    future transformers does in forward. The shipped tiny model's scaling is 1.
-    """
+    """Next-token logits from the LM's last hidden states, the one place they are computed.
+    Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5.24's
+    GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1 nearly
+    greedy, a wrong KL), so callers run model.model and never read model(...).logits."""
     return model.lm_head(hidden) / model.config.text_config.logits_scaling
 
 
 def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
                         temperature: float = 1.0, train_encoder: bool = False,
                         with_entropy: bool = False):
-    """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, fp32 (N, T).
-
-    Only the last T+1 positions go through the LM head. Log-probs are taken in fp32: under bf16,
-    ratios of two nearly equal probabilities drift from 1.
-    """
+    """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
+    (under bf16 the ratio of two nearly equal probabilities drifts from 1)."""
     N, T = completions.shape
     # (N, P, D)
     prompt = prompt_embeddings(model, batch, train_encoder).repeat_interleave(group_size, 0)
@@ -873,9 +775,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 
 def checkpoint_layers(model) -> None:
     """--grad-checkpointing: each LM decoder layer keeps only its input for the backward and runs
-    its forward again there (torch.utils.checkpoint), so a layer's attention and MLP activations
-    live one layer at a time instead of all at once. transformers' gradient_checkpointing_enable()
-    acts in training mode only, and the policy runs in eval mode (setup_training says why)."""
+    its forward again there, so activations live one layer at a time. (transformers'
+    gradient_checkpointing_enable() acts in training mode only; the policy runs in eval mode.)"""
     for layer in model.model.language_model.layers:
         layer.forward = functools.partial(checkpointed, layer.forward)
 
@@ -897,12 +798,8 @@ def checkpointed(forward, *args, **kwargs):
 
 
 class LoRALinear(torch.nn.Module):
-    """A frozen Linear W plus a trainable rank-r path: y = W x + b + (alpha / r) B (A x).
-
-    A (r, in) starts kaiming-uniform like nn.Linear's own weights, B (out, r) at zero, so at the
-    start the layer is exactly W. `weight` and `bias` are the wrapped Linear's own tensors under
-    their own names: the state dict keeps every base key, plus `lora_A` and `lora_B`.
-    """
+    """A frozen Linear W plus a trainable rank-r path: y = W x + b + (alpha / r) B (A x). B
+    starts at zero, so the layer starts as exactly W; the state dict keeps W's own keys."""
 
     def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator=None):
         super().__init__()
@@ -941,10 +838,7 @@ def lora_sites(model, targets: str) -> list[tuple[torch.nn.Module, str]]:
 
 def add_lora(model, cfg: Config) -> None:
     """Wrap the --lora-targets Linears of the LM in LoRALinear and freeze the rest of the LM.
-
-    A's draws come from a generator seeded by cfg.seed, not torch's global one, so adding LoRA
-    moves no other random draw. The projector keeps the requires_grad train() gave it (it trains).
-    """
+    A's draws come from their own generator, so adding LoRA moves no other random draw."""
     model.model.language_model.requires_grad_(False)
     model.lm_head.requires_grad_(False)                 # tied to the embeddings: frozen with them
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
@@ -958,20 +852,10 @@ def lora_layers(model) -> list[tuple[str, LoRALinear]]:
 
 
 def frozen_reference(model, cfg: Config):
-    """pi_ref: the start policy, frozen, for the KL term (taken before any training step).
-
-    Full training deep-copies the model. Under --bf16 the copy is stored in bf16 (on any device,
-    so the CPU tests run what a GPU runs): half the memory, and under autocast its matmuls see the
-    same bf16-rounded weights as the fp32 copy's would; what changes is that embeddings, norms
-    and the residual stream run in bf16 too. On the shipped model that moved the reference's
-    token log-probs by 0.012 nats on average (autocast itself, against fp32, by 0.009): a
-    spurious k3 KL of ~4e-4 at step 0, against advantages of order 1. Log-probs are still taken
-    in fp32 (completion_logprobs upcasts the logits).
-    With LoRA the LM never changes, so the reference shares its tensors: deepcopy's memo maps
-    each frozen tensor (and each LoRA tensor, which the reference never uses) to itself, so only
-    the modules that train in full (the projector; the encoder with --train-encoder) are copied,
-    keeping their start values. Its LoRA paths are off: it computes the start model exactly.
-    """
+    """pi_ref: the start policy, frozen, for the KL term. Full training deep-copies the model
+    (in bf16 under --bf16: autocast's matmuls see the same rounded weights). With LoRA the LM
+    never changes: the reference shares every frozen tensor (deepcopy's memo), copies what
+    trains in full (the projector) and runs with its LoRA paths off, exactly the start model."""
     if not cfg.lora:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         if cfg.bf16:
@@ -995,55 +879,13 @@ def frozen_reference(model, cfg: Config):
 @torch.no_grad()
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's tensors as a plain checkpoint: each LoRA layer's W + (alpha / r) B A under W's
-    own key, A and B dropped. Merged into new tensors, never into the live W: merging in place and
-    subtracting afterwards would not give W back exactly in float."""
+    own key, A and B dropped. New tensors, never the live W: merging in place and subtracting
+    afterwards would not give W back exactly in float."""
     state = model.state_dict()
     for name, m in lora_layers(model):
-        # one at a time on GPU
         state[f"{name}.weight"] = (m.weight + m.scale * (m.lora_B @ m.lora_A)).cpu()
         del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
     return state
-
-
-def lora_settings(cfg: Config | None = None, model=None) -> dict:
-    """What a LoRA checkpoint records and its resumption must repeat, from the config or from a
-    live model: rank, alpha and targets ({"lora": 0}: full training)."""
-    if model is not None:
-        layers = lora_layers(model)
-        r, alpha = (layers[0][1].r, layers[0][1].alpha) if layers else (0, 0.0)
-        targets = {name.rsplit(".", 1)[-1] for name, _ in layers}
-    else:
-        r, alpha = cfg.lora, cfg.lora_alpha
-        targets = {t.strip() for t in cfg.lora_targets.split(",")}
-    if not r:
-        return {"lora": 0}
-    return {"lora": r, "lora_alpha": float(alpha), "lora_targets": ",".join(sorted(targets - {""}))}
-
-
-def check_lora(cfg: Config, model) -> None:
-    """Before the run directory is touched: the targets exist, and --resume keeps the LoRA setting
-    that its checkpoint was trained with (a LoRA checkpoint holds only what trains)."""
-    if cfg.lora:
-        lora_sites(model, cfg.lora_targets)
-    ckpt = Path(cfg.out) / "checkpoint"
-    if not (cfg.resume and (ckpt / "trainer_state.pt").is_file()):
-        return
-    saved = {"lora": 0}                             # no lora.json: a full-training checkpoint
-    if (ckpt / "lora.json").is_file():
-        saved = json.loads((ckpt / "lora.json").read_text())
-    if saved != lora_settings(cfg):
-        flags = lambda s: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in s.items())
-        raise InputError(f"{ckpt}: trained with {flags(saved)}; resume it with the same, "
-                         f"not {flags(lora_settings(cfg))}")
-
-
-def trainable_summary(model, params: list[torch.Tensor]) -> str:
-    """Trainable share and AdamW's state (two moments per trained number, in the weights' dtype)."""
-    total = sum(p.numel() for p in model.parameters())
-    n = sum(p.numel() for p in params)
-    state = 2 * sum(p.numel() * p.element_size() for p in params)
-    return (f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%); "
-            f"AdamW state {state / 2**20:.2f} MB")
 
 
 # -------------------------------------------------------------------------- sampling ----
@@ -1053,11 +895,13 @@ def trainable_summary(model, params: list[torch.Tensor]) -> str:
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) fp32 log-probs under the tempered softmax over the whole vocabulary: what the teacher-
-    # forced pass computes, i.e. pi_old in the ratio s_{i,t}. With top-p < 1 or suppressed tokens
-    # the tokens were drawn from a renormalised subset of it, so these are then not the exact
-    # behaviour log-probs (an off-policy gap TRL leaves too); training recomputes them anyway.
+    # (N, T) fp32 log-probs of the tempered softmax over the whole vocabulary, as the teacher-
+    # forced pass computes them (top-p and suppression only choose the token, as in TRL)
     logps: torch.Tensor
+
+    def token_lists(self) -> list[list[int]]:
+        """Each completion's ids, cut at its length (never at the first pad id)."""
+        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
 
 
 @torch.no_grad()
@@ -1065,24 +909,16 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
                   pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                   suppress: torch.Tensor | None = None,
                   uniforms: torch.Tensor | None = None) -> Samples:
-    """G completions for each of B prompts from one shared prefill, decoded with a KV cache.
-
-    The audio encoder and the prompt prefill run once per prompt; the cache is then repeated
-    G times (generate(num_return_sequences=G) would run the encoder G times). temperature 0
-    decodes greedily. Returned log-probs are those of the tempered, unsuppressed softmax, which
-    is what the teacher-forced pass computes; top-p and suppression only choose the token.
-    Token t of row i is drawn by inverting the CDF at uniforms[i, t] (N, max_new_tokens): pass
-    draws seeded per prompt (row_uniforms) and a completion does not depend on its batch mates.
-    """
+    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache. A
+    group shares its prompt, so it shares the prefill: encode and prefill B prompts, repeat the
+    cache G times, decode N = B*G rows in lock-step (generate(num_return_sequences=G) runs the
+    encoder G times). temperature 0 is greedy. Token t of row i inverts the CDF at
+    uniforms[i, t], seeded per prompt (row_uniforms): batch mates cannot change a completion."""
     from transformers import StaticCache
     (B, P), G = batch.input_ids.shape, group_size
     N = B * G
-    # The G samples of a prompt share its audio and instruction, so they share the prefill too:
-    # encode + prefill B prompts, then copy the cache G times, and decode N rows in lock-step.
-    # A static cache: K/V buffers of P + max_new_tokens positions, written in place. A growing
-    # (dynamic) cache copies itself whole at every token; on CPU that copy was 40% of sampling.
-    # Positions past the current token are hidden by the causal mask, so attn can be all
-    # ones there.
+    # A static cache (K/V buffers written in place; a dynamic one copies itself every token).
+    # Positions past the current token are hidden by the causal mask, so attn is ones there.
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
                      dim=1)
@@ -1133,9 +969,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
 
 def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
     """One token per row: the argmax at temperature 0, else a draw from the (top-p) distribution
-    without the banned tokens, by inverting its CDF at the given uniforms u (N,). Unlike
-    torch.multinomial, the draw is then a pure function of (seed, step, prompt): batch mates and
-    processes cannot shift it."""
+    without the banned tokens, inverting its CDF at the uniforms u (N,) (unlike
+    torch.multinomial, a pure function of (seed, step, prompt))."""
     if temperature <= 0:
         return logits.masked_fill(banned, -float("inf")).argmax(-1)
     if top_p < 1.0:
@@ -1169,13 +1004,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -float("inf"))
 
 
-def decode(tokenizer, samples: Samples) -> list[str]:
-    """Completion texts, cut at their lengths (never at the first pad id)."""
-    return decode_tokens(tokenizer, [row[:n] for row, n in
-                                     zip(samples.tokens.tolist(), samples.lengths.tolist())])
-
-
-def decode_tokens(tokenizer, completions: list[list[int]]) -> list[str]:
+def decode(tokenizer, completions: list[list[int]]) -> list[str]:
+    """Completion texts: what the reward and the metrics read."""
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
 
 
@@ -1211,11 +1041,9 @@ REWARDS = {  # --reward; only the ranking within a group matters once advantages
 
 def group_advantages(rewards: torch.Tensor, group_size: int,
                      scale_rewards: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i.
-
-    std is torch's unbiased one, +1e-4 so an all-equal group gives A = 0, not 0/0. Without
-    scaling (Dr. GRPO) A_i = r_i - mean(r): easy and hard prompts are not re-weighted.
-    """
+    """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i. std
+    is unbiased, +1e-4 so an all-equal group gives A = 0, not 0/0; unscaled (Dr. GRPO), easy and
+    hard prompts are not re-weighted."""
     r = rewards.view(-1, group_size)                                        # (B, G)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale_rewards:
@@ -1240,12 +1068,9 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
               epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None):
     """The KL-regularised clipped GRPO objective, negated (PAPER.md), and its metrics.
-
     logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
-    reference; advantages (N,); mask (N, T) from completion lengths. off_policy (N,) marks MP-GRPO
-    rows whose tokens came from the reference answer, not from pi_old. max_completion_length is
-    dr_grpo's constant denominator, the run's --max-new-tokens (T here is only the batch's widest).
-    """
+    reference; advantages (N,); mask (N, T) from completion lengths; off_policy (N,) marks
+    MP-GRPO's reference rows; max_completion_length is dr_grpo's constant (--max-new-tokens)."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     A = advantages[:, None]                                                 # (N, 1)
@@ -1296,7 +1121,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     return loss, metrics
 
 
-# ---------------------------------------------------------------------- distributed ----
+# ------------------------------------------------------------------------ processes ----
 # `torchrun --nproc_per_node N grpo_speech.py ...` runs N processes. Each takes B/N whole
 # prompts (a group never straddles two processes), gradients are summed over processes after
 # every backward, and only rank 0 writes files. Without torchrun, world = 1 and all of this is
@@ -1344,141 +1169,13 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
 
 
-# FSDP (--fsdp): torch's fully_shard (FSDP2) on each decoder layer and on the whole model (the
-# root: encoder, projector, tied embeddings/LM head, final norm), so each process keeps 1/N of
-# the weights, gradients and AdamW moments, and gathers a layer's weights only while it runs.
-# This file calls submodules (model.model, lm_head, the sampler's language_model), never the
-# top module's forward, so FSDP's root hooks never fire: the root's weights are kept gathered
-# (regathered after every change), and only the decoder layers shard between uses. The frozen
-# reference is sharded the same way. clip_grad_norm_ takes the DTensor gradients' global norm.
-# What it saves: gradients, AdamW moments and the decoder layers between uses. Sampling, dev
-# evaluation and the test scores gather every layer, so the full fp32 weights must still fit
-# on one device at those moments (README: paper scale).
-
-
-def fsdp_units(model) -> list:
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def shard_model(model) -> None:
-    """fully_shard in place, bottom-up: each decoder layer, then the root."""
-    from torch.distributed.fsdp import fully_shard
-    for layer in model.model.language_model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    for unit in fsdp_units(model):
-        # FSDP averages gradients over processes; policy_update's weights make the SUM the
-        # batch gradient. Sum-only reductions: gloo has no PREMUL_SUM.
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
-    model.set_reshard_after_backward(False, recurse=False)    # the root stays gathered
-    with torch.no_grad():  # FSDP makes the first module forwarded its root: this one
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device))
-    model.reshard()        # the optimizer must get the shards: regather() after it is built
-
-
-def regather(model, stale_only: bool = False) -> None:
-    """The root's weights gathered afresh: after an optimizer step (which updates the shards)
-    and after a state dict is taken or loaded (which leaves them sharded). A collective.
-    stale_only: only if they are gathered now (the step hook: DCP's state-dict functions take
-    a zero-lr optimizer step of their own while the root is sharded)."""
-    from torch.distributed.tensor import DTensor
-    if fsdp_units(model) and not (stale_only and isinstance(model.lm_head.weight, DTensor)):
-        model.reshard()
-        model.unshard()
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """Every layer's weights gathered for a while (sampling, evaluation). A sharded layer's
-    forward is a collective, and processes sample different numbers of tokens (each stops at
-    its own EOS) or evaluate different numbers of batches: they would wait on each other."""
-    layers = [m for m in fsdp_units(model) if m is not model]
-    for m in layers:
-        m.set_reshard_after_forward(False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.reshard()
-            m.set_reshard_after_forward(True)
-
-
-def full_state(model) -> dict | None:
-    """FSDP: the whole model as plain tensors on rank 0's CPU ({} elsewhere); every process must
-    take part. None without FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if not fsdp_units(model):
-        return None
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=full)
-    first: dict = {}
-    for name, p in model.named_parameters(remove_duplicate=False) if state else []:
-        state[name] = state[first.setdefault(p, name)]   # tied weights one tensor, saved once
-    regather(model)
-    return state
-
-
-def optimizer_state(model, optimizer) -> dict:
-    """The optimizer's state dict; under FSDP gathered in full to rank 0 and numbered like a
-    plain optimizer's (position in the trainable parameters), so checkpoint/ is the same file
-    with or without --fsdp and resumes on any number of processes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    if not fsdp_units(model):
-        return optimizer.state_dict()
-    model.reshard()        # it maps the optimizer's tensors (the shards) to the model's names
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
-    regather(model)
-    index = {n: i for i, n in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
-    return {"state": {index[n]: v for n, v in full.get("state", {}).items()},
-            "param_groups": [g | {"params": [index[n] for n in g["params"]]}
-                             for g in full.get("param_groups", [])]}
-
-
-def load_weights(model, weights: dict) -> None:
-    """Plain (full) weights into the model, sharded or not: every process holds them all."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if not fsdp_units(model):
-        return model.load_state_dict(weights)
-    model.reshard()        # it loads into the shards
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-    regather(model)
-
-
-def load_optimizer(model, optimizer, state: dict) -> None:
-    """optimizer_state's dict back into the optimizer, sharded or not."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    if not fsdp_units(model):
-        return optimizer.load_state_dict(state)
-    model.reshard()        # as in optimizer_state
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    state = {"state": {names[i]: v for i, v in state["state"].items()},
-             "param_groups": [g | {"params": [names[i] for i in g["params"]]}
-                              for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
-    regather(model)
-
-
 def close_distributed(ok: bool) -> None:
-    """Tear the process group down on every exit path (main's `finally`). Left to the interpreter's
-    exit, gloo's threads can die in their destructors: "terminate called without an active
-    exception", SIGABRT, and torchrun reports the run failed.
-
-    ok (run() returned): a barrier first, so every rank finishes together. Otherwise (bad input,
-    Ctrl-C, a crash) the other ranks may never arrive, being stuck in a collective or already
-    gone, so wait at most 30 s for them (monitored_barrier; gloo only, NCCL has no per-call
-    timeout) and then leave: a rank that exits non-zero makes torchrun stop the rest.
-    """
+    """Tear the process group down on every exit path (left to the interpreter's exit, gloo's
+    threads can abort in their destructors and torchrun reports a failure). ok: a barrier, so
+    every rank finishes together; otherwise peers may never arrive, so wait at most 30 s."""
     if not torch.distributed.is_initialized():
         return
-    if not ok:
-        # torchrun SIGTERMs the other ranks the moment one exits non-zero; a rank that is itself
-        # on its way out (a tenth of a second behind) would die as -15 instead of reporting its
-        # own exit code. This process is leaving, so SIGTERM has nothing left to stop.
+    if not ok:  # torchrun SIGTERMs the rest when one rank fails: report our own exit code
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if ok:
@@ -1505,25 +1202,13 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
     return row[-1], len(r)
 
 
-def corpus_scores(hyps: list[str], refs: list[str], task: str) -> dict:
-    """Corpus BLEU and chrF (sacrebleu, 0-100), and WER (%) for asr."""
-    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
-    scores = {"bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
-              "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2), "n": len(hyps),
-              "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
-    if task == "asr":
-        errs, words = map(sum, zip(*(word_errors(h, r) for h, r in zip(hyps, refs))))
-        scores["wer"] = round(100 * errs / max(words, 1), 2)
-    return scores
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, desc: str = "eval",
-             dist: Dist = Dist(), decoding: str | None = None) -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy, or the paper's T=0.9 top-p 0.9; default
-    --eval-decoding) and score them. Sampled decoding draws utterance i's tokens from seeds
-    (--seed, i), so a score does not depend on batch size, process count or order.
-    Under torchrun each process decodes every world-th utterance; all get the gathered scores."""
+def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autocast,
+             desc: str = "eval", dist: Dist = Dist(),
+             decoding: str | None = None) -> tuple[dict, list[dict]]:
+    """Decode the first `limit` utterances (greedy, or the paper's T 0.9, top-p 0.9, seeded by
+    (--seed, utterance): no score depends on batch size, process count or order) and score
+    them. Under torchrun each process decodes every world-th utterance."""
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
     idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
@@ -1533,26 +1218,29 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
     system = system_turn(tokenizer, cfg.system_prompt)
     hyps: dict[int, str] = {}
     batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
-    # FSDP: a process with nothing to decode would skip forwards the others record, and their next
-    # backward's prefetch all-gathers would no longer pair up (a hang): it decodes a throwaway
-    throwaway = not batches and bool(fsdp_units(model))
-    for b_idx in tqdm([[0]] if throwaway else batches, desc=desc, leave=False,
-                      disable=None if dist.main else True):
-        batch = collate(data, b_idx, tokenizer, audio_id, system=system, config=model.config,
-                        cache=False).to(model.device)
-        with amp():
+    for b_idx in tqdm(batches, desc=desc, leave=False, disable=None if dist.main else True):
+        batch = collate(data, b_idx, tokenizer, audio_id, system=system,
+                        config=model.config).to(model.device)
+        with autocast():
             s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens,
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                               temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
                               suppress=suppress, uniforms=None if greedy else
                               row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens))
-        if not throwaway:
-            hyps.update(zip(b_idx, decode(tokenizer, s)))
+        hyps.update(zip(b_idx, decode(tokenizer, s.token_lists())))
     hyps = dict(dist.gather(list(hyps.items())))
-    order = sorted(hyps)
     rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}
-            for i in order]
-    return corpus_scores([r["hyp"] for r in rows], [r["ref"] for r in rows], cfg.task), rows
+            for i in sorted(hyps)]
+    # corpus BLEU and chrF (sacrebleu, 0-100), and WER (%) for asr
+    H, R = [r["hyp"] for r in rows], [r["ref"] for r in rows]
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    scores = {"bleu": round(bleu.corpus_score(H, [R]).score, 2),
+              "chrf": round(chrf.corpus_score(H, [R]).score, 2), "n": len(H),
+              "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
+    if cfg.task == "asr":
+        errs, words = map(sum, zip(*(word_errors(h, r) for h, r in zip(H, R))))
+        scores["wer"] = round(100 * errs / max(words, 1), 2)
+    return scores, rows
 
 
 # ----------------------------------------------------------------------- checkpoints ----
@@ -1561,19 +1249,20 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, amp, d
 # (optimizer, scheduler, RNG, step) is loaded with weights_only=True.
 
 
-def save_model(model, tokenizer, path: Path, extra: dict | None = None,
-               dist: Dist = Dist()) -> None:
-    """Every process calls this (FSDP gathers the weights from all of them); rank 0 writes."""
-    state = full_state(model)
-    if not dist.main:
-        return
+def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
+    """The model as a plain transformers checkpoint (any LoRA merged), or with `extra` (the
+    trainer state) a resumable checkpoint/. A LoRA run's checkpoint/ holds only the tensors
+    that train (A, B, the projector), unmerged, so resuming continues bit for bit; the frozen
+    rest comes from --model again."""
+    from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if extra is not None and lora_layers(model):   # a LoRA run's checkpoint/: what trains, unmerged
-        save_trainable(model, tmp)
-    else:                                           # a plain checkpoint: any LoRA merged into W
-        state = merged_state_dict(model) if state is None else state
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    if extra is not None and lora_layers(model):
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad}, tmp / "trainable.safetensors")
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model))
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         torch.save(extra, tmp / "trainer_state.pt")
@@ -1585,74 +1274,294 @@ def load_checkpoint(model, path: Path) -> dict:
     """Weights into `model` (in place) and the trainer state of <out>/checkpoint."""
     if not (path / "trainer_state.pt").is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
-    if lora_layers(model):
-        load_trainable(model, path)
+    from safetensors.torch import load_file
+    if lora_layers(model):  # the trained tensors only
+        saved = load_file(path / "trainable.safetensors", device=str(model.device))
+        live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if saved.keys() != live.keys() or any(saved[n].shape != p.shape for n, p in live.items()):
+            raise InputError(f"{path}: trained tensors do not match --model with these --lora "
+                             "settings")
+        with torch.no_grad():
+            for n, p in live.items():
+                p.copy_(saved[n])
         return torch.load(path / "trainer_state.pt", weights_only=True)
     # from_pretrained maps the saved (hub) names back onto the module's; then copy in place
     saved = type(model).from_pretrained(path, dtype=torch.float32)
     try:
-        load_weights(model, saved.state_dict())
+        model.load_state_dict(saved.state_dict())
     except RuntimeError as e:
         raise InputError(f"{path}: checkpoint does not match --model "
                          f"({str(e).splitlines()[1].strip()[:120]})") from None
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
-def save_trainable(model, path: Path) -> None:
-    """A LoRA run's checkpoint: the tensors that train (A, B, the projector), unmerged, so that
-    resuming continues bit for bit; the frozen rest is reloaded from --model."""
-    from safetensors.torch import save_file
-    path.mkdir(parents=True)
-    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trained, path / "trainable.safetensors")
-    (path / "lora.json").write_text(json.dumps(lora_settings(model=model)))
+# What a run is: --resume with another value of any of these would train a different run on
+# top of this one's checkpoint and mix the two in results.json.
+RUN_IDENTITY = ("task", "mode", "model", "data", "group_size", "lora", "lora_alpha",
+                "lora_targets")
 
 
-def load_trainable(model, path: Path) -> None:
-    """The trained tensors of save_trainable back into `model` (in place)."""
-    from safetensors.torch import load_file
-    saved = load_file(path / "trainable.safetensors", device=str(model.device))
-    live = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if saved.keys() != live.keys() or any(saved[n].shape != p.shape for n, p in live.items()):
-        raise InputError(f"{path}: trained tensors do not match --model with these --lora settings")
-    with torch.no_grad():
-        for n, p in live.items():
-            p.copy_(saved[n])
+def check_resume(cfg: Config) -> None:
+    """--resume keeps the settings that define the run (its config.json), before anything in
+    the run directory is touched."""
+    saved_file = Path(cfg.out) / "config.json"
+    if not (cfg.resume and saved_file.is_file()):
+        return
+    saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(cfg)
+    if not saved.get("lora"):  # full training: LoRA's alpha and targets mean nothing
+        saved |= {"lora_alpha": now["lora_alpha"], "lora_targets": now["lora_targets"]}
+    changed = [k for k in RUN_IDENTITY if saved.get(k) != now[k]]
+    if changed:
+        flags = lambda d: " ".join(f"--{k.replace('_', '-')} {d.get(k)}" for k in changed)
+        raise InputError(f"{saved_file}: trained with {flags(saved)}; resume it with the same, "
+                         f"not {flags(now)}")
 
 
-def rng_state() -> dict:
-    """torch's generators. Sampling and data order need none of it (they are pure functions of
-    (seed, step, index)); it is kept so that any other draw also resumes exactly."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class TrainState:
+    """Where a run is, besides its weights and optimizer: what checkpoint/ stores and resumes."""
+    step: int = 0
+    bad_steps: int = 0          # non-finite updates in a row
+    best_dev: float = -1.0      # best dev BLEU so far (best/ holds its weights)
+
+
+def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, out: Path,
+                    dist: Dist) -> None:
+    # torch's generators too: sampling and data order need none of it (they are functions of
+    # (seed, step, index)), but any other draw then also resumes exactly
+    rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()}
+                                              if torch.cuda.is_available() else {})
+    if dist.main:
+        save_model(policy, tokenizer, out / "checkpoint",
+                   {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": state.step, "bad_steps": state.bad_steps, "best_dev": state.best_dev,
+                    "rng": rng})
+    dist.barrier()
+
+
+def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
+    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint; a fresh state
+    otherwise."""
+    ckpt = out / "checkpoint"
+    if not (cfg.resume and ckpt.exists()):
+        return TrainState()
+    saved = load_checkpoint(policy, ckpt)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    if dist.main:
+        print(f"resumed from {ckpt} at step {saved['step']}")
+        # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
+        log = out / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= saved["step"]))
+    return TrainState(saved["step"], saved["bad_steps"], saved["best_dev"])
 
 
 # ----------------------------------------------------------------------------- train ----
+# One step: rollout (sample G completions per prompt, reward them, normalise the rewards into
+# advantages, take pi_ref's log-probs) then policy_update (the GRPO loss, backward, AdamW).
+# SFT takes the same path with the reference answers as its completions.
+
+
+@dataclass
+class Rollout:
+    """What one step trains on: N = B*G completions (SFT: the B references, G = 1)."""
+    completions: torch.Tensor                # (N, T) token ids, pad after each length
+    mask: torch.Tensor                       # (N, T) True on tokens up to and including EOS
+    group_size: int                          # G
+    rewards: torch.Tensor | None = None      # (N,) r_i; None for SFT
+    advantages: torch.Tensor | None = None   # (N,) A_i
+    old_logp: torch.Tensor | None = None     # (N, T) pi_old, only when mu > 1 (else logp.detach())
+    ref_logp: torch.Tensor | None = None     # (N, T) pi_ref, for the KL term
+    off_policy: torch.Tensor | None = None   # (N,) MP-GRPO's reference rows
+
+
+def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
+            prompt_ids: list[int], suppress, autocast) -> tuple[Rollout, dict]:
+    """Everything one update needs, fixed before it starts: for GRPO the sampled groups (MP-GRPO:
+    G-1 samples and the reference answer), their rewards and advantages; for SFT the references.
+    Then the log-probs held constant through the update: pi_ref's for the KL term and, when
+    mu > 1, pi_old's for the ratio. reward/* metrics describe the on-policy samples only."""
+    grpo, mixed = cfg.mode in ("grpo", "mp-grpo"), cfg.mode == "mp-grpo"
+    G, device = cfg.group_size if grpo else 1, batch.input_ids.device
+    reward_fn, metrics, rewards, advantages, off_policy = REWARDS[cfg.reward], {}, None, None, None
+    if grpo:
+        n = G - 1 if mixed else G                                   # on-policy samples a prompt
+        # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
+        # diverse, or all its rewards tie and the advantages vanish
+        t0 = time.perf_counter()
+        with autocast():
+            s = sample_groups(policy, batch, n, max_new_tokens=cfg.max_new_tokens,
+                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                              temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
+                              uniforms=row_uniforms(cfg.seed, step, prompt_ids, n,
+                                                    cfg.max_new_tokens))
+        t1 = time.perf_counter()
+        groups = s.token_lists()
+        # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
+        references = [t for t in batch.targets for _ in range(n)]
+        rewards = torch.nan_to_num(reward_fn(decode(tokenizer, groups), references), nan=0.)
+        metrics = reward_metrics(rewards.view(-1, n))
+        if mixed:
+            # The reference answer as the G-th, off-policy member. It is cut to the completion
+            # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
+            # less than 1, so the same tokens never score 1 as the reference and less as a sample.
+            full = [encode_target(tokenizer, t) for t in batch.targets]
+            refs = [f[:cfg.max_new_tokens] for f in full]
+            ref_r = torch.nan_to_num(reward_fn(decode(tokenizer, refs), batch.targets),
+                                     nan=0.0)
+            groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
+            rewards = torch.cat([rewards.view(-1, n), ref_r[:, None]], dim=1)      # (B, G)
+            # the spread that makes advantages is the mixed group's, reference included
+            metrics |= {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
+            metrics["reward/ref_mean"] = ref_r.mean().item()
+            metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
+                                                       for f in full) / len(full)
+            off_policy = (torch.arange(len(groups), device=device) % G) == G - 1    # (N,)
+        rewards = rewards.reshape(-1).to(device)                                     # (N,)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
+                        "perf/sample_s": t1 - t0, "perf/reward_s": time.perf_counter() - t1})
+    else:
+        groups = [encode_target(tokenizer, t) for t in batch.targets]
+    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
+    completions = torch.full((len(groups), int(lengths.max())), tokenizer.pad_token_id,
+                             device=device)                                          # (N, T)
+    for i, o in enumerate(groups):
+        completions[i, :len(o)] = torch.tensor(o)
+    mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
+    t0, old_logp, ref_logp = time.perf_counter(), None, None
+    with torch.no_grad(), autocast():
+        if ref_model is not None:
+            ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature)
+        if grpo and cfg.num_iterations > 1:
+            old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
+    metrics["perf/ref_logp_s"] = time.perf_counter() - t0
+    return (Rollout(completions, mask, G, rewards, advantages, old_logp, ref_logp, off_policy),
+            metrics)
+
+
+def reward_metrics(r: torch.Tensor) -> dict:
+    """Logged statistics of (B, n) rewards: mean, mean within-group std, and the share of groups
+    whose rewards are all equal (they carry no advantage, so no gradient but the KL's)."""
+    return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
+            "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
+
+
+def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout: Rollout,
+                  B: int, state: TrainState, autocast, dist: Dist) -> tuple[dict, float]:
+    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Each
+    micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
+    prompts otherwise): the gradients summed over micro-batches and processes are the gradient
+    of the whole batch's loss. Returns metrics (mean over the mu passes) and the grad norm."""
+    ro, G, grpo = rollout, rollout.group_size, rollout.advantages is not None
+    rows_of = lambda x, rows: None if x is None else x[rows]
+    # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
+    # later passes honest, since the policy has moved away from pi_old that sampled the tokens
+    mu = cfg.num_iterations if grpo else 1
+    n_tok = dist.sum(ro.mask.sum().float()).clamp(min=1)    # completion tokens, all processes
+    agg: dict[str, float] = {}
+    for _ in range(mu):
+        pass_loss = 0.0
+        for chunk in torch.arange(len(batch.targets)).chunk(cfg.grad_accum):
+            b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
+            rows, mb_mask = slice(b0 * G, b1 * G), ro.mask[b0 * G:b1 * G]
+            # log pi_theta(o_{i,t}) with gradient, one teacher-forced pass over the micro-batch
+            with autocast():
+                logp, entropy = completion_logprobs(
+                    policy, batch.select(b0, b1), ro.completions[rows], G,
+                    cfg.temperature if grpo else 1.0, cfg.train_encoder, with_entropy=True)
+            if grpo:  # mu = 1: pi_old is the policy itself, logp.detach() (the ratio is 1)
+                old_logp = logp.detach() if ro.old_logp is None else ro.old_logp[rows]
+                loss, m = grpo_loss(
+                    logp, old_logp, rows_of(ro.ref_logp, rows), ro.advantages[rows], mb_mask,
+                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                    loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                    off_policy=rows_of(ro.off_policy, rows))
+                weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
+            else:
+                loss, m = sft_loss(logp, mb_mask), {}
+                weight = mb_mask.sum() / n_tok
+            (loss * weight).backward()
+            pass_loss += loss.item() * float(weight)
+            m["loss/total"] = loss.item()
+            m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v * float(weight) / mu
+        for p in params:  # DDP: the processes' gradients of their shares, summed
+            dist.sum(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        # every process takes the same decision, or their weights would part ways
+        bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
+        if torch.isfinite(grad_norm) and bad_loss == 0:
+            optimizer.step()
+            state.bad_steps = 0
+        else:  # a non-finite loss or gradient never reaches the weights
+            state.bad_steps += 1
+            agg["loss/skipped"] = agg.get("loss/skipped", 0.0) + 1.0 / mu
+            if state.bad_steps >= cfg.max_bad_steps:
+                raise InputError(f"aborting: {state.bad_steps} non-finite losses/gradients in a "
+                                 f"row at step {state.step}")
+        optimizer.zero_grad(set_to_none=True)
+    return agg, float(grad_norm)
+
+
+def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
+    """The step's metrics over every process: update terms summed (they carry their batch
+    weights), rollout statistics averaged."""
+    names = sorted(update)
+    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
+    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
+    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
+    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
+
+
+def setup_training(cfg: Config, policy, dist: Dist):
+    """What trains (the projector and LM; --lora: the projector and LoRA's A, B; --train-encoder
+    adds the encoder), AdamW over it, the schedule, and the frozen reference pi_ref (None when
+    beta = 0), which is taken from the start weights before any compile."""
+    for name, p in policy.named_parameters():
+        p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
+    if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
+        add_lora(policy, cfg)
+    grpo = cfg.mode in ("grpo", "mp-grpo")
+    ref_model = frozen_reference(policy, cfg) if grpo and cfg.beta != 0 else None
+    if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward
+        checkpoint_layers(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.99))
+    if dist.main:  # the trainable share, and AdamW's two moments per trained number
+        n, total = sum(p.numel() for p in params), sum(p.numel() for p in policy.parameters())
+        adam = 2 * sum(p.numel() * p.element_size() for p in params)
+        print(f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%); "
+              f"AdamW state {adam / 2**20:.2f} MB")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
+    if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
+        policy.model.language_model.compile(dynamic=True)
+    policy.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
+    return params, optimizer, scheduler, ref_model
 
 
 class Logger:
     """One call per step: a JSON line in metrics.jsonl and the numbers on the progress bar."""
-
     BAR = {"reward/mean": "reward", "kl/mean": "kl", "loss/total": "loss", "loss/sft": "loss",
            "eval/dev_bleu": "dev", "eval/best_dev_bleu": "best"}
 
-    def __init__(self, path: Path | None, bar):
-        self.fh = open(path, "a", encoding="utf-8") if path else None
-        self.bar = bar
-        self.shown: dict[str, str] = {}  # dev BLEU stays on the bar between evals
+    def __init__(self, path: Path, bar):
+        self.fh, self.bar, self.shown = open(path, "a", encoding="utf-8"), bar, {}
 
     def __call__(self, step: int, metrics: dict) -> None:
-        if self.fh:
-            self.fh.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.fh.flush()
-        if self.bar is not None:
-            self.bar.n = step
-            self.shown.update({name: f"{metrics[k]:.3f}" if k.startswith(("reward", "kl", "loss"))
-                               else f"{metrics[k]:.1f}"
-                               for k, name in self.BAR.items() if k in metrics})
-            self.bar.set_postfix(self.shown)
+        self.fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.fh.flush()
+        self.bar.n = step  # dev BLEU stays on the bar between evaluations
+        self.shown.update({name: f"{metrics[k]:.3f}" if k.startswith(("reward", "kl", "loss"))
+                           else f"{metrics[k]:.1f}"
+                           for k, name in self.BAR.items() if k in metrics})
+        self.bar.set_postfix(self.shown)
 
 
 def lr_lambda(cfg: Config, total: int):
@@ -1665,352 +1574,85 @@ def lr_lambda(cfg: Config, total: int):
     return f
 
 
-class Stop:
-    """SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        self.requested = True
-
-
-def grpo_rollout(cfg, raw_model, tokenizer, batch: Batch, step: int, prompt_ids: list[int],
-                 suppress, reward_fn):
-    """Sample the groups (MP-GRPO: G-1 samples + the reference) and score them.
-
-    Returns completions (N, T), lengths (N,), rewards (N,), off_policy (N,) or None, and metrics.
-    reward/* metrics describe the on-policy samples only; MP-GRPO's reference is logged apart.
-    """
-    G = cfg.group_size
-    mixed = cfg.mode == "mp-grpo"
-    n = G - 1 if mixed else G                                   # on-policy samples per prompt
-    # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
-    # diverse, or all its rewards tie and the advantages vanish
-    uniforms = row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens)
-    t0 = time.perf_counter()
-    s = sample_groups(raw_model, batch, n, max_new_tokens=cfg.max_new_tokens,
-                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                      temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
-                      uniforms=uniforms)
-    t_sample = time.perf_counter() - t0
-    sampled = [row[:k] for row, k in zip(s.tokens.tolist(), s.lengths.tolist())]
-    t0 = time.perf_counter()
-    # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
-    references = [t for t in batch.targets for _ in range(n)]
-    sampled_rewards = torch.nan_to_num(reward_fn(decode_tokens(tokenizer, sampled), references),
-                                       nan=0.0)
-    metrics = reward_metrics(sampled_rewards.view(-1, n))
-    groups, rewards, off_policy, truncated = [], [], [], 0
-    for b, target in enumerate(batch.targets):
-        groups += sampled[b * n:(b + 1) * n]
-        rewards += sampled_rewards[b * n:(b + 1) * n].tolist()
-        off_policy += [False] * n
-        if mixed:
-            # The reference answer as the G-th, off-policy member. It is cut to the completion
-            # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
-            # less than 1, so the same tokens never score 1 as the reference and less as a sample.
-            full = encode_target(tokenizer, target)
-            ref, truncated = full[:cfg.max_new_tokens], truncated + (len(full) > cfg.max_new_tokens)
-            groups.append(ref)
-            rewards.append(float(torch.nan_to_num(
-                reward_fn(decode_tokens(tokenizer, [ref]), [target]), nan=0.0)[0]))
-            off_policy.append(True)
-    if mixed:  # the spread that makes advantages is the mixed group's, reference included
-        mixed_r = torch.tensor(rewards).view(-1, G)
-        metrics |= {k: v for k, v in reward_metrics(mixed_r).items() if k != "reward/mean"}
-        metrics["reward/ref_mean"] = mixed_r[:, -1].mean().item()
-        metrics["reward/ref_truncated_frac"] = truncated / len(batch.targets)
-    metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
-                    "perf/sample_s": t_sample, "perf/reward_s": time.perf_counter() - t0})
-    device = batch.input_ids.device
-    completions, lengths = pad_completions(groups, tokenizer.pad_token_id, device)
-    return (completions, lengths, torch.tensor(rewards, device=device),
-            torch.tensor(off_policy, device=device) if mixed else None, metrics)
-
-
-def reward_metrics(r: torch.Tensor) -> dict:
-    """Logged statistics of (B, n) rewards: mean, mean within-group std, and the share of groups
-    whose rewards are all equal (they carry no advantage, so no gradient but the KL's)."""
-    return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
-            "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
-
-
-@dataclass
-class TrainState:
-    """Where a run is, besides its weights and optimizer: what checkpoint/ stores and resumes."""
-    step: int = 0
-    bad_steps: int = 0          # non-finite updates in a row
-    best_dev: float = -1.0      # best dev BLEU so far (best/ holds its weights)
-
-
-@dataclass
-class Rollout:
-    """What one step trains on: N = B*G completions (SFT: the B references, G = 1)."""
-    completions: torch.Tensor                # (N, T) token ids, pad after each length
-    mask: torch.Tensor                       # (N, T) True on tokens up to and including EOS
-    group_size: int                          # G
-    advantages: torch.Tensor | None = None   # (N,) A_i; None for SFT
-    old_logp: torch.Tensor | None = None     # (N, T) pi_old, only when mu > 1 (else logp.detach())
-    ref_logp: torch.Tensor | None = None     # (N, T) pi_ref, for the KL term
-    off_policy: torch.Tensor | None = None   # (N,) MP-GRPO's reference rows
-
-
-def pad_completions(rows: list[list[int]], pad_id: int,
-                    device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as an (N, T) tensor padded on the right, and their (N,) lengths."""
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    completions = torch.full((len(rows), int(lengths.max())), pad_id, device=device)
-    for i, r in enumerate(rows):
-        completions[i, :len(r)] = torch.tensor(r)
-    return completions, lengths
-
-
-def restore(cfg: Config, raw_model, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
-    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint; a fresh state
-    otherwise."""
-    ckpt = out / "checkpoint"
-    if not (cfg.resume and ckpt.exists()):
-        return TrainState()
-    state = load_checkpoint(raw_model, ckpt)
-    load_optimizer(raw_model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if dist.main:
-        print(f"resumed from {ckpt} at step {state['step']}")
-        # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
-        log = out / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.exists() else []
-        log.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= state["step"]))
-    return TrainState(state["step"], state["bad_steps"], state["best_dev"])
-
-
-def save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts: TrainState, out: Path,
-                    dist: Dist) -> None:
-    save_model(raw_model, tokenizer, out / "checkpoint",
-               {"optimizer": optimizer_state(raw_model, optimizer),
-                "scheduler": scheduler.state_dict(), "step": ts.step, "bad_steps": ts.bad_steps,
-                "best_dev": ts.best_dev, "rng": rng_state()}, dist)
-    dist.barrier()
-
-
-def evaluate_and_keep_best(cfg: Config, raw_model, tokenizer, dev: SpeechData, amp, ts: TrainState,
-                           out: Path, dist: Dist) -> dict:
+def evaluate_and_keep_best(cfg: Config, policy, tokenizer, dev: SpeechData, autocast,
+                           state: TrainState, out: Path, dist: Dist) -> dict:
     """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper
     reports)."""
-    with gathered(raw_model):
-        scores, _ = evaluate(raw_model, tokenizer, dev, cfg, cfg.dev_limit, amp, "dev", dist)
-    if scores["bleu"] > ts.best_dev:
-        ts.best_dev = scores["bleu"]
-        save_model(raw_model, tokenizer, out / "best", dist=dist)
+    scores, _ = evaluate(policy, tokenizer, dev, cfg, cfg.dev_limit, autocast, "dev", dist)
+    if scores["bleu"] > state.best_dev:
+        state.best_dev = scores["bleu"]
+        if dist.main:
+            save_model(policy, tokenizer, out / "best")
         dist.barrier()
     return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | \
-        {"eval/best_dev_bleu": ts.best_dev}
+        {"eval/best_dev_bleu": state.best_dev}
 
 
-def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, r: Rollout, B: int,
-                  ts: TrainState, amp, dist: Dist) -> tuple[dict, float]:
-    """mu optimizer steps on one rollout (SFT: one), each over micro-batches of whole groups.
-
-    Each micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
-    prompts otherwise), so that the gradients summed over micro-batches and processes are the
-    gradient of the whole batch's loss. Returns metrics averaged over the mu passes, and the last
-    pass's gradient norm.
-    """
-    G, grpo = r.group_size, r.advantages is not None
-    # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
-    # later passes honest, since the policy has moved away from pi_old that sampled the tokens
-    mu = cfg.num_iterations if grpo else 1
-    n_tok = dist.sum(r.mask.sum().float()).clamp(min=1)       # completion tokens, all processes
-    agg: dict[str, float] = {}
-    for _ in range(mu):
-        pass_loss = 0.0
-        for chunk in torch.arange(len(batch.targets)).chunk(cfg.grad_accum):
-            b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
-            rows, mb_mask = slice(b0 * G, b1 * G), r.mask[b0 * G:b1 * G]
-            # log pi_theta(o_{i,t}) with gradient, one teacher-forced pass over the micro-batch
-            with amp():
-                logp, entropy = completion_logprobs(
-                    policy, batch.select(b0, b1), r.completions[rows], G,
-                    cfg.temperature if grpo else 1.0, cfg.train_encoder, with_entropy=True)
-            # mu = 1: pi_old is the policy itself, so logp.detach() (the ratio is 1 in value)
-            if grpo:
-                loss, m = grpo_loss(
-                    logp, logp.detach() if r.old_logp is None else r.old_logp[rows],
-                    None if r.ref_logp is None else r.ref_logp[rows], r.advantages[rows], mb_mask,
-                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                    loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
-                    off_policy=None if r.off_policy is None else r.off_policy[rows])
-                weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
-            else:
-                loss, m = sft_loss(logp, mb_mask), {}
-                weight = mb_mask.sum() / n_tok
-            (loss * weight).backward()
-            pass_loss += loss.item() * float(weight)
-            m["loss/total"] = loss.item()
-            m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v * float(weight) / mu
-        if not cfg.fsdp:  # FSDP has summed them (reduce-scatter) in backward
-            for p in params:
-                dist.sum(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        # every process takes the same decision, or their weights would part ways
-        bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
-        if torch.isfinite(grad_norm) and bad_loss == 0:
-            optimizer.step()
-            ts.bad_steps = 0
-        else:  # a non-finite loss or gradient never reaches the weights
-            ts.bad_steps += 1
-            agg["loss/skipped"] = agg.get("loss/skipped", 0.0) + 1.0 / mu
-            if ts.bad_steps >= cfg.max_bad_steps:
-                raise InputError(f"aborting: {ts.bad_steps} non-finite losses/gradients in a row "
-                                 f"at step {ts.step}")
-        optimizer.zero_grad(set_to_none=True)
-    return agg, float(grad_norm)
-
-
-def all_processes(metrics: dict, update: dict, dist: Dist) -> dict:
-    """The step's metrics over every process: update terms summed (they carry their batch
-    weights), rollout statistics averaged."""
-    names = sorted(update)
-    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
-    rollout = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
-    means = dist.sum(torch.tensor([metrics[k] for k in rollout], dtype=torch.float64)) / dist.world
-    return metrics | dict(zip(names, totals.tolist())) | dict(zip(rollout, means.tolist()))
-
-
-def setup_training(cfg: Config, raw_model, dist: Dist):
-    """What trains (the projector and LM; --lora: the projector and LoRA's A, B; --train-encoder
-    adds the encoder), AdamW over it, the schedule, and the frozen reference pi_ref (None when
-    beta = 0), which is taken from the start weights before any compile. --fsdp shards both."""
-    for name, p in raw_model.named_parameters():
-        p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
-    if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
-        add_lora(raw_model, cfg)
-    # the frozen reference pi_ref is copied from the start weights, before any compile or sharding
-    grpo = cfg.mode in ("grpo", "mp-grpo")
-    ref_model = frozen_reference(raw_model, cfg) if grpo and cfg.beta != 0 else None
-    if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward
-        checkpoint_layers(raw_model)
-    sharded = list(filter(None, [raw_model, ref_model] if cfg.fsdp else []))
-    for model in sharded:     # before the optimizer: FSDP replaces the parameters by shards
-        shard_model(model)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.99))
-    if cfg.fsdp:  # each step updates the shards: gather the root's weights afresh
-        optimizer.register_step_post_hook(lambda *_: regather(raw_model, stale_only=True))
-    for model in sharded:
-        regather(model)
-    if dist.main:
-        print(trainable_summary(raw_model, params))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
-    if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
-        raw_model.model.language_model.compile(dynamic=True)
-    raw_model.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
-    return params, optimizer, scheduler, ref_model
-
-
-def make_rollout(cfg: Config, raw_model, ref_model, tokenizer, batch: Batch, step: int,
-                 prompt_ids: list[int], suppress, amp) -> tuple[Rollout, dict]:
-    """Everything one update needs, fixed before it starts: the completions (sampled groups and
-    their advantages for GRPO; the references for SFT) and the log-probs held constant through
-    the update: pi_ref's for the KL term and, when mu > 1, pi_old's for the ratio."""
-    device = batch.input_ids.device
-    if cfg.mode in ("grpo", "mp-grpo"):
-        G = cfg.group_size
-        with amp(), gathered(raw_model):   # FSDP: every process samples its own number of tokens
-            completions, lengths, rewards, off_policy, metrics = grpo_rollout(
-                cfg, raw_model, tokenizer, batch, step, prompt_ids, suppress, REWARDS[cfg.reward])
-        r = Rollout(completions, None, G, group_advantages(rewards, G, cfg.scale_rewards),
-                    off_policy=off_policy)
-    else:
-        completions, lengths = pad_completions([encode_target(tokenizer, t) for t in batch.targets],
-                                               tokenizer.pad_token_id, device)
-        r, metrics = Rollout(completions, None, 1), {}
-    r.mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]   # (N, T)
-    t0 = time.perf_counter()
-    with torch.no_grad(), amp():
-        if ref_model is not None:
-            r.ref_logp = completion_logprobs(ref_model, batch, completions, r.group_size,
-                                             cfg.temperature)
-        if r.advantages is not None and cfg.num_iterations > 1:
-            r.old_logp = completion_logprobs(raw_model, batch, completions, r.group_size,
-                                             cfg.temperature)
-    metrics["perf/ref_logp_s"] = time.perf_counter() - t0
-    return r, metrics
-
-
-def train(cfg: Config, raw_model, tokenizer, splits: dict[str, SpeechData], out: Path, amp, device,
-          dist: Dist = Dist()) -> Path:
+def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Path, autocast,
+          device, dist: Dist = Dist()) -> Path:
     """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
-
-    Returns the directory of the best-on-dev weights (best/), which results.json reports.
-    """
-    # prompts per step
+    Returns best/, the best-on-dev weights, which results.json reports."""
+    # prompts per step, and this process's share of them
     B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size
-    B_local = B // dist.world                                   # this process's share of them
-    params, optimizer, scheduler, ref_model = setup_training(cfg, raw_model, dist)
-    audio_id = raw_model.config.audio_token_id
-    suppress = suppressed_ids(tokenizer, raw_model.config.text_config.vocab_size, audio_id)
+    B_local = B // dist.world
+    params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
+    audio_id = policy.config.audio_token_id
+    suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id)
     system = system_turn(tokenizer, cfg.system_prompt)
-    ts = restore(cfg, raw_model, optimizer, scheduler, out, dist)
-    stop, bar = Stop(), tqdm(total=cfg.max_steps, initial=ts.step, desc=cfg.mode,
-                             disable=not dist.main)
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    state = restore(cfg, policy, optimizer, scheduler, out, dist)
+    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit cleanly
+    stop = threading.Event()
+    old_handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT,
+                                                                          signal.SIGTERM)}
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
     log = Logger(out / "metrics.jsonl", bar) if dist.main else (lambda step, metrics: None)
-    dev_eval = lambda: evaluate_and_keep_best(cfg, raw_model, tokenizer, splits["dev"], amp, ts,
-                                              out, dist)
-    keep = lambda: save_checkpoint(raw_model, tokenizer, optimizer, scheduler, ts, out, dist)
-    if ts.step == 0:
-        log(0, dev_eval())  # the start model is a candidate too: best-on-dev may be step 0
+    evaluate_dev = lambda: evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"], autocast,
+                                                  state, out, dist)
+    checkpoint = lambda: save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
+    if state.step == 0:
+        log(0, evaluate_dev())  # the start model is a candidate too: best-on-dev may be step 0
     try:
-        while ts.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.requested))):
+        while state.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.is_set()))):
             t_step = time.perf_counter()
-            first = dist.rank * B_local  # this process's prompts of the step
-            idx = splits["train"].batch_indices(cfg.seed, ts.step, B)[first:first + B_local]
+            first = dist.rank * B_local
+            idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
-                            config=raw_model.config).to(device)
-            r, metrics = make_rollout(cfg, raw_model, ref_model, tokenizer, batch, ts.step,
-                                      list(range(first, first + B_local)), suppress, amp)
+                            config=policy.config).to(device)
+            step_rollout, metrics = rollout(cfg, policy, ref_model, tokenizer, batch, state.step,
+                                            list(range(first, first + B_local)), suppress,
+                                            autocast)
             t0 = time.perf_counter()
-            update, grad_norm = policy_update(cfg, raw_model, params, optimizer, batch, r, B, ts,
-                                              amp, dist)
-            metrics = all_processes(metrics, update, dist)
-            if r.advantages is None:
+            update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, step_rollout,
+                                              B, state, autocast, dist)
+            metrics = over_processes(metrics, update, dist)
+            if step_rollout.advantages is None:
                 metrics["loss/sft"] = metrics.pop("loss/total")
             metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
                             "lr": scheduler.get_last_lr()[0],
                             "perf/step_s": time.perf_counter() - t_step})
             scheduler.step()
-            ts.step += 1
-            if ts.step % cfg.eval_every == 0 or ts.step == cfg.max_steps:
-                metrics.update(dev_eval())
-                keep()
-            log(ts.step, metrics)
+            state.step += 1
+            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                metrics.update(evaluate_dev())
+                checkpoint()
+            log(state.step, metrics)
     finally:
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if ts.step < cfg.max_steps:  # a process was asked to stop
-        keep()
+    if state.step < cfg.max_steps:  # a process was asked to stop
+        checkpoint()
         if dist.main:
-            print(f"stopped at step {ts.step}; checkpoint in {out / 'checkpoint'} "
+            print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
                   "(continue with --resume)")
         raise SystemExit(130)
-    save_model(raw_model, tokenizer, out / "final", dist=dist)
+    if dist.main:
+        save_model(policy, tokenizer, out / "final")
     dist.barrier()
     return out / "best"
 
 
 # ------------------------------------------------------------------------------ main ----
-
-
-def nullamp():
-    return torch.autocast("cpu", enabled=False)
 
 
 def pick_device(name: str) -> torch.device:
@@ -2038,15 +1680,15 @@ def run(cfg: Config) -> dict:
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
         raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible "
                          f"by the {dist.world} processes")
-    if cfg.fsdp and not torch.distributed.is_initialized():
-        raise InputError("--fsdp shards over torchrun's processes: run it under torchrun")
     torch.manual_seed(cfg.seed)
     # every input is checked before the run directory is made
     wanted = ("test",) if cfg.mode == "eval" else ("train", "dev", "test")
-    splits = {k: SpeechData(v, cfg.max_audio_seconds, cache_mb=cfg.audio_cache_mb)
+    splits = {k: SpeechData(v)
               for k, v in load_splits(cfg.data, cfg.task, wanted, cfg.max_audio_seconds).items()}
     model, tokenizer = load_model(cfg.model, device)
-    check_lora(cfg, model)
+    if cfg.lora:
+        lora_sites(model, cfg.lora_targets)   # the targets exist
+    check_resume(cfg)
     out = Path(cfg.out)
     if dist.main:
         prepare_out(cfg)
@@ -2054,7 +1696,7 @@ def run(cfg: Config) -> dict:
     say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forward passes, fp32 weights and
     # log-probs
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, "
         f"processes {dist.world}")
     if (system := system_turn(tokenizer, cfg.system_prompt)) is not None:
@@ -2063,12 +1705,12 @@ def run(cfg: Config) -> dict:
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}
     if dist.main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    score_test(model, tokenizer, splits["test"], cfg, amp, dist, "base", results, out)
+    score_test(model, tokenizer, splits["test"], cfg, autocast, dist, "base", results, out)
     say(f"sacrebleu: {results['base']['signature']}")
     say(f"start model on test: {fmt(results['base'])}; sampled: {fmt(results['base_sample'])}")
     if cfg.mode == "eval":
         return results
-    best = train(cfg, model, tokenizer, splits, out, amp, device, dist)
+    best = train(cfg, model, tokenizer, splits, out, autocast, device, dist)
     del model  # its weights are in final/; two 8B models at once may not fit
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -2076,20 +1718,20 @@ def run(cfg: Config) -> dict:
     results["selection"] = (f"best dev BLEU ({cfg.eval_decoding} decoding, {dev_n} dev "
                             f"utterances) among step 0 and every {cfg.eval_every} steps")
     best_model, _ = load_model(str(best), device)
-    score_test(best_model, tokenizer, splits["test"], cfg, amp, dist, "final", results, out)
+    score_test(best_model, tokenizer, splits["test"], cfg, autocast, dist, "final", results, out)
     say(f"best-on-dev model on test: {fmt(results['final'])}; "
         f"sampled: {fmt(results['final_sample'])}")
     return results
 
 
-def score_test(model, tokenizer, test: SpeechData, cfg: Config, amp, dist: Dist, tag: str,
+def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: Dist, tag: str,
                results: dict, out: Path) -> None:
     """results[tag] (greedy) and results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
     utterance) on the test split, hypotheses beside them; results.json is rewritten after each."""
     for decoding, key in (("greedy", tag), ("sample", f"{tag}_sample")):
         if key in results:  # --resume: scored before the interruption
             continue
-        results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, amp,
+        results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, autocast,
                                       f"test {key}", dist, decoding=decoding)
         results[key]["decoding"] = decoding
         if dist.main:

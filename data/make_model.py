@@ -22,6 +22,7 @@ imported from it, so the model hears and reads exactly what GRPO later feeds it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -158,7 +159,7 @@ def pretrain(data: str | Path, out: str | Path, steps: list[int], *, seed: int =
     print(f"tiny Granite Speech: {n_params / 1e6:.2f}M parameters, "
           f"vocabulary {len(tokenizer)}")
     asr = gs.SpeechData(rows["asr"])
-    both = gs.SpeechData(rows["asr"] + rows["ast"])  # ast rows share asr's files: cached twice
+    both = gs.SpeechData(rows["asr"] + rows["ast"])  # ast rows share asr's files
     pad, audio_id = tokenizer.pad_token_id, model.config.audio_token_id
     words = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     encoder = model.model.encoder
@@ -264,7 +265,7 @@ def pretrain(data: str | Path, out: str | Path, steps: list[int], *, seed: int =
     model.eval()
     for task, dev in devs.items():
         cfg = gs.Config(task=task, seed=seed)  # its greedy decoding and lengths, as after GRPO
-        scores, _ = gs.evaluate(model, tokenizer, gs.SpeechData(dev), cfg, dev_limit, gs.nullamp,
+        scores, _ = gs.evaluate(model, tokenizer, gs.SpeechData(dev), cfg, dev_limit, contextlib.nullcontext,
                                 desc=f"dev {task}")
         log[f"dev_{task}"] = scores
         print(f"dev {task}: {scores}")
