@@ -147,13 +147,18 @@ class Config:
     eval_every: int = opt(30, "steps between dev evaluations; the best-on-dev weights go to best/")
     eval_limit: int = opt(200, "test utterances scored for results.json (0: all)")
     dev_limit: int = opt(0, "dev utterances scored every --eval-every steps (0: all)")
-    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy or sample (T 0.9, "
-                                       "top-p 0.9, the paper's); test is scored under both",
-                             choices=("greedy", "sample"))
+    eval_decoding: str = opt("greedy", "dev decoding that selects best/: greedy, sample (T 0.9, "
+                                       "top-p 0.9, the paper's) or beam; test is scored greedy "
+                                       "and sampled, and beam when chosen",
+                             choices=("greedy", "sample", "beam"))
+    num_beams: int = opt(4, "beams of --eval-decoding beam (the model card's 4)")
     eval_batch_size: int = opt(32, "utterances per evaluation batch")
     # machinery
     seed: int = opt(0, "seed; every random draw derives from (seed, step, index)")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    threads: str = opt("auto", "CPU threads: auto (1 for an LM narrower than 512, which a second "
+                               "thread slows down on a busy machine; else every core), a number, "
+                               "or torch (its own default); OMP_NUM_THREADS, if set, wins")
     bf16: bool = opt(False, "bf16 autocast for forward passes (log-probs stay fp32)")
     compile: bool = opt(False, "torch.compile the language model")
     grad_checkpointing: bool = opt(False, "recompute each LM layer in the backward instead of "
@@ -212,7 +217,7 @@ def resolve_config(cfg: Config) -> Config:
                                           "2 completions to have an advantage"),
         *[(getattr(cfg, k) >= 1, f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least 1")
           for k in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum",
-                    "eval_batch_size", "sft_batch_size")],
+                    "eval_batch_size", "sft_batch_size", "num_beams")],
         (cfg.lora >= 0 and (not cfg.lora or cfg.lora_alpha > 0),
          f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: the rank must be >= 0 and alpha > 0"),
         (cfg.batch_size >= 1 and cfg.batch_size % cfg.grad_accum == 0,
@@ -223,6 +228,8 @@ def resolve_config(cfg: Config) -> Config:
         (0 < cfg.top_p <= 1, f"--top-p {cfg.top_p} must be in (0, 1]"),
         (min(cfg.beta, cfg.epsilon, cfg.epsilon_high) >= 0,
          "--beta, --epsilon and --epsilon-high must be >= 0"),
+        (cfg.threads in ("auto", "torch") or cfg.threads.isdigit() and int(cfg.threads) >= 1,
+         f"--threads {cfg.threads}: auto, torch or a number >= 1"),
     ]
     for holds, message in checks:
         if not holds:
@@ -625,7 +632,7 @@ def load_model(name: str, device: torch.device):
         if bad:
             raise InputError(f"{path}: weights do not match config.json ({', '.join(bad[:3])}"
                              f"{', ...' if len(bad) > 3 else ''})")
-        model.name_or_path = str(name)
+        model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not Path(name).exists() else ""
@@ -1203,18 +1210,75 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos_id: int,
+                suppress: torch.Tensor | None = None) -> list[list[int]]:
+    """Each prompt's best completion as transformers' generate(num_beams=K) finds it
+    (length_penalty 1, early_stopping False), but on lm_logits: transformers 5.24 skips
+    logits_scaling, which leaves greedy alone and changes beam scores. Each step the K beams
+    propose their 2K best continuations by summed log-prob; those ranked in the top K that end
+    (EOS or the last allowed token) become hypotheses, scored by sum / generated length, K kept
+    a prompt; the K best others run on. A prompt is done once its best running beam, so
+    normalised, cannot beat its worst hypothesis."""
+    from transformers import StaticCache
+    (B, P), K, T, device = batch.input_ids.shape, num_beams, max_new_tokens, batch.input_ids.device
+    cache = StaticCache(config=model.config, max_cache_len=P + T)
+    attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, T)], dim=1)
+    pos = positions(batch.attention_mask)
+    out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
+                      position_ids=pos, cache=cache, use_cache=True)
+    cache.reorder_cache(torch.arange(B, device=device).repeat_interleave(K))      # (B*K, ...)
+    attn, next_pos = attn.repeat_interleave(K, 0), pos[:, -1:].repeat_interleave(K, 0) + 1
+    logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(K, 0)
+    V = logits.shape[-1]
+    banned = torch.zeros(V, dtype=torch.bool, device=device)
+    if suppress is not None:
+        banned[suppress.to(device)] = True
+    running = torch.zeros(B, K, device=device)       # summed log-probs of the live beams
+    running[:, 1:] = -1e9                            # at first the K copies are one beam
+    seqs = torch.zeros(B, K, T, dtype=torch.long, device=device)
+    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]   # best first, <= K
+    done = [False] * B
+    for t in range(T):
+        logp = torch.log_softmax(logits, dim=-1).masked_fill(banned, -float("inf"))  # (B*K, V)
+        top, idx = (logp.view(B, K, V) + running[:, :, None]).view(B, K * V).topk(2 * K)
+        beam, token = idx // V, idx % V                                              # (B, 2K)
+        seqs = seqs.gather(1, beam[:, :, None].expand(-1, -1, T))
+        seqs[:, :, t] = token
+        ends = (token == eos_id) | (t == T - 1)
+        for b in range(B):
+            if not done[b]:
+                hyps[b] += [((top[b, r] / (t + 1)).item(), seqs[b, r, :t + 1].tolist())
+                            for r in range(K) if ends[b, r]]
+                hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:K]
+        keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
+        running, seqs = top.gather(1, keep), seqs.gather(1, keep[:, :, None].expand(-1, -1, T))
+        done = [d or (len(h) == K and running[b, 0].item() / (t + 1) <= h[-1][0])
+                for b, (d, h) in enumerate(zip(done, hyps))]
+        if all(done) or t == T - 1:
+            break
+        cache.reorder_cache((beam.gather(1, keep) + K * torch.arange(B, device=device)[:, None])
+                            .flatten())
+        out = model.model.language_model(input_ids=seqs[:, :, t].reshape(-1, 1),
+                                         attention_mask=attn, position_ids=next_pos, cache=cache,
+                                         use_cache=True)
+        logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
+    return [h[0][1] for h in hyps]
+
+
+@torch.no_grad()
 def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autocast,
              desc: str = "eval", dist: Dist = Dist(),
              decoding: str | None = None) -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy, or the paper's T 0.9, top-p 0.9, seeded by
-    (--seed, utterance): no score depends on batch size, process count or order) and score
-    them. Under torchrun each process decodes every world-th utterance."""
+    """Decode the first `limit` utterances (greedy; the paper's T 0.9, top-p 0.9, seeded by
+    (--seed, utterance): no score depends on batch size, process count or order; or beam) and
+    score them. Under torchrun each process decodes every world-th utterance."""
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
     idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
     audio_id = model.config.audio_token_id
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
-    greedy = (decoding or cfg.eval_decoding) == "greedy"
+    decoding = decoding or cfg.eval_decoding
+    greedy = decoding == "greedy"
     system = system_turn(tokenizer, cfg.system_prompt)
     hyps: dict[int, str] = {}
     batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
@@ -1222,12 +1286,18 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
         batch = collate(data, b_idx, tokenizer, audio_id, system=system,
                         config=model.config).to(model.device)
         with autocast():
-            s = sample_groups(model, batch, 1, max_new_tokens=cfg.max_new_tokens,
-                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                              temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
-                              suppress=suppress, uniforms=None if greedy else
-                              row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens))
-        hyps.update(zip(b_idx, decode(tokenizer, s.token_lists())))
+            if decoding == "beam":
+                completions = beam_search(model, batch, num_beams=cfg.num_beams,
+                                          max_new_tokens=cfg.max_new_tokens,
+                                          eos_id=tokenizer.eos_token_id, suppress=suppress)
+            else:
+                completions = sample_groups(
+                    model, batch, 1, max_new_tokens=cfg.max_new_tokens,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                    temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
+                    suppress=suppress, uniforms=None if greedy else
+                    row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens)).token_lists()
+        hyps.update(zip(b_idx, decode(tokenizer, completions)))
     hyps = dict(dist.gather(list(hyps.items())))
     rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}
             for i in sorted(hyps)]
@@ -1264,10 +1334,36 @@ def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model))
     tokenizer.save_pretrained(tmp)
+    # What the model card's AutoProcessor and generate read: the source's files verbatim, or a
+    # processor_config.json of this file's own front end
+    src = Path(getattr(model, "source_dir", ""))
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    if not any((src / name).is_file() for name in PROCESSOR_FILES[:2]):
+        (tmp / "processor_config.json").write_text(
+            json.dumps(processor_config(model.config), indent=2, sort_keys=True) + "\n")
     if extra is not None:
         torch.save(extra, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def processor_config(config) -> dict:
+    """processor_config.json as transformers' GraniteSpeechProcessor.save_pretrained writes it
+    for the front end of log_mel_batch and num_audio_tokens (no torchaudio needed to write it)."""
+    mel = {"hop_length": 160, "n_fft": 512, "n_mels": 80, "sample_rate": SAMPLE_RATE,
+           "win_length": 400}
+    return {"audio_processor": {
+        "feature_extractor_type": "GraniteSpeechFeatureExtractor", "feature_size": 80,
+        "melspec_kwargs": mel, "padding_side": "right", "padding_value": 0.0,
+        "projector_downsample_rate": config.downsample_rate,
+        "projector_window_size": config.window_size, "return_attention_mask": True,
+        "sampling_rate": SAMPLE_RATE}, "audio_token": AUDIO_TOKEN,
+        "processor_class": "GraniteSpeechProcessor"}
 
 
 def load_checkpoint(model, path: Path) -> dict:
@@ -1661,6 +1757,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_threads(cfg: Config, model, device: torch.device) -> None:
+    """The CPU thread policy (README: Speed). A narrow model runs thousands of small parallel
+    regions a step; when another process holds a core, each waits for a descheduled sibling
+    thread (20x slower measured), so it gets one thread. Wide layers pay for every core."""
+    if device.type != "cpu" or cfg.threads == "torch" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    narrow = model.config.text_config.hidden_size < 512
+    torch.set_num_threads(int(cfg.threads) if cfg.threads.isdigit() else 1 if narrow else cores)
+
+
 def prepare_out(cfg: Config) -> Path:
     """Refuse to mix two runs in one directory; created only after every input was checked."""
     out = Path(cfg.out)
@@ -1675,7 +1782,14 @@ def prepare_out(cfg: Config) -> Path:
 
 def run(cfg: Config) -> dict:
     """Everything `python grpo_speech.py` does; returns results.json's contents."""
+    import huggingface_hub
+    from transformers.utils import logging as hf_logging
     cfg = resolve_config(cfg)
+    # our progress bars only: transformers' own (loading and writing weights) and its advice off;
+    # the hub's download bars stay
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    huggingface_hub.utils.enable_progress_bars()
     dist, device = init_distributed(cfg)
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
         raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible "
@@ -1686,6 +1800,7 @@ def run(cfg: Config) -> dict:
     splits = {k: SpeechData(v)
               for k, v in load_splits(cfg.data, cfg.task, wanted, cfg.max_audio_seconds).items()}
     model, tokenizer = load_model(cfg.model, device)
+    set_threads(cfg, model, device)
     if cfg.lora:
         lora_sites(model, cfg.lora_targets)   # the targets exist
     check_resume(cfg)
@@ -1707,7 +1822,7 @@ def run(cfg: Config) -> dict:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     score_test(model, tokenizer, splits["test"], cfg, autocast, dist, "base", results, out)
     say(f"sacrebleu: {results['base']['signature']}")
-    say(f"start model on test: {fmt(results['base'])}; sampled: {fmt(results['base_sample'])}")
+    say(f"start model on test: {fmt(results, 'base')}")
     if cfg.mode == "eval":
         return results
     best = train(cfg, model, tokenizer, splits, out, autocast, device, dist)
@@ -1719,16 +1834,17 @@ def run(cfg: Config) -> dict:
                             f"utterances) among step 0 and every {cfg.eval_every} steps")
     best_model, _ = load_model(str(best), device)
     score_test(best_model, tokenizer, splits["test"], cfg, autocast, dist, "final", results, out)
-    say(f"best-on-dev model on test: {fmt(results['final'])}; "
-        f"sampled: {fmt(results['final_sample'])}")
+    say(f"best-on-dev model on test: {fmt(results, 'final')}")
     return results
 
 
 def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: Dist, tag: str,
                results: dict, out: Path) -> None:
-    """results[tag] (greedy) and results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
-    utterance) on the test split, hypotheses beside them; results.json is rewritten after each."""
-    for decoding, key in (("greedy", tag), ("sample", f"{tag}_sample")):
+    """results[tag] (greedy), results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
+    utterance) and, with --eval-decoding beam, results[tag + "_beam"] on the test split, with
+    the hypotheses beside them; results.json is rewritten after each."""
+    for decoding in ("greedy", "sample", "beam")[:3 if cfg.eval_decoding == "beam" else 2]:
+        key = tag if decoding == "greedy" else f"{tag}_{decoding}"
         if key in results:  # --resume: scored before the interruption
             continue
         results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, autocast,
@@ -1739,8 +1855,12 @@ def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: 
             write_jsonl(out / f"hyps_{key}.jsonl", hyps)
 
 
-def fmt(scores: dict) -> str:
-    return ", ".join(f"{k.upper()} {v}" for k, v in scores.items() if k in ("bleu", "chrf", "wer"))
+def fmt(results: dict, tag: str) -> str:
+    """One line for the console: greedy, sampled and (when scored) beam test scores."""
+    return "; ".join(f"{name}" + ", ".join(f" {k.upper()} {v}" for k, v in results[key].items()
+                                           if k in ("bleu", "chrf", "wer"))
+                     for name, key in (("", tag), ("sampled:", f"{tag}_sample"),
+                                       ("beam:", f"{tag}_beam")) if key in results).strip()
 
 
 def write_json(path: Path, obj) -> None:

@@ -1085,6 +1085,8 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_p
         (["--mode", "mp-grpo", "--top-p", "0"], "--top-p 0", True),
         (["--mode", "grpo", "--num-iterations", "0"], "--num-iterations 0", True),
         (["--mode", "sft", "--max-new-tokens", "0"], "--max-new-tokens 0", True),
+        (["--threads", "0"], "--threads 0", True),
+        (["--threads", "many"], "--threads many", True),
         (["--out", taken], str(taken), False),
     ]
     for extra, culprit, fresh_out in cases:
@@ -1819,3 +1821,149 @@ def test_cli_grad_checkpointing_gives_the_same_run(mode_runs, tiny_data, fixture
     _check_ok(p)
     assert _step_metrics(tmp_path / "ckpt") == _step_metrics(plain)         # bit for bit on CPU
     assert _same_weights(plain / "final", tmp_path / "ckpt" / "final")
+
+
+# ------------------------------------------ the way out: the model card's code, beam search ----
+
+
+def test_checkpoints_carry_the_source_processor_files_verbatim(fixture_model_dir, tiny_data, tmp_path):
+    """best/, final/ and checkpoint/ hold the source's processor and generation files byte for byte;
+    a source without processor files gets processor_config.json of this file's front end."""
+    src = tmp_path / "src"
+    shutil.copytree(fixture_model_dir, src)
+    written = json.loads((src / "processor_config.json").read_text())   # make_model's save_model wrote it
+    assert written == gs.processor_config(gs.load_model(str(src), torch.device("cpu"))[0].config)
+    assert written["audio_processor"]["projector_window_size"] == 15 and written["audio_token"] == "<|audio|>"
+    files = {"preprocessor_config.json": '{"feature_extractor_type": "GraniteSpeechFeatureExtractor", "x": 1}\n',
+             "processor_config.json": '{"processor_class": "GraniteSpeechProcessor",  "y": [1, 2]}\n',
+             "generation_config.json": '{"num_beams": 4, "max_new_tokens": 200, "eos_token_id": 1}\n'}
+    for name, text in files.items():
+        (src / name).write_text(text)
+    p = run_cli("--task", "ast", "--mode", "grpo", "--model", src, "--data", tiny_data / "ast",
+                "--out", tmp_path / "run", *TINY, cwd=tmp_path)
+    _check_ok(p)
+    for d in ("best", "final", "checkpoint"):
+        for name, text in files.items():
+            assert (tmp_path / "run" / d / name).read_text() == text, (d, name)
+    (src / "preprocessor_config.json").unlink()
+    (src / "processor_config.json").unlink()
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    gs.save_model(model, tok, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "processor_config.json").read_text()) == written
+    assert not (tmp_path / "plain" / "preprocessor_config.json").exists()
+
+
+def test_model_card_snippet_on_final_gives_the_project_greedy_outputs(fixture_model_dir, tiny_data, tmp_path):
+    """The model card's own code (AutoProcessor, AutoModelForSpeechSeq2Seq, processor(prompt, wav),
+    generate) on final/ of a 2-step run from a model whose processor files transformers wrote."""
+    pytest.importorskip("torchaudio")
+    from transformers import (AutoModelForSpeechSeq2Seq, AutoProcessor, GraniteSpeechFeatureExtractor,
+                              GraniteSpeechProcessor)
+    src = tmp_path / "src"
+    shutil.copytree(fixture_model_dir, src)
+    (src / "processor_config.json").unlink()
+    tok = gs.load_model(str(src), torch.device("cpu"))[1]
+    GraniteSpeechProcessor(GraniteSpeechFeatureExtractor(), tok).save_pretrained(src)
+    p = run_cli("--task", "ast", "--mode", "grpo", "--model", src, "--data", tiny_data / "ast",
+                "--out", tmp_path / "run", *TINY, "--eval-every", "100", cwd=tmp_path)
+    _check_ok(p)
+    final = tmp_path / "run" / "final"
+    processor = AutoProcessor.from_pretrained(final)
+    model = AutoModelForSpeechSeq2Seq.from_pretrained(final).eval()
+    rows = {r["id"]: r for r in gs.read_manifest(tiny_data / "ast" / "test.jsonl")}
+    hyps = [json.loads(l) for l in (tmp_path / "run" / "hyps_final.jsonl").read_text().splitlines()]
+    assert len(hyps) == 4
+    for h in hyps:
+        row = rows[h["id"]]
+        chat = [{"role": "user", "content": row["text"]}]
+        prompt = processor.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        inputs = processor(prompt, gs.load_audio(row["audio"])[None], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1)
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
+        assert text.strip() == h["hyp"], (h, text)
+
+
+def test_beam_search_with_one_beam_is_greedy(model_tok, ast_test):
+    model, tok = model_tok
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    batch = make_batch(model, tok, ast_test, range(4))
+    greedy = gs.sample_groups(model, batch, 1, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                              temperature=0.0, suppress=suppress).token_lists()
+    beam = gs.beam_search(model, batch, num_beams=1, max_new_tokens=12, eos_id=tok.eos_token_id, suppress=suppress)
+    assert beam == greedy
+
+
+def test_beam_search_equals_transformers_generate_num_beams_4():
+    """On the shipped model (logits_scaling 1, where transformers' generate is right), token for
+    token, every test utterance alone (a batched generate pads the audio, which the encoder hears)."""
+    model, tok = gs.load_model(str(SHIPPED_MODEL), torch.device("cpu"))
+    model.eval()
+    assert model.config.text_config.logits_scaling == 1.0
+    data = gs.SpeechData(gs.read_manifest(DATA / "ast" / "test.jsonl")[:10])
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    batch = make_batch(model, tok, data, range(10))
+    ours = gs.beam_search(model, batch, num_beams=4, max_new_tokens=24, eos_id=tok.eos_token_id, suppress=suppress)
+    differs_from_greedy = 0
+    for b in range(10):
+        one = make_batch(model, tok, data, [b])
+        with torch.no_grad():
+            out = model.generate(input_ids=one.input_ids, attention_mask=one.attention_mask,
+                                 input_features=one.features, input_features_mask=one.features_mask,
+                                 num_beams=4, do_sample=False, max_new_tokens=24, suppress_tokens=suppress.tolist())
+        theirs = out[0, one.input_ids.shape[1]:].tolist()
+        if tok.eos_token_id in theirs:
+            theirs = theirs[:theirs.index(tok.eos_token_id) + 1]
+        assert ours[b] == theirs, b
+        greedy = gs.sample_groups(model, one, 1, max_new_tokens=24, eos_id=tok.eos_token_id,
+                                  pad_id=tok.pad_token_id, temperature=0.0, suppress=suppress).token_lists()[0]
+        differs_from_greedy += greedy != theirs
+    assert differs_from_greedy >= 1        # the comparison exercises beam search, not greedy
+
+
+def test_an_unsupported_adapter_is_refused_before_any_weight_is_read(released_dirs, tmp_path, monkeypatch):
+    import safetensors.torch
+    bad = tmp_path / "dora"
+    shutil.copytree(released_dirs["released"], bad)
+    acfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**acfg, "use_dora": True}))
+
+    def tripwire(*a, **k):
+        raise AssertionError("weights were read before the adapter was checked")
+    monkeypatch.setattr(safetensors.torch, "load_file", tripwire)
+    with pytest.raises(gs.InputError, match="use_dora"):
+        gs.load_model(str(bad), torch.device("cpu"))
+
+
+def test_console_shows_our_progress_bars_and_nothing_from_transformers(fixture_model_dir, tiny_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TQDM_DISABLE", None)
+    cmd = [sys.executable, str(REPO / "grpo_speech.py"), "--task", "ast", "--mode", "grpo", "--model",
+           str(fixture_model_dir), "--data", str(tiny_data / "ast"), "--out", str(tmp_path / "run"), *TINY]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    _check_ok(p)
+    assert "grpo: 100%" in p.stderr                                   # our training bar
+    for theirs in ("Loading weights", "Writing model shards", "LOAD REPORT"):
+        assert theirs not in p.stderr, (theirs, p.stderr[-3000:])
+
+
+def test_thread_policy(model_tok, monkeypatch):
+    """--threads auto: one thread for the shipped model's narrow LM, every core for a wide one; a
+    number as given; torch, a GPU run or the user's OMP_NUM_THREADS leave torch's setting alone."""
+    model, _ = model_tok
+    wide = copy.deepcopy(model.config)
+    wide.text_config.hidden_size = 2048
+    cores = len(os.sched_getaffinity(0))
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    try:
+        for threads, config, device, expect in (("auto", model.config, cpu, 1), ("auto", wide, cpu, cores),
+                                                ("3", model.config, cpu, 3), ("torch", model.config, cpu, 5),
+                                                ("auto", model.config, torch.device("cuda"), 5)):
+            torch.set_num_threads(5)
+            gs.set_threads(gs.Config(threads=threads), type("M", (), {"config": config}), device)
+            assert torch.get_num_threads() == expect, (threads, device)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        gs.set_threads(gs.Config(threads="auto"), model, cpu)
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(1)
