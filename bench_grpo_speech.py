@@ -5,6 +5,8 @@
   python bench_grpo_speech.py --speed             # same process, same model, same inputs
   python bench_grpo_speech.py --default-runs      # the README's first command, seeds 0-2
   python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B memory table
+  python bench_grpo_speech.py --full-size 2b      # 3 GRPO steps on a random model of the released 2B's shape
+  python bench_grpo_speech.py --contention        # the default command, alone and beside a busy core
 
 --compare runs the real command line once per (task, method, seed) into runs/compare/ (SFT,
 GRPO, MP-GRPO, then SFT -> GRPO and SFT -> SFT from each seed's SFT best/), writes
@@ -23,18 +25,35 @@ Each ratio is (baseline time) / (our time), median of --repeats runs after a war
   * bf16 autocast and torch.compile against eager fp32 for that forward + backward;
   * achieved FLOP/s of the update against this machine's dense matmul peak, and peak memory;
   * a step-time breakdown: sampling, reward, reference log-probs, policy update.
+
+--full-size 2b builds runs/full-size-2b/ once (granite-speech-3.3-2b's shape from RELEASED.md, random bf16
+weights, the shipped tokenizer; ~3.0B parameters) and runs grpo_speech.main in a worker process (--lora 64 --bf16,
+B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances) with grpo_speech imported from --tree (default
+here). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included) and
+seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other (the rest);
+and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
+--full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra "ARGS" appends arguments.
+
+--contention runs the README's default command for 20 steps four times, OMP_* unset: default (auto) threads and
+`--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
+It prints each run's mean perf/step_s and wall time, and a table of step seconds and busy / quiet, which a
+complete run puts into README.md between the contention markers.
 """
 
 import argparse
 import copy
+import functools
 import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -248,23 +267,31 @@ def default_runs(args) -> None:
 
 # --memory: bytes per parameter measured on the shipped model through the training code, scaled
 # by the released models' parameter counts (RELEASED.md), counted on the meta device.
-GRANITE_LM = {"2B": dict(hidden_size=2048, intermediate_size=8192), "8B": dict(hidden_size=4096, intermediate_size=12800)}
+GRANITE_LM = {"2B": dict(hidden_size=2048, intermediate_size=8192, attention_multiplier=0.015625, logits_scaling=8.),
+              "8B": dict(hidden_size=4096, intermediate_size=12800, attention_multiplier=0.0078125, logits_scaling=16.)}
+
+
+def granite_speech_config(size: str, layers=(40, 16), audio_token_id=49159, **token_ids):
+    """granite-speech-3.3-{2b,8b}'s config (RELEASED.md); `layers` (LM, encoder) and the token ids may differ."""
+    from transformers import GraniteSpeechConfig
+    text = dict(model_type="granite", num_hidden_layers=layers[0], num_attention_heads=32, num_key_value_heads=8,
+                vocab_size=49160, tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
+                rms_norm_eps=1e-5, rope_parameters=dict(rope_type="default", rope_theta=1e7), **GRANITE_LM[size],
+                **token_ids)
+    encoder = dict(num_layers=layers[1], hidden_dim=1024, num_heads=8, dim_head=128, feedforward_mult=4,
+                   conv_kernel_size=15, context_size=200, output_dim=256, input_dim=160)
+    projector = dict(model_type="blip_2_qformer", num_hidden_layers=2, hidden_size=1024, num_attention_heads=16,
+                     intermediate_size=4096, encoder_hidden_size=1024, cross_attention_frequency=1)
+    return GraniteSpeechConfig(text_config=text, encoder_config=encoder, projector_config=projector,
+                               window_size=15, downsample_rate=5, audio_token_index=audio_token_id,
+                               tie_word_embeddings=True, has_lora_adapter=False)   # the adapter adds no parameters
 
 
 def granite_speech_meta(size: str):
     """granite-speech-3.3-{2b,8b} as shapes only: built on the meta device, no weights, no files."""
-    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
-    text = dict(model_type="granite", num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
-                vocab_size=49160, tie_word_embeddings=True, **GRANITE_LM[size])
-    encoder = dict(num_layers=16, hidden_dim=1024, num_heads=8, dim_head=128, feedforward_mult=4,
-                   conv_kernel_size=15, context_size=200, output_dim=256, input_dim=160)
-    projector = dict(model_type="blip_2_qformer", num_hidden_layers=2, hidden_size=1024, num_attention_heads=16,
-                     intermediate_size=4096, encoder_hidden_size=1024, cross_attention_frequency=1)
-    config = GraniteSpeechConfig(text_config=text, encoder_config=encoder, projector_config=projector,
-                                 window_size=15, downsample_rate=5, audio_token_index=49159, tie_word_embeddings=True,
-                                 has_lora_adapter=False)   # the adapter adds no parameters: merged at load
+    from transformers import GraniteSpeechForConditionalGeneration
     with torch.device("meta"):
-        return GraniteSpeechForConditionalGeneration(config)
+        return GraniteSpeechForConditionalGeneration(granite_speech_config(size))
 
 
 def state_bytes(model, params, optimizer, ref_model) -> dict:
@@ -356,6 +383,184 @@ def memory(args) -> None:
           f"GPU, or --grad-accum {B // world} with torchrun --nproc_per_node {world} ({B // world} prompts a process)")
 
 
+# --full-size: the project's own training run (a worker process running grpo_speech.main) on a randomly initialised
+# model of the released 2B's shape, with peak RSS and seconds per phase of the run.
+HERE = Path(__file__).resolve().parent
+SHIPPED = HERE / "data" / "tiny-granite-speech"
+
+
+def shape(config: dict) -> list:
+    t, e, p = config["text_config"], config["encoder_config"], config["projector_config"]
+    return [t["num_hidden_layers"], t["hidden_size"], t["intermediate_size"], t["num_key_value_heads"],
+            t["vocab_size"], t["logits_scaling"], e["num_layers"], e["hidden_dim"], p["num_hidden_layers"],
+            p["hidden_size"], config["audio_token_index"]]
+
+
+def build_full_size(path: Path, layers=(40, 16)) -> None:
+    """granite-speech-3.3-2b's shape with random weights, created and saved in bf16 (never fp32), and the shipped
+    tokenizer (its <|audio|> id); kept when path/config.json already has that shape."""
+    from transformers import AutoConfig, GraniteSpeechForConditionalGeneration
+    added = json.loads((SHIPPED / "tokenizer.json").read_text())["added_tokens"]
+    ids = {k: v for k, v in json.loads((SHIPPED / "config.json").read_text())["text_config"].items()
+           if k.endswith("_token_id")}
+    config = granite_speech_config("2B", layers, next(t["id"] for t in added if t["content"] == "<|audio|>"), **ids)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GraniteSpeechForConditionalGeneration(config).parameters())
+    want = shape(config.to_dict())
+    if (path / "config.json").is_file() and shape(AutoConfig.from_pretrained(path).to_dict()) == want:
+        return print(f"{path}: {n / 1e9:.3f}B parameters, reused")
+    t0 = time.time()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = GraniteSpeechForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)   # safetensors, bf16
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(SHIPPED / name, tmp / name)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    print(f"{path}: {n / 1e9:.3f}B parameters, built in {time.time() - t0:.0f} s")
+
+
+# the phase of a call by the stage of the run (before, in, after train()); nested calls count to the outer one
+PHASES = {"load_model": {"before": "load", "after": "best/ scoring"},
+          "score_test": {"before": "start scoring", "after": "best/ scoring"},
+          "evaluate": {"before": "start scoring", "train": "dev scoring", "after": "best/ scoring"},
+          "sample_groups": {"train": "sampling"}, "policy_update": {"train": "update"},
+          "save_model": {"train": "save", "after": "save"}}
+ORDER = ["load", "start scoring", "dev scoring", "sampling", "update", "save", "best/ scoring", "other"]
+
+
+def full_size_worker(argv: list[str], out: str) -> int:
+    """gs.main(argv), gs being the grpo_speech the caller imported first, with the peak RSS (a 0.1 s sampler, plus
+    any rise of VmHWM) and the seconds of each phase; written to out/memory.json."""
+    def status() -> dict:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":") for line in open("/proc/self/status"))
+                if k in ("VmRSS", "VmHWM")}
+    lock, now = threading.Lock(), dict(stage="before", phase=None, hwm=0)
+    peak, secs = dict.fromkeys(ORDER, 0), dict.fromkeys(ORDER, 0.0)
+
+    def sample(*switch):   # the RSS so far goes to the current phase; then switch phase
+        with lock:
+            s, name = status(), now["phase"] or "other"
+            peak[name] = max(peak[name], s["VmRSS"], s["VmHWM"] if s["VmHWM"] > now["hwm"] else 0)
+            now["hwm"] = s["VmHWM"]
+            if switch:
+                now["phase"] = switch[0]
+
+    def wrap(name):
+        fn = getattr(gs, name, None)
+        if fn is None:
+            return print(f"note: this grpo_speech has no {name}(): no phase for it")
+
+        @functools.wraps(fn)
+        def wrapped(*a, **k):
+            phase = None if now["phase"] else PHASES.get(name, {}).get(now["stage"])
+            now["stage"] = "train" if name == "train" else now["stage"]
+            if phase:
+                sample(phase)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if phase:
+                    secs[phase] += time.perf_counter() - t0
+                    sample(None)
+                if name == "train":
+                    now["stage"] = "after"
+        setattr(gs, name, wrapped)
+    for name in [*PHASES, "train"]:
+        wrap(name)
+    done = threading.Event()
+    threading.Thread(target=lambda: [sample() for _ in iter(lambda: done.wait(0.1), True)], daemon=True).start()
+    t0 = time.perf_counter()
+    rc = 1
+    try:
+        rc = gs.main(argv)
+    finally:
+        done.set()
+        sample()
+        secs["other"] = time.perf_counter() - t0 - sum(secs.values())
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "memory.json").write_text(json.dumps(dict(
+            argv=argv, grpo_speech=gs.__file__, rc=rc, whole_run_peak_gb=status()["VmHWM"] / 1e9,
+            phases={k: dict(peak_rss_gb=peak[k] / 1e9, seconds=secs[k]) for k in ORDER}), indent=1))
+    return rc
+
+
+def full_size(args) -> None:
+    model = Path(args.full_size_model).resolve() if args.full_size_model else HERE / "runs" / "full-size-2b"
+    if not args.full_size_model:   # built in its own process: its 6 GB are gone before the run starts
+        build = f"import bench_grpo_speech as b; b.build_full_size(b.Path({str(model)!r}))"
+        subprocess.run([sys.executable, "-c", build], cwd=HERE, check=True)
+    steps, out, tree = str(args.steps or 3), HERE / "runs" / "full-size-2b-run", str(Path(args.tree).resolve())
+    argv = ["--task", "ast", "--mode", "grpo", "--model", str(model), "--data", str(HERE / "data" / "ast"),
+            "--lora", "64", "--lora-alpha", "32", "--bf16", "--batch-size", "1", "--group-size", "4",
+            "--max-new-tokens", "16", "--max-steps", steps, "--eval-every", steps, "--dev-limit", "2",
+            "--eval-limit", "2", "--out", str(out), "--overwrite", *shlex.split(args.full_size_extra)]
+    print(f"grpo_speech.py from {tree}: {shlex.join(argv)}", flush=True)
+    code = (f"import sys; sys.path.insert(0, {tree!r}); import grpo_speech; sys.path.insert(0, {str(HERE)!r}); "
+            f"import bench_grpo_speech as b; sys.exit(b.full_size_worker({argv!r}, {str(out)!r}))")
+    rc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, TQDM_DISABLE="1")).returncode
+    m = json.loads((out / "memory.json").read_text())
+    print(f"\n{m['grpo_speech']}, exit status {m['rc']}\n")
+    print("| phase | peak RSS GB (1e9 bytes) | seconds |\n|---|---|---|")
+    for k, v in m["phases"].items():
+        print(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.1f} |")
+    seconds = sum(v["seconds"] for v in m["phases"].values())
+    print(f"| **whole run (VmHWM)** | **{m['whole_run_peak_gb']:.2f}** | {seconds:.1f} |")
+    if rc:
+        sys.exit(rc)
+
+
+def contention(args) -> None:
+    """The README's default command, short, at the default (auto) threads and torch's own, alone and beside one
+    busy-looping process: mean perf/step_s each."""
+    steps = str(args.steps or 20)
+    cmd = [sys.executable, str(HERE / "grpo_speech.py"), "--task", "ast", "--mode", "grpo", "--max-steps", steps,
+           "--eval-every", steps, "--dev-limit", steps, "--eval-limit", steps, "--overwrite"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["TQDM_DISABLE"] = "1"
+    rows = [("auto (default)", []), ("`--threads torch` (torch's default)", ["--threads", "torch"])] + \
+        ([(f"`{args.contention_extra}`", shlex.split(args.contention_extra))] if args.contention_extra else [])
+    step_s = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, extra in rows:
+            for busy in (False, True):
+                run_cmd = cmd + ["--out", tmp] + extra
+                print(f"$ {shlex.join(run_cmd)}{'  # beside a busy loop' if busy else ''}", flush=True)
+                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+                t0 = time.time()
+                try:
+                    p = subprocess.run(run_cmd, capture_output=True, text=True, env=env, cwd=HERE)
+                finally:
+                    if hog:
+                        hog.kill()
+                        hog.wait()
+                if p.returncode:
+                    sys.exit(f"failed:\n{p.stderr[-3000:]}")
+                s = [r["perf/step_s"] for r in map(json.loads, open(Path(tmp) / "metrics.jsonl"))
+                     if "perf/step_s" in r]
+                step_s[label, busy] = statistics.mean(s)
+                print(f"  {step_s[label, busy]:.3f} s a step (mean of {len(s)}), {time.time() - t0:.0f} s wall")
+    table = "\n".join(["| threads | quiet step s | one core busy step s | busy / quiet |", "|---|---|---|---|"] + [
+        f"| {label} | {step_s[label, False]:.3f} | {step_s[label, True]:.3f} | "
+        f"{step_s[label, True] / step_s[label, False]:.2f} |" for label, _ in rows])
+    command = "python bench_grpo_speech.py --contention" + (f" --steps {steps}" if steps != "20" else "") + \
+        (f" --contention-extra {shlex.quote(args.contention_extra)}" if args.contention_extra else "")
+    text = (f"`{command}`: the README's default command for {steps} steps (mean `perf/step_s`), {os.cpu_count()} "
+            f"CPU cores, alone and beside one busy-looping process.\n\n{table}\n")
+    print(f"\n{text}")
+    for name, (label, _) in zip(("auto", "torch"), rows):
+        print(f"{name} busy / {name} quiet: {step_s[label, True] / step_s[label, False]:.2f}")
+    if steps == "20":
+        replace_readme_block("contention", text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
@@ -365,7 +570,13 @@ def main():
                    help="bytes per parameter measured on --model, scaled to the released 2B and 8B")
     p.add_argument("--quick", action="store_true", help="with --compare: one seed, 100 steps")
     p.add_argument("--steps", type=int, default=0,
-                   help="with --compare: steps per run (default 300, --quick 100)")
+                   help="steps per run: --compare 300 (--quick 100), --full-size 3, --contention 20")
+    p.add_argument("--full-size", choices=["2b"], help="3 GRPO steps of a random model of the released 2B's shape")
+    p.add_argument("--full-size-model", default="", help="with --full-size: this model instead (nothing built)")
+    p.add_argument("--full-size-extra", default="", help="with --full-size: more grpo_speech.py arguments")
+    p.add_argument("--tree", default=str(HERE), help="with --full-size: the directory to import grpo_speech from")
+    p.add_argument("--contention", action="store_true", help="default command alone and beside a busy core")
+    p.add_argument("--contention-extra", default="", help="with --contention: a row with these arguments")
     p.add_argument("--out", default="",
                    help="with --compare / --default-runs: run root (then README untouched)")
     p.add_argument("--default-runs", action="store_true",
@@ -386,8 +597,12 @@ def main():
         return default_runs(args)
     if args.memory:
         return memory(args)
+    if args.full_size:
+        return full_size(args)
+    if args.contention:
+        return contention(args)
     if not args.speed:
-        p.error("nothing to do: pass --speed, --compare or --memory")
+        p.error("nothing to do: pass --speed, --compare, --default-runs, --memory, --full-size or --contention")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)

@@ -1,39 +1,33 @@
 """grpo_speech.py: GRPO for speech-aware language models, in one readable file.
 
 A speech-aware LM (SALLM) takes audio plus a text instruction and writes text. This file
-fine-tunes one, Granite Speech (a conformer encoder, a window Q-Former projector and a Granite
-LM, as transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy
-Optimisation and a BLEU reward, following Elmakies et al., "Advancing Speech Understanding in
-Speech-Aware Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline,
-MP-GRPO (the reference answer as an off-policy group member) and evaluation. The tiny Granite
-Speech shipped in data/tiny-granite-speech was pre-trained by data/make_model.py.
-
-Read it top to bottom: config, audio, text, data sets, model, LoRA, sampling, rewards,
-advantages, losses, processes, evaluation, checkpoints, training, main.
+fine-tunes one, Granite Speech (conformer encoder, window Q-Former projector, Granite LM:
+transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy Optimisation
+and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in Speech-Aware
+Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, MP-GRPO (the
+reference answer as an off-policy group member) and evaluation. Read it top to bottom: config,
+audio, text, data sets, model, LoRA, sampling, rewards, advantages, losses, processes,
+evaluation, checkpoints, training, main.
 
 Where this file departs from the paper (each is a flag or a stated default):
-  * The default model is a ~3M-parameter Granite Speech trained by this project on espeak-ng
-    speech (data/), not the 2B/8B checkpoints; `--model ibm-granite/granite-speech-3.3-2b`
-    runs the same code on the real one. Its LoRA adapter is merged into the LM weights at load
-    (exact: every prompt carries audio), its logits are divided by `logits_scaling` (lm_logits),
-    and it gets the model card's system turn with a fixed date (`--system-prompt`).
-  * Evaluation decodes greedily or by sampling; published Granite Speech scores use beam search
-    (num_beams=4).
-  * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm
-    on running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
+  * The default model is a ~3M-parameter Granite Speech trained by data/make_model.py on
+    espeak-ng speech; `--model ibm-granite/granite-speech-3.3-2b` runs the same code on the real
+    one: its LoRA adapter merged at load (exact: every prompt carries audio), its logits divided
+    by `logits_scaling` (lm_logits), the model card's system turn with a fixed date.
+  * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm on
+    running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
   * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
     conformer, which has no padding mask, hears the padding): an answer never depends on its
     batch mates, so batch size, process count and resumption leave results unchanged.
-  * MP-GRPO keeps the KL term on the reference answer's tokens too. The reference is cut to the
-    completion budget like a sample and rewarded as cut (reward/ref_truncated_frac counts them);
-    reward/* metrics describe the on-policy samples only (reward/ref_mean the reference).
+  * MP-GRPO keeps the KL term on the reference answer's tokens too; the reference is cut to the
+    completion budget like a sample and rewarded as cut; reward/* metrics are the samples'.
   * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
     constant, as TRL and the Dr. GRPO paper do.
-  * Best-on-dev selection uses greedy dev BLEU over every dev utterance (step 0 included); the
-    test split is scored under greedy decoding and under the paper's (T 0.9, top-p 0.9).
+  * best/ is chosen by greedy dev BLEU over every dev utterance (step 0 included); the test
+    split is scored greedy and with the paper's decoding (T 0.9, top-p 0.9); beam search (the
+    model card's num_beams=4) on request.
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
-    The paper does not say whether every LM weight trained; `--lora R` trains a rank-R LoRA
-    on the LM (as IBM trained the released adapter) plus the projector, to fit 8B on one GPU.
+    `--lora R` trains a rank-R LoRA on the LM instead (as IBM trained the released adapter).
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
     48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps.
   * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1 (with
@@ -65,10 +59,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# No network at run time: transformers loads from local paths unless the user opts in
-# (HF_HUB_OFFLINE=0) to fetch a hub id such as ibm-granite/granite-speech-3.3-2b.
+# No network at run time unless the user opts in (HF_HUB_OFFLINE=0) to fetch a hub id.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import sacrebleu
 import soundfile as sf
@@ -183,24 +175,17 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """argparse from the dataclass, so --help lists every field with its default and meaning."""
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    types = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}
     for f in dataclasses.fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        text = meta["help"].replace("%", "%%")  # argparse %-formats help texts
-        if f.type in ("bool", bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=text)
-        else:
-            kind = {"int": int, "float": float, "str": str, "float | None": float,
-                    "int | None": int}[f.type]
-            p.add_argument(name, type=kind, default=f.default, help=text,
-                           choices=meta.get("choices"))
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else
+                dict(type=types[f.type], choices=f.metadata.get("choices")))
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default,  # help is %-formatted
+                       help=f.metadata["help"].replace("%", "%%"), **kind)
     return p
 
 
 def resolve_config(cfg: Config) -> Config:
-    """Fill the defaults that depend on other fields and refuse values the objective cannot use,
-    now rather than as a division by zero at step 1. Paths relative to this file work anywhere."""
+    """Defaults that depend on other fields; values the objective cannot use refused now."""
     cfg = copy.copy(cfg)
     cfg.data = cfg.data or str(HERE / "data" / cfg.task)
     cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
@@ -319,8 +304,7 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
 
 
 def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: int = 5) -> int:
-    """How many <|audio|> embeddings the window Q-Former makes from `num_samples` samples.
-    window_size and downsample_rate are the model config's (collate passes them)."""
+    """How many <|audio|> embeddings the window Q-Former makes from `num_samples` samples."""
     mel_frames = num_samples // 160 + 1
     encoder_frames = mel_frames // 2                          # frame pairs are stacked
     return math.ceil(encoder_frames / window_size) * (window_size // downsample_rate)
@@ -331,9 +315,8 @@ def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: i
 # expanded to as many copies as the projector makes embeddings, which replace them in the LM.
 
 
-# The system turn of the Granite Speech 3.3 model card and transformers' integration test, with
-# the card's example date: Granite 3.x templates otherwise write today's date into every prompt,
-# and a prompt that changes from day to day makes no run reproducible.
+# The model card's system turn with its example date: Granite 3.x templates otherwise write
+# today's date into every prompt, and no run would be reproducible from one day to the next.
 CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.\n"
                "You are Granite, developed by IBM. You are a helpful AI assistant")
 
@@ -357,8 +340,7 @@ def system_turn(tokenizer, system_prompt: str = "auto") -> str | None:
 
 def encode_prompt(tokenizer, text: str, n_audio: int, audio_token_id: int,
                   system: str | None = None) -> list[int]:
-    """Chat-template `text` as the user turn (after a `system` turn if given) and expand its
-    <|audio|> token to n_audio copies."""
+    """`text` as the chat's user turn, its <|audio|> token expanded to n_audio copies."""
     turns = [{"role": "system", "content": system}] if system is not None else []
     turns.append({"role": "user", "content": text})
     chat = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -375,9 +357,8 @@ def encode_target(tokenizer, text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------- data sets ----
-# One example is {"id", "audio", "task", "text", "target"}: audio path, the instruction (or
-# question) with <|audio|> in it, and the reference. Our own manifests are JSON Lines; the
-# real CoVoST2 and LibriSQA layouts are read into the same dicts.
+# An example is {"id", "audio", "task", "text", "target"}: the instruction (or question) holds
+# <|audio|>; target is the reference. JSON Lines manifests, CoVoST2 and LibriSQA all read to it.
 
 PROMPTS = {  # the paper's instruction templates; CoVoST2 / LibriSQA readers use the first
     "ast": "<|audio|> listen to the speech and translate it into German.",
@@ -413,9 +394,8 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
 
 def check_audio_files(rows: list[dict], source: Path,
                       max_seconds: float = float("inf")) -> list[dict]:
-    """Fail fast, before training, on a manifest without rows and on audio that is missing,
-    unreadable, empty or too long. Each row gets "num_samples", its length at 16 kHz from the
-    header: evaluation orders utterances by it without decoding the whole split."""
+    """Fail fast on an empty manifest and on missing, unreadable, empty or too long audio; note
+    each row's length at 16 kHz from the header (evaluation orders by it without decoding)."""
     if not rows:
         raise InputError(f"{source}: manifest is empty")
     converted = 0
@@ -505,9 +485,8 @@ def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
 
 
 class SpeechData:
-    """Examples and a seeded, resumable order. Audio is decoded when a batch needs it (a clip
-    takes milliseconds), so memory stays flat whatever the split's size: CoVoST2's 430 h of
-    training audio would be ~100 GB as float32."""
+    """Examples and a seeded, resumable order; audio decoded when a batch needs it (milliseconds
+    a clip), so memory stays flat whatever the split's size."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -559,9 +538,8 @@ class Batch:
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
             system: str | None = None, config=None) -> Batch:
-    """Features of each utterance alone: the encoder has no padding mask, so batch padding would
-    leak into the audio embeddings and make an answer depend on its batch mates. `config` (the
-    model's) gives the projector's window_size and downsample_rate; `system` the system turn."""
+    """Features of each utterance alone (the encoder has no padding mask: batch padding would
+    make an answer depend on its batch mates); `config` is the model's."""
     waves = [data.wave(i) for i in idx]
     feats = [log_mel(w) for w in waves]
     frames = torch.tensor([f.shape[0] for f in feats])
@@ -678,10 +656,8 @@ RELEASE_NAMES = (("language_model.model.", "model.language_model."),
 
 @torch.no_grad()
 def merge_lora_adapter(model, path: str | Path) -> list[str]:
-    """Merge the peft LoRA adapter in `path` into `model`'s weights in place, W += scale * B @ A,
-    and return the merged modules' names. Exact, not an approximation: the released adapter is
-    for audio turns (transformers' generate enables it when input_features are given), and
-    every prompt of this file carries audio."""
+    """W += scale * B @ A for the peft LoRA adapter in `path`; returns the merged modules. Exact:
+    the released adapter is for audio turns, and every prompt here carries audio."""
     from safetensors.torch import load_file
     path = Path(path)
     r, scale = adapter_scale(path)
@@ -723,9 +699,8 @@ def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Ten
 
 
 def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """Encoder + projector, each utterance alone on its own frames (no padding reaches the
-    encoder): (B, A, D), zero rows past each utterance's audio tokens. A frozen encoder runs
-    without autograd, so none of its activations are kept."""
+    """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
+    tokens. A frozen encoder runs without autograd: none of its activations are kept."""
     audio = []
     for feats, n in zip(batch.features, batch.frames.tolist()):
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
@@ -781,9 +756,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 
 
 def checkpoint_layers(model) -> None:
-    """--grad-checkpointing: each LM decoder layer keeps only its input for the backward and runs
-    its forward again there, so activations live one layer at a time. (transformers'
-    gradient_checkpointing_enable() acts in training mode only; the policy runs in eval mode.)"""
+    """--grad-checkpointing: each LM layer keeps only its input and runs again in the backward
+    (transformers' own switch acts in training mode only; the policy runs in eval mode)."""
     for layer in model.model.language_model.layers:
         layer.forward = functools.partial(checkpointed, layer.forward)
 
@@ -795,13 +769,10 @@ def checkpointed(forward, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------------ LoRA ----
-# The paper's models do not fit one GPU when every LM weight trains: fp32 weights, gradients,
-# two AdamW moments and a deep-copied reference are ~20 bytes a parameter, ~168 GB for the 8B.
-# With `--lora R` the LM's weights W stay frozen and each targeted Linear learns a rank-R
-# update, W x + (alpha / R) B A x (Hu et al., arXiv 2106.09685), as IBM trained the released
-# adapter; the projector still trains in full and the encoder stays frozen. Gradients and
-# optimizer state then exist only for A, B and the projector, and the reference pi_ref needs
-# no second LM: it is the same weights with every LoRA path off.
+# Full training of the 8B needs ~20 bytes a parameter (weights, gradients, AdamW, pi_ref). With
+# `--lora R` each targeted Linear W learns a rank-R update, W x + (alpha / R) B A x (Hu et al.
+# 2021), as IBM trained the released adapter; the projector still trains in full. Gradients and
+# AdamW exist only for A, B and the projector, and pi_ref is the same LM with LoRA off.
 
 
 class LoRALinear(torch.nn.Module):
@@ -885,9 +856,8 @@ def frozen_reference(model, cfg: Config):
 
 @torch.no_grad()
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's tensors as a plain checkpoint: each LoRA layer's W + (alpha / r) B A under W's
-    own key, A and B dropped. New tensors, never the live W: merging in place and subtracting
-    afterwards would not give W back exactly in float."""
+    """A plain checkpoint: each LoRA layer's W + (alpha / r) B A under W's key, in new tensors
+    (merging into the live W and subtracting later would not give W back in float)."""
     state = model.state_dict()
     for name, m in lora_layers(model):
         state[f"{name}.weight"] = (m.weight + m.scale * (m.lora_B @ m.lora_A)).cpu()
@@ -911,38 +881,42 @@ class Samples:
         return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
 
 
-@torch.no_grad()
-def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int,
-                  pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                  suppress: torch.Tensor | None = None,
-                  uniforms: torch.Tensor | None = None) -> Samples:
-    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache. A
-    group shares its prompt, so it shares the prefill: encode and prefill B prompts, repeat the
-    cache G times, decode N = B*G rows in lock-step (generate(num_return_sequences=G) runs the
-    encoder G times). temperature 0 is greedy. Token t of row i inverts the CDF at
-    uniforms[i, t], seeded per prompt (row_uniforms): batch mates cannot change a completion."""
+def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None):
+    """Encode and prefill B prompts once, then repeat the KV cache `copies` times: a group
+    shares its prompt, so it shares the prefill. Returns the cache, the (N, P + max_new_tokens)
+    attention mask, the (N, 1) next positions and (N, V) first logits of the N = B * copies
+    rows, and the (V,) mask of suppressed tokens. The cache is static (K/V buffers written in
+    place; a dynamic one copies itself every token); the causal mask hides later positions."""
     from transformers import StaticCache
-    (B, P), G = batch.input_ids.shape, group_size
-    N = B * G
-    # A static cache (K/V buffers written in place; a dynamic one copies itself every token).
-    # Positions past the current token are hidden by the causal mask, so attn is ones there.
+    B, P = batch.input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
                      dim=1)
     pos = positions(batch.attention_mask)
     out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
                       position_ids=pos, cache=cache, use_cache=True)
-    for layer in cache.layers:                                             # (B, ...) -> (N, ...)
-        layer.keys, layer.values = (layer.keys.repeat_interleave(G, 0),
-                                    layer.values.repeat_interleave(G, 0))
-    attn = attn.repeat_interleave(G, 0)                                    # (N, P + max_new_tokens)
-    logits = lm_logits(model, out.last_hidden_state[:, -1]).float()        # (B, V)
-    logits = logits.repeat_interleave(G, 0)                                # (N, V)
-    device = logits.device
-    next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                     # (N, 1)
-    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+    cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
+    logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(copies, 0)
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     if suppress is not None:
-        banned[suppress.to(device)] = True
+        banned[suppress.to(logits.device)] = True
+    return (cache, attn.repeat_interleave(copies, 0),
+            pos[:, -1:].repeat_interleave(copies, 0) + 1, logits, banned)
+
+
+@torch.no_grad()
+def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int,
+                  pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                  suppress: torch.Tensor | None = None,
+                  uniforms: torch.Tensor | None = None) -> Samples:
+    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache in
+    lock-step (generate(num_return_sequences=G) would run the encoder G times). temperature 0
+    is greedy. Token t of row i inverts the CDF at uniforms[i, t], seeded per prompt
+    (row_uniforms): batch mates cannot change a completion."""
+    N = batch.input_ids.shape[0] * group_size
+    cache, attn, next_pos, logits, banned = prefill(model, batch, group_size, max_new_tokens,
+                                                    suppress)
+    device = logits.device
     tokens = torch.full((N, max_new_tokens), pad_id, device=device)
     logps = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.full((N,), max_new_tokens, device=device)
@@ -992,8 +966,7 @@ def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u:
 
 def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int,
                  length: int) -> torch.Tensor:
-    """(len(prompts) * G, length) uniform draws, a pure function of (seed, step, prompt): the same
-    completions whatever the batch size, the number of processes or the point of resumption."""
+    """(len(prompts) * G, length) uniforms, a function of (seed, step, prompt) alone."""
     draws = [torch.rand(group_size, length, generator=torch.Generator().manual_seed(
                             (seed * 1_000_003 + step) * 1_000_003 + p))
              for p in prompts]
@@ -1129,10 +1102,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
 
 
 # ------------------------------------------------------------------------ processes ----
-# `torchrun --nproc_per_node N grpo_speech.py ...` runs N processes. Each takes B/N whole
-# prompts (a group never straddles two processes), gradients are summed over processes after
-# every backward, and only rank 0 writes files. Without torchrun, world = 1 and all of this is
-# a no-op.
+# `torchrun --nproc_per_node N grpo_speech.py ...`: each process takes B/N whole prompts,
+# gradients are summed over processes, rank 0 writes files. Without torchrun all is a no-op.
 
 
 @dataclass
@@ -1177,9 +1148,8 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
 
 
 def close_distributed(ok: bool) -> None:
-    """Tear the process group down on every exit path (left to the interpreter's exit, gloo's
-    threads can abort in their destructors and torchrun reports a failure). ok: a barrier, so
-    every rank finishes together; otherwise peers may never arrive, so wait at most 30 s."""
+    """Tear the process group down on every exit (gloo's threads can abort at interpreter exit);
+    after a failure, peers may never arrive: wait at most 30 s."""
     if not torch.distributed.is_initialized():
         return
     if not ok:  # torchrun SIGTERMs the rest when one rank fails: report our own exit code
@@ -1219,20 +1189,9 @@ def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos
     (EOS or the last allowed token) become hypotheses, scored by sum / generated length, K kept
     a prompt; the K best others run on. A prompt is done once its best running beam, so
     normalised, cannot beat its worst hypothesis."""
-    from transformers import StaticCache
-    (B, P), K, T, device = batch.input_ids.shape, num_beams, max_new_tokens, batch.input_ids.device
-    cache = StaticCache(config=model.config, max_cache_len=P + T)
-    attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, T)], dim=1)
-    pos = positions(batch.attention_mask)
-    out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
-                      position_ids=pos, cache=cache, use_cache=True)
-    cache.reorder_cache(torch.arange(B, device=device).repeat_interleave(K))      # (B*K, ...)
-    attn, next_pos = attn.repeat_interleave(K, 0), pos[:, -1:].repeat_interleave(K, 0) + 1
-    logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(K, 0)
+    (B, _), K, T, device = batch.input_ids.shape, num_beams, max_new_tokens, batch.input_ids.device
+    cache, attn, next_pos, logits, banned = prefill(model, batch, K, T, suppress)
     V = logits.shape[-1]
-    banned = torch.zeros(V, dtype=torch.bool, device=device)
-    if suppress is not None:
-        banned[suppress.to(device)] = True
     running = torch.zeros(B, K, device=device)       # summed log-probs of the live beams
     running[:, 1:] = -1e9                            # at first the K copies are one beam
     seqs = torch.zeros(B, K, T, dtype=torch.long, device=device)
@@ -1314,16 +1273,13 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 
 
 # ----------------------------------------------------------------------- checkpoints ----
-# Every directory is written under a temporary name and renamed into place, so a run killed
-# mid-save leaves the previous checkpoint intact. Weights are safetensors; the trainer state
-# (optimizer, scheduler, RNG, step) is loaded with weights_only=True.
+# Each directory is written under a temporary name and renamed into place: a run killed
+# mid-save keeps the previous one. The trainer state is loaded with weights_only=True.
 
 
 def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
-    """The model as a plain transformers checkpoint (any LoRA merged), or with `extra` (the
-    trainer state) a resumable checkpoint/. A LoRA run's checkpoint/ holds only the tensors
-    that train (A, B, the projector), unmerged, so resuming continues bit for bit; the frozen
-    rest comes from --model again."""
+    """A plain transformers checkpoint (LoRA merged), or with `extra` (trainer state) checkpoint/,
+    which under LoRA holds only the trained tensors, unmerged, for a bit-exact resume."""
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1334,8 +1290,7 @@ def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model))
     tokenizer.save_pretrained(tmp)
-    # What the model card's AutoProcessor and generate read: the source's files verbatim, or a
-    # processor_config.json of this file's own front end
+    # for the model card's AutoProcessor and generate: the source's files, or our front end's
     src = Path(getattr(model, "source_dir", ""))
     for name in PROCESSOR_FILES:
         if (src / name).is_file():
@@ -1391,15 +1346,13 @@ def load_checkpoint(model, path: Path) -> dict:
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
-# What a run is: --resume with another value of any of these would train a different run on
-# top of this one's checkpoint and mix the two in results.json.
+# What a run is: --resume with another of these would mix two runs in one results.json.
 RUN_IDENTITY = ("task", "mode", "model", "data", "group_size", "lora", "lora_alpha",
                 "lora_targets")
 
 
 def check_resume(cfg: Config) -> None:
-    """--resume keeps the settings that define the run (its config.json), before anything in
-    the run directory is touched."""
+    """--resume keeps the settings that define the run (its config.json)."""
     saved_file = Path(cfg.out) / "config.json"
     if not (cfg.resume and saved_file.is_file()):
         return
@@ -1423,8 +1376,7 @@ class TrainState:
 
 def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, out: Path,
                     dist: Dist) -> None:
-    # torch's generators too: sampling and data order need none of it (they are functions of
-    # (seed, step, index)), but any other draw then also resumes exactly
+    # sampling and data order are functions of (seed, step, index); any other draw resumes too
     rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()}
                                               if torch.cuda.is_available() else {})
     if dist.main:
@@ -1436,8 +1388,7 @@ def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, 
 
 
 def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
-    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint; a fresh state
-    otherwise."""
+    """--resume: weights, optimizer, scheduler and RNG from <out>/checkpoint."""
     ckpt = out / "checkpoint"
     if not (cfg.resume and ckpt.exists()):
         return TrainState()
@@ -1541,8 +1492,7 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
 
 
 def reward_metrics(r: torch.Tensor) -> dict:
-    """Logged statistics of (B, n) rewards: mean, mean within-group std, and the share of groups
-    whose rewards are all equal (they carry no advantage, so no gradient but the KL's)."""
+    """Mean, within-group std and the share of (B, n) groups whose rewards tie (no advantage)."""
     return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
             "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
 
@@ -1606,8 +1556,7 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout:
 
 
 def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
-    """The step's metrics over every process: update terms summed (they carry their batch
-    weights), rollout statistics averaged."""
+    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
     names = sorted(update)
     totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
     stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
@@ -1616,9 +1565,8 @@ def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
 
 
 def setup_training(cfg: Config, policy, dist: Dist):
-    """What trains (the projector and LM; --lora: the projector and LoRA's A, B; --train-encoder
-    adds the encoder), AdamW over it, the schedule, and the frozen reference pi_ref (None when
-    beta = 0), which is taken from the start weights before any compile."""
+    """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
+    the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
     for name, p in policy.named_parameters():
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
@@ -1651,11 +1599,9 @@ class Logger:
         self.fh, self.bar, self.shown = open(path, "a", encoding="utf-8"), bar, {}
 
     def __call__(self, step: int, metrics: dict) -> None:
-        self.fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.fh.flush()
+        print(json.dumps({"step": step, **metrics}), file=self.fh, flush=True)
         self.bar.n = step  # dev BLEU stays on the bar between evaluations
-        self.shown.update({name: f"{metrics[k]:.3f}" if k.startswith(("reward", "kl", "loss"))
-                           else f"{metrics[k]:.1f}"
+        self.shown.update({name: f"{metrics[k]:.{1 if k.startswith('eval') else 3}f}"
                            for k, name in self.BAR.items() if k in metrics})
         self.bar.set_postfix(self.shown)
 
@@ -1672,8 +1618,7 @@ def lr_lambda(cfg: Config, total: int):
 
 def evaluate_and_keep_best(cfg: Config, policy, tokenizer, dev: SpeechData, autocast,
                            state: TrainState, out: Path, dist: Dist) -> dict:
-    """Dev BLEU under --eval-decoding; a new best is saved to best/ (the checkpoint the paper
-    reports)."""
+    """Dev BLEU under --eval-decoding; a new best goes to best/ (what the paper reports)."""
     scores, _ = evaluate(policy, tokenizer, dev, cfg, cfg.dev_limit, autocast, "dev", dist)
     if scores["bleu"] > state.best_dev:
         state.best_dev = scores["bleu"]
@@ -1688,9 +1633,8 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
           device, dist: Dist = Dist()) -> Path:
     """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
     Returns best/, the best-on-dev weights, which results.json reports."""
-    # prompts per step, and this process's share of them
-    B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size
-    B_local = B // dist.world
+    B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size  # prompts/step
+    B_local = B // dist.world                                       # this process's share
     params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
     audio_id = policy.config.audio_token_id
     suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id)
@@ -1758,9 +1702,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_threads(cfg: Config, model, device: torch.device) -> None:
-    """The CPU thread policy (README: Speed). A narrow model runs thousands of small parallel
-    regions a step; when another process holds a core, each waits for a descheduled sibling
-    thread (20x slower measured), so it gets one thread. Wide layers pay for every core."""
+    """CPU threads (README: Speed). A narrow LM runs many small parallel regions; with a core
+    busy, each waits for a descheduled sibling thread, so it gets one. Wide layers get all."""
     if device.type != "cpu" or cfg.threads == "torch" or "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -1785,8 +1728,7 @@ def run(cfg: Config) -> dict:
     import huggingface_hub
     from transformers.utils import logging as hf_logging
     cfg = resolve_config(cfg)
-    # our progress bars only: transformers' own (loading and writing weights) and its advice off;
-    # the hub's download bars stay
+    # our progress bars only: transformers' own and its advice off (the hub's download bars stay)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     huggingface_hub.utils.enable_progress_bars()
@@ -1809,8 +1751,7 @@ def run(cfg: Config) -> dict:
         prepare_out(cfg)
     dist.barrier()
     say = print if dist.main else (lambda *a: None)
-    # precision is decided here, once: bf16 autocast around forward passes, fp32 weights and
-    # log-probs
+    # precision is decided here, once: bf16 autocast around forwards; fp32 weights and log-probs
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, "
         f"processes {dist.world}")
@@ -1840,9 +1781,8 @@ def run(cfg: Config) -> dict:
 
 def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: Dist, tag: str,
                results: dict, out: Path) -> None:
-    """results[tag] (greedy), results[tag + "_sample"] (the paper's T 0.9, top-p 0.9, seeded per
-    utterance) and, with --eval-decoding beam, results[tag + "_beam"] on the test split, with
-    the hypotheses beside them; results.json is rewritten after each."""
+    """results[tag] (greedy), [tag_sample] (the paper's decoding) and, with --eval-decoding beam,
+    [tag_beam] on the test split, each with its hypotheses file."""
     for decoding in ("greedy", "sample", "beam")[:3 if cfg.eval_decoding == "beam" else 2]:
         key = tag if decoding == "greedy" else f"{tag}_{decoding}"
         if key in results:  # --resume: scored before the interruption
@@ -1851,27 +1791,24 @@ def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: 
                                       f"test {key}", dist, decoding=decoding)
         results[key]["decoding"] = decoding
         if dist.main:
+            write_json(out / f"hyps_{key}.jsonl", hyps, lines=True)
             write_json(out / "results.json", results)
-            write_jsonl(out / f"hyps_{key}.jsonl", hyps)
 
 
 def fmt(results: dict, tag: str) -> str:
-    """One line for the console: greedy, sampled and (when scored) beam test scores."""
-    return "; ".join(f"{name}" + ", ".join(f" {k.upper()} {v}" for k, v in results[key].items()
-                                           if k in ("bleu", "chrf", "wer"))
-                     for name, key in (("", tag), ("sampled:", f"{tag}_sample"),
-                                       ("beam:", f"{tag}_beam")) if key in results).strip()
+    """The console's line of test scores: greedy, sampled, and beam when scored."""
+    return "; ".join(name + ", ".join(f"{k.upper()} {v}" for k, v in results[key].items()
+                                      if k in ("bleu", "chrf", "wer"))
+                     for name, key in (("", tag), ("sampled: ", f"{tag}_sample"),
+                                       ("beam: ", f"{tag}_beam")) if key in results)
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj, lines: bool = False) -> None:
+    """obj as JSON (a list as JSON Lines), in place at once: never half a file."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj) if lines else
+                   json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
