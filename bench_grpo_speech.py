@@ -606,7 +606,7 @@ def main():
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)
-    model.eval()
+    model.eval().requires_grad_(True)        # the update timings train every weight
     B, G, T = args.batch_size, args.group_size, args.new_tokens
     data = gs.SpeechData(gs.read_manifest(args.data)[:B])
     batch = gs.collate(data, list(range(B)), tok, model.config.audio_token_id,

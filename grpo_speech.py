@@ -46,7 +46,9 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import fcntl
 import functools
+import io
 import json
 import math
 import os
@@ -62,6 +64,7 @@ from pathlib import Path
 # No network at run time unless the user opts in (HF_HUB_OFFLINE=0) to fetch a hub id.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import sacrebleu
 import soundfile as sf
 import torch
@@ -78,6 +81,10 @@ MODES = ("eval", "sft", "grpo", "mp-grpo")
 
 class InputError(Exception):
     """Bad input found before or during a run: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM outside the training loop (which finishes its step instead): exit 130."""
 
 
 # ---------------------------------------------------------------------------- config ----
@@ -250,7 +257,7 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int =
     return y.to(wave.dtype)
 
 
-def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE, where: str = "") -> torch.Tensor:
     """Read a sound file as 1-D float32: channels averaged, resampled to `sampling_rate`."""
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -258,6 +265,9 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE) -> torch.Tens
         raise InputError(f"{path}: cannot read audio ({str(e).splitlines()[0][:120]})") from None
     if data.shape[0] == 0:
         raise InputError(f"{path}: audio file has 0 samples")
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: {(~np.isfinite(data)).sum()} non-finite samples"
+                         + (f" ({where})" if where else ""))
     wave = torch.from_numpy(data).mean(dim=1)                # stereo -> mono
     return resample(wave, sr, sampling_rate)
 
@@ -374,7 +384,7 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -387,34 +397,45 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
             raise InputError(f"{path}:{n}: missing or non-string field(s) {', '.join(missing)}")
         if not row["target"].strip():
             raise InputError(f"{path}:{n}: empty reference (target)")
-        row["audio"] = str((path.parent / row["audio"]).resolve())
+        if row["text"].count(AUDIO_TOKEN) != 1:
+            raise InputError(f"{path}:{n}: text must hold {AUDIO_TOKEN} exactly once")
+        row["audio"], row["line"] = str((path.parent / row["audio"]).resolve()), n
         rows.append(row)
     return check_audio_files(rows, path, max_seconds)
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def check_audio_files(rows: list[dict], source: Path,
                       max_seconds: float = float("inf")) -> list[dict]:
-    """Fail fast on an empty manifest and on missing, unreadable, empty or too long audio; note
-    each row's length at 16 kHz from the header (evaluation orders by it without decoding)."""
+    """Fail fast on an empty manifest and on missing, unreadable, empty, too long or non-finite
+    audio; note each row's length at 16 kHz from the header (evaluation orders by it)."""
     if not rows:
         raise InputError(f"{source}: manifest is empty")
     converted = 0
     for row in rows:
-        audio = Path(row["audio"])
+        audio, where = Path(row["audio"]), f"listed in {source}:{row.get('line', '')}".rstrip(":")
         if not audio.is_file():
-            raise InputError(f"{audio}: audio file not found (listed in {source})")
+            raise InputError(f"{audio}: audio file not found ({where})")
         try:
             info = sf.info(str(audio))
         except Exception:
-            raise InputError(f"{audio}: not a readable audio file (listed in {source})") from None
+            raise InputError(f"{audio}: not a readable audio file ({where})") from None
         if info.frames == 0:
-            raise InputError(f"{audio}: audio file has 0 samples (listed in {source})")
+            raise InputError(f"{audio}: audio file has 0 samples ({where})")
         if info.duration < 0.025:
             raise InputError(f"{audio}: {info.frames} samples is shorter than one 25 ms analysis "
-                             f"window (listed in {source})")
+                             f"window ({where})")
         if info.duration > max_seconds:
             raise InputError(f"{audio}: {info.duration:.1f} s is longer than "
-                             f"--max-audio-seconds {max_seconds}")
+                             f"--max-audio-seconds {max_seconds} ({where})")
+        if info.subtype in ("FLOAT", "DOUBLE"):   # only float samples can be NaN or infinite
+            load_audio(audio, where=where)
         converted += info.samplerate != SAMPLE_RATE or info.channels != 1
         # exactly resample()'s output length, ceil(16000 * frames / sr), in integers
         row["num_samples"] = -(-SAMPLE_RATE * info.frames // info.samplerate)
@@ -427,7 +448,7 @@ def check_audio_files(rows: list[dict], source: Path,
 def read_covost2(tsv: Path, task: str, max_seconds: float = float("inf")) -> list[dict]:
     """CoVoST2 en-de TSV (columns path, sentence, translation, client_id), clips in <dir>/clips/."""
     import csv
-    with open(tsv, encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_text(tsv), newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         need = {"path", "sentence", "translation"}
         if not need <= set(reader.fieldnames or ()):
@@ -443,7 +464,7 @@ def read_covost2(tsv: Path, task: str, max_seconds: float = float("inf")) -> lis
 def read_librisqa(path: Path, max_seconds: float = float("inf")) -> list[dict]:
     """LibriSQA part I JSON: a list of {speech_path, question, answer, text, duration}."""
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg})") from None
     rows = []
@@ -562,10 +583,11 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
 # ----------------------------------------------------------------------------- model ----
 
 
-def load_model(name: str, device: torch.device):
-    """Granite Speech and its tokenizer by local path or hub id, fp32 master weights. The
-    released 3.3 checkpoints' LoRA adapter for audio turns is merged into the LM weights, peft or
-    not: transformers gets the weights, not the directory, so it never sees the adapter."""
+def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Granite Speech and its tokenizer by local path or hub id, frozen (setup_training says what
+    trains: frozen weights need no autocast copies). The released 3.3 checkpoints' LoRA adapter
+    is merged into the LM weights, peft or not: transformers gets the weights, not the
+    directory, so it never sees the adapter."""
     from transformers import AutoConfig, AutoTokenizer, GraniteSpeechForConditionalGeneration
     from safetensors.torch import load_file
     path = Path(name)
@@ -602,8 +624,10 @@ def load_model(name: str, device: torch.device):
             raise InputError(f"{path}: no *.safetensors weights")
         weights = {k: v for f in shards for k, v in load_file(f).items()}
         model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=weights, dtype=torch.float32, output_loading_info=True)
+            None, config=config, state_dict=weights, dtype=dtype, output_loading_info=True)
         del weights
+        for m in model.modules():   # buffers kept as loaded would keep the file mapped
+            m._buffers.update({k: b.clone() for k, b in m._buffers.items() if b is not None})
         # transformers fills a missing weight with random values and only logs it: refuse instead
         bad = ([f"missing {k}" for k in info["missing_keys"]]
                + [f"unexpected {k}" for k in info["unexpected_keys"]])
@@ -621,7 +645,7 @@ def load_model(name: str, device: torch.device):
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model's vocabulary "
                          f"{model.config.text_config.vocab_size}")
-    return model.to(device), tokenizer
+    return model.to(device).requires_grad_(False), tokenizer
 
 
 def adapter_scale(path: Path) -> tuple[int, float]:
@@ -782,8 +806,9 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator=None):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
-        self.lora_A = torch.nn.Parameter(base.weight.new_empty(r, base.in_features))
-        self.lora_B = torch.nn.Parameter(base.weight.new_zeros(base.out_features, r))
+        device = base.weight.device     # A and B in fp32 whatever W is stored in
+        self.lora_A = torch.nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=device))
         torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.enabled = True                     # off: the layer is W alone (the reference)
@@ -860,7 +885,8 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     (merging into the live W and subtracting later would not give W back in float)."""
     state = model.state_dict()
     for name, m in lora_layers(model):
-        state[f"{name}.weight"] = (m.weight + m.scale * (m.lora_B @ m.lora_A)).cpu()
+        W = m.weight.float() + m.scale * (m.lora_B @ m.lora_A)
+        state[f"{name}.weight"] = W.to(m.weight.dtype).cpu()   # stored as W is
         del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
     return state
 
@@ -1280,28 +1306,64 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
     """A plain transformers checkpoint (LoRA merged), or with `extra` (trainer state) checkpoint/,
     which under LoRA holds only the trained tensors, unmerged, for a bit-exact resume."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    if extra is not None and lora_layers(model):
-        tmp.mkdir(parents=True)
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}, tmp / "trainable.safetensors")
-    else:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model))
-    tokenizer.save_pretrained(tmp)
-    # for the model card's AutoProcessor and generate: the source's files, or our front end's
-    src = Path(getattr(model, "source_dir", ""))
-    for name in PROCESSOR_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, tmp / name)
-    if not any((src / name).is_file() for name in PROCESSOR_FILES[:2]):
-        (tmp / "processor_config.json").write_text(
-            json.dumps(processor_config(model.config), indent=2, sort_keys=True) + "\n")
-    if extra is not None:
-        torch.save(extra, tmp / "trainer_state.pt")
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        if extra is not None and lora_layers(model):
+            tmp.mkdir(parents=True)
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters()
+                       if p.requires_grad}, tmp / "trainable.safetensors")
+        else:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  state_dict=merged_state_dict(model))
+        tokenizer.save_pretrained(tmp)
+        # for the model card's AutoProcessor and generate: the source's files, or our front end's
+        src = Path(getattr(model, "source_dir", ""))
+        for name in PROCESSOR_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        if not any((src / name).is_file() for name in PROCESSOR_FILES[:2]):
+            (tmp / "processor_config.json").write_text(
+                json.dumps(processor_config(model.config), indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            torch.save(extra, tmp / "trainer_state.pt")
+        # written last, so its presence says every file is whole; check_checkpoint reads it
+        sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        (tmp / "complete.json").write_text(json.dumps(sizes))
+    except (OSError, SafetensorError) as e:   # a full disk: the previous copy stays, no partial
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
+        raise InputError(f"{path}: cannot write it ({why}); the previous one is kept") from None
+    recover(path)          # publish: the old copy steps aside and goes only once the new is in
+    if path.exists():
+        path.rename(old)
     tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path: Path) -> Path:
+    """`path` as last published: a kill between save_model's two renames left it as .old."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        old.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def check_checkpoint(path: Path) -> None:
+    """A damaged or incomplete checkpoint is refused before anything is loaded or changed."""
+    try:
+        sizes = json.loads((path / "complete.json").read_text())
+        for name, size in sizes.items():
+            if (path / name).stat().st_size != size:
+                raise ValueError(f"{name} has {(path / name).stat().st_size} bytes, not {size}")
+            if name.endswith(".json"):
+                json.loads((path / name).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: damaged or incomplete checkpoint ({e}); start again with "
+                         "--overwrite") from None
 
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "generation_config.json")
@@ -1352,9 +1414,14 @@ RUN_IDENTITY = ("task", "mode", "model", "data", "group_size", "lora", "lora_alp
 
 
 def check_resume(cfg: Config) -> None:
-    """--resume keeps the settings that define the run (its config.json)."""
-    saved_file = Path(cfg.out) / "config.json"
-    if not (cfg.resume and saved_file.is_file()):
+    """--resume needs a whole checkpoint and keeps the settings that define the run."""
+    saved_file, ckpt = Path(cfg.out) / "config.json", recover(Path(cfg.out) / "checkpoint")
+    if not cfg.resume or cfg.mode == "eval":
+        return
+    if not ckpt.exists():
+        raise InputError(f"{ckpt}: no checkpoint to resume from; start again with --overwrite")
+    check_checkpoint(ckpt)
+    if not saved_file.is_file():
         return
     saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(cfg)
     if not saved.get("lora"):  # full training: LoRA's alpha and targets mean nothing
@@ -1401,9 +1468,13 @@ def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) ->
     if dist.main:
         print(f"resumed from {ckpt} at step {saved['step']}")
         # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
-        log = out / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.exists() else []
-        log.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= saved["step"]))
+        log, kept = out / "metrics.jsonl", []
+        for line in log.read_text().splitlines() if log.exists() else []:
+            try:
+                kept += [line] if json.loads(line)["step"] <= saved["step"] else []
+            except ValueError:   # a line cut by a kill
+                pass
+        write_json(log, [json.loads(line) for line in kept], lines=True)
     return TrainState(saved["step"], saved["bad_steps"], saved["best_dev"])
 
 
@@ -1571,6 +1642,9 @@ def setup_training(cfg: Config, policy, dist: Dist):
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)
+    for p in policy.parameters():  # what trains keeps fp32 weights and AdamW state; under
+        if p.requires_grad:        # --lora --bf16 the frozen rest stays bf16 (run's model_dtype)
+            p.data = p.data.float()
     grpo = cfg.mode in ("grpo", "mp-grpo")
     ref_model = frozen_reference(policy, cfg) if grpo and cfg.beta != 0 else None
     if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward
@@ -1599,7 +1673,9 @@ class Logger:
         self.fh, self.bar, self.shown = open(path, "a", encoding="utf-8"), bar, {}
 
     def __call__(self, step: int, metrics: dict) -> None:
-        print(json.dumps({"step": step, **metrics}), file=self.fh, flush=True)
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None   # strict JSON
+                  for k, v in metrics.items()}
+        print(json.dumps({"step": step, **finite}, allow_nan=False), file=self.fh, flush=True)
         self.bar.n = step  # dev BLEU stays on the bar between evaluations
         self.shown.update({name: f"{metrics[k]:.{1 if k.startswith('eval') else 3}f}"
                            for k, name in self.BAR.items() if k in metrics})
@@ -1680,6 +1756,8 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        for layer in policy.model.language_model.layers:  # checkpoint_layers' wrapper refers
+            layer.__dict__.pop("forward", None)           # to its layer: a cycle, undone
     if state.step < cfg.max_steps:  # a process was asked to stop
         checkpoint()
         if dist.main:
@@ -1711,16 +1789,31 @@ def set_threads(cfg: Config, model, device: torch.device) -> None:
     torch.set_num_threads(int(cfg.threads) if cfg.threads.isdigit() else 1 if narrow else cores)
 
 
-def prepare_out(cfg: Config) -> Path:
-    """Refuse to mix two runs in one directory; created only after every input was checked."""
+def prepare_out(cfg: Config):
+    """The run directory, made only after every input was checked and locked for this process
+    (the lock goes with it): one run per directory, and --overwrite replaces runs only."""
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"{out}: holds another run; pass --resume to continue it or --overwrite "
-                         "to replace it")
-    if cfg.overwrite and out.exists() and not cfg.resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{out}: another run is using it (pid {(out / '.lock').read_text()})")
+    except OSError as e:
+        raise InputError(f"{out}: cannot be the run directory ({e.strerror})") from None
+    lock.truncate(0)
+    print(os.getpid(), file=lock, end="", flush=True)
+    held = [p for p in out.iterdir() if p.name != ".lock"]
+    if held and not cfg.resume:
+        if not cfg.overwrite:
+            raise InputError(f"{out}: holds another run; pass --resume to continue it or "
+                             "--overwrite to replace it")
+        if not (out / "config.json").is_file():
+            raise InputError(f"{out}: not a run directory (no config.json): --overwrite only "
+                             "replaces a run")
+        for p in held:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return lock
 
 
 def run(cfg: Config) -> dict:
@@ -1732,6 +1825,13 @@ def run(cfg: Config) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     huggingface_hub.utils.enable_progress_bars()
+
+    def interrupted(signum, frame):   # the training loop has its own: it finishes its step
+        ckpt = Path(cfg.out) / "checkpoint"
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; " + (
+            f"{ckpt} is kept: continue with --resume" if ckpt.exists() else "no checkpoint yet"))
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupted)
     dist, device = init_distributed(cfg)
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
         raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible "
@@ -1741,14 +1841,15 @@ def run(cfg: Config) -> dict:
     wanted = ("test",) if cfg.mode == "eval" else ("train", "dev", "test")
     splits = {k: SpeechData(v)
               for k, v in load_splits(cfg.data, cfg.task, wanted, cfg.max_audio_seconds).items()}
-    model, tokenizer = load_model(cfg.model, device)
+    # fp32 master weights; under --lora --bf16 the frozen LM and encoder are stored in bf16
+    model_dtype = torch.bfloat16 if cfg.lora and cfg.bf16 else torch.float32
+    model, tokenizer = load_model(cfg.model, device, model_dtype)
     set_threads(cfg, model, device)
     if cfg.lora:
         lora_sites(model, cfg.lora_targets)   # the targets exist
-    check_resume(cfg)
     out = Path(cfg.out)
-    if dist.main:
-        prepare_out(cfg)
+    lock = prepare_out(cfg) if dist.main else None   # noqa: F841 (held until run returns)
+    check_resume(cfg)
     dist.barrier()
     say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forwards; fp32 weights and log-probs
@@ -1773,7 +1874,7 @@ def run(cfg: Config) -> dict:
     dev_n = len(splits["dev"]) if cfg.dev_limit <= 0 else min(cfg.dev_limit, len(splits["dev"]))
     results["selection"] = (f"best dev BLEU ({cfg.eval_decoding} decoding, {dev_n} dev "
                             f"utterances) among step 0 and every {cfg.eval_every} steps")
-    best_model, _ = load_model(str(best), device)
+    best_model, _ = load_model(str(best), device, model_dtype)
     score_test(best_model, tokenizer, splits["test"], cfg, autocast, dist, "final", results, out)
     say(f"best-on-dev model on test: {fmt(results, 'final')}")
     return results
@@ -1820,6 +1921,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
     finally:  # normal end, InputError, SystemExit(130) after a signal, or any crash
         close_distributed(ok)
     return 0

@@ -1967,3 +1967,280 @@ def test_thread_policy(model_tok, monkeypatch):
         assert torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(1)
+
+
+# ------------------------------------------------------- paper scale: memory of a LoRA run ----
+
+
+def test_lora_bf16_stores_the_frozen_base_in_bf16_and_final_is_the_hand_merge(fixture_model_dir, tiny_data,
+                                                                              tmp_path):
+    """--lora --bf16: the frozen LM and encoder live in bf16, LoRA's A, B and the projector in fp32 (and so
+    does AdamW's state); final/ holds W + (alpha / r) B A computed from the stored bf16 W, stored as W is."""
+    from safetensors.torch import load_file
+    args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast",
+            *TINY, "--lora", "4", "--bf16", "--lr", "1e-2", "--out", tmp_path / "run"]
+    _check_ok(run_cli(*args, cwd=tmp_path))
+    trained = load_file(tmp_path / "run" / "checkpoint" / "trainable.safetensors")   # after the last step
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert any(".lora_A" in k for k in trained) and any(k.startswith("model.projector.") for k in trained)
+    base, final = _weights(fixture_model_dir), _weights(tmp_path / "run" / "final")
+    scale = gs.Config().lora_alpha / 4
+    merged = 0
+    for k, w in final.items():
+        live = next((new + k.removeprefix(old) for old, new in gs.RELEASE_NAMES if k.startswith(old)), k)
+        stem = live.removesuffix(".weight")
+        if stem + ".lora_A" in trained:
+            A, B = trained[stem + ".lora_A"], trained[stem + ".lora_B"]
+            hand = (base[k].to(torch.bfloat16).float() + scale * (B @ A)).to(torch.bfloat16)
+            assert w.dtype == torch.bfloat16 and torch.equal(w, hand), k
+            merged += 1
+        elif live in trained:                                    # the projector: trained, fp32
+            assert torch.equal(w, trained[live]), k
+        elif w.is_floating_point():                              # the frozen rest, as stored: bf16
+            assert w.dtype == torch.bfloat16 and torch.equal(w, base[k].to(torch.bfloat16)), k
+    assert merged == 2 * 3                                       # q_proj and v_proj of 3 layers
+
+
+def test_bf16_base_weights_move_the_first_step_loss_little(model_tok, fixture_model_dir, ast_test):
+    """The frozen base in bf16 against fp32, both under bf16 autocast, LoRA at its start (B = 0): per-token
+    log-probs within 0.05 nats, the SFT loss within 1%."""
+    _, tok = model_tok
+    cfg = gs.resolve_config(gs.Config(lora=4, bf16=True, mode="sft"))
+    losses, logps = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = gs.load_model(str(fixture_model_dir), torch.device("cpu"), dtype)
+        gs.setup_training(cfg, model, gs.Dist())
+        batch = make_batch(model, tok, ast_test, range(4))
+        refs = [gs.encode_target(tok, t) for t in batch.targets]
+        width = max(map(len, refs))
+        completions = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in refs])
+        mask = torch.tensor([[i < len(r) for i in range(width)] for r in refs])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = gs.completion_logprobs(model, batch, completions, 1)
+        assert logp.dtype == torch.float32
+        logps.append(logp[mask])
+        losses.append(gs.sft_loss(logp, mask).item())
+    assert (logps[0] - logps[1]).abs().max() < 0.05, (logps[0] - logps[1]).abs().max()
+    assert abs(losses[0] - losses[1]) < 0.01 * losses[0], losses
+
+
+def test_nothing_of_the_trained_model_outlives_train_with_grad_checkpointing(fixture_model_dir, tiny_data,
+                                                                            tmp_path):
+    import weakref
+    cfg = gs.resolve_config(gs.Config(model=str(fixture_model_dir), data=str(tiny_data / "ast"),
+                                      out=str(tmp_path), mode="grpo", max_steps=1, eval_every=1,
+                                      dev_limit=1, batch_size=2, group_size=2, max_new_tokens=4,
+                                      grad_checkpointing=True))
+    model, tok = gs.load_model(cfg.model, torch.device("cpu"))
+    splits = {k: gs.SpeechData(v) for k, v in gs.load_splits(cfg.data, "ast", ("train", "dev")).items()}
+    gs.train(cfg, model, tok, splits, tmp_path, nullamp, torch.device("cpu"))
+    alive = [weakref.ref(t) for t in [*model.parameters(), *model.buffers()]]
+    del model
+    assert [r for r in alive if r() is not None] == []          # no cycle: freed without gc.collect()
+
+
+# ------------------------------------------------------------- faults: nothing lost, ever ----
+
+FAULT_RUN = ["--task", "ast", "--mode", "grpo", "--max-steps", "3", "--eval-every", "1", "--eval-limit", "2",
+             "--dev-limit", "2", "--batch-size", "2", "--group-size", "3", "--max-new-tokens", "8", "--lr", "1e-3",
+             "--reward", "chrf"]
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    def no_constants(c):
+        raise ValueError(f"{path}: {c} is not strict JSON")
+    return [json.loads(l, parse_constant=no_constants) for l in path.read_text().splitlines()]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli_with(code: str, args, cwd: Path) -> subprocess.CompletedProcess:
+    """grpo_speech.main(ARGS) in a fresh process after `code` (a fault injected at a chosen instant)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    script = (f"import os, sys, signal, pathlib; sys.path.insert(0, {str(REPO)!r}); import grpo_speech as gs\n"
+              f"{code}\nsys.exit(gs.main({[str(a) for a in args]!r}))")
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=HANG)
+
+
+@pytest.fixture(scope="module")
+def straight_fault_run(tiny_data, fixture_model_dir, tmp_path_factory):
+    args = [*FAULT_RUN, "--model", fixture_model_dir, "--data", tiny_data / "ast"]
+    out = tmp_path_factory.mktemp("faults") / "straight"
+    _check_ok(run_cli(*args, "--out", out, cwd=out.parent))
+    return args, out
+
+
+def test_a_kill_between_the_two_renames_of_a_save_loses_nothing(straight_fault_run, tmp_path):
+    """kill -9 right after the old copy stepped aside and before the new one is in place: --resume finds the
+    last complete one and ends bit-identical to the uninterrupted run."""
+    args, straight = straight_fault_run
+    out = tmp_path / "run"
+    kill = ("real = pathlib.Path.rename\n"
+            "def rename(self, dst):\n"
+            "    if self.name == 'checkpoint.tmp' and (self.parent / 'checkpoint.old').exists():\n"
+            "        os._exit(137)\n"
+            "    return real(self, dst)\n"
+            "pathlib.Path.rename = rename")
+    p = _cli_with(kill, [*args, "--out", out], tmp_path)
+    assert p.returncode == 137, p.stderr[-2000:]
+    assert not (out / "checkpoint").exists() and (out / "checkpoint.old" / "complete.json").exists()
+    assert (out / "checkpoint.tmp" / "complete.json").exists()              # step 2's, never published
+    _check_ok(run_cli(*args, "--out", out, "--resume", cwd=tmp_path))
+    assert _step_metrics(out) == _step_metrics(straight)
+    assert _same_weights(out / "final", straight / "final") and _same_weights(out / "best", straight / "best")
+    assert not list(out.glob("*.old")) and not list(out.glob("*.tmp"))
+    assert _strict_json_lines(out / "metrics.jsonl")
+
+
+def test_save_model_publishes_best_so_that_a_kill_at_any_rename_keeps_one(model_tok, tmp_path, monkeypatch):
+    model, tok = model_tok
+    best = tmp_path / "best"
+    gs.save_model(model, tok, best)
+    first = _files(best)
+    real = Path.rename
+    for n in (1, 2):                             # the kill before the 1st rename, then before the 2nd
+        calls = []
+
+        def rename(self, dst):
+            calls.append(self)
+            if len(calls) == n:
+                raise KeyboardInterrupt          # where a kill -9 would stop the process
+            return real(self, dst)
+        monkeypatch.setattr(Path, "rename", rename)
+        with pytest.raises(KeyboardInterrupt):
+            gs.save_model(model, tok, best)
+        monkeypatch.setattr(Path, "rename", real)
+        assert _files(gs.recover(best)) == first and not best.with_name("best.old").exists()
+        gs.load_model(str(best), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated trainer state", "garbage json",
+                                    "deleted trainer state", "deleted config", "no complete.json"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_fault_run, tmp_path, damage):
+    args, straight = straight_fault_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    ckpt = out / "checkpoint"
+    if damage.startswith("truncated"):
+        f = ckpt / ("model.safetensors" if "weights" in damage else "trainer_state.pt")
+        f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    elif damage == "garbage json":
+        (ckpt / "config.json").write_text("{not json" + " " * (len((ckpt / "config.json").read_text()) - 9))
+    else:
+        (ckpt / {"deleted trainer state": "trainer_state.pt", "deleted config": "config.json",
+                 "no complete.json": "complete.json"}[damage]).unlink()
+    before = _files(out)
+    p = run_cli(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {ckpt}: damaged"), p.stderr
+    assert {k: v for k, v in _files(out).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run, tmp_path):
+    """Writes past 1 MB fail as on a full disk (RLIMIT_FSIZE): the first save of --resume fails, exit 2, the
+    previous checkpoint and best/ intact, no .tmp left."""
+    args, straight = straight_fault_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    kept = {k: v for k, v in _files(out).items() if k.startswith(("checkpoint", "best"))}
+    limit = ("import resource; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))")
+    p = _cli_with(limit, [*args, "--out", out, "--resume", "--max-steps", "4"], tmp_path)
+    errors = [l for l in p.stderr.splitlines() if "error" in l.lower()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "cannot write it" in errors[0], errors
+    assert {k: v for k, v in _files(out).items() if k.startswith(("checkpoint", "best"))} == kept
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
+    assert max(_step_metrics(out)) == 3                                    # nothing logged past the checkpoint
+
+
+def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_fault_run, tmp_path):
+    args, straight = straight_fault_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    p = run_cli(*args, "--out", out, "--resume", "--task", "asr", cwd=tmp_path)
+    assert p.returncode == 2 and "trained with --task ast" in p.stderr and len(p.stderr.splitlines()) == 1
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/me')                                 # a line cut by a kill
+    _check_ok(run_cli(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path))
+    assert sorted(_step_metrics(out)) == [0, 1, 2, 3, 4]
+    shutil.rmtree(out / "checkpoint")
+    p = run_cli(*args, "--out", out, "--resume", cwd=tmp_path)
+    assert p.returncode == 2 and "no checkpoint to resume from" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_data, fixture_model_dir, tmp_path):
+    args = [*FAULT_RUN, "--model", fixture_model_dir, "--data", tiny_data / "ast", "--max-steps", "50"]
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "not-a-run" / "thesis.tex").write_text("precious")
+    for out, words in ((tmp_path / "a-file", "cannot be the run directory"),
+                       (Path("/proc/version/run"), "cannot be the run directory"),
+                       (tmp_path / "not-a-run", "not a run directory")):
+        p = run_cli(*args, "--out", out, "--overwrite", cwd=tmp_path)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and str(out) in lines[0] and words in lines[0], p.stderr
+    assert (tmp_path / "not-a-run" / "thesis.tex").read_text() == "precious"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    first = subprocess.Popen([sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out",
+                              str(tmp_path / "busy")], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + HANG
+        while not (tmp_path / "busy" / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            p = run_cli(*args, "--out", tmp_path / "busy", *extra, cwd=tmp_path)
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1, (extra, p.stderr)
+            assert f"another run is using it (pid {first.pid})" in lines[0], lines
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("fault", ["not utf-8", "no audio token", "two audio tokens", "nan audio"])
+def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture_model_dir, tmp_path, fault):
+    d = _bad_data(tiny_data, tmp_path, fault.replace(" ", "-"))
+    manifest = d / "train.jsonl"
+    rows = manifest.read_text().splitlines()
+    row = json.loads(rows[1])
+    if fault == "not utf-8":
+        manifest.write_bytes(manifest.read_bytes().replace(b"listen", b"listen\xff", 1))
+        culprit = f"{manifest}: not UTF-8"
+    elif fault == "nan audio":
+        wav = tmp_path / "nan.wav"
+        sf.write(str(wav), np.array([0.1, float("nan"), 0.2] * 4000, dtype=np.float32), 16_000, subtype="FLOAT")
+        rows[1] = json.dumps({**row, "audio": str(wav)})
+        manifest.write_text("\n".join(rows) + "\n")
+        culprit = f"{wav}: 4000 non-finite samples (listed in {manifest}:2)"
+    else:
+        text = row["text"].replace(gs.AUDIO_TOKEN, "" if fault == "no audio token" else gs.AUDIO_TOKEN * 2)
+        rows[1] = json.dumps({**row, "text": text})
+        manifest.write_text("\n".join(rows) + "\n")
+        culprit = f"{manifest}:2: text must hold {gs.AUDIO_TOKEN} exactly once"
+    p = run_cli("--task", "ast", "--model", fixture_model_dir, "--data", d, "--out", tmp_path / "out", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and culprit in lines[0], p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_start_model_scoring_exits_130_with_one_line(tiny_data, fixture_model_dir, tmp_path,
+                                                                          sig):
+    code = (f"real = gs.evaluate\n"
+            f"def evaluate(*a, **k):\n"
+            f"    os.kill(os.getpid(), signal.{sig})\n"
+            f"    return real(*a, **k)\n"
+            f"gs.evaluate = evaluate")
+    out = tmp_path / "run"
+    p = _cli_with(code, ["--task", "ast", "--model", fixture_model_dir, "--data", tiny_data / "ast", "--out", out,
+                         *TINY], tmp_path)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == f"stopped by {sig}; no checkpoint yet"
+    for f in out.glob("*.json"):
+        json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f}: {c}"))
