@@ -100,6 +100,7 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: 
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        (out / "stdout.txt").write_text(p.stdout)      # what the console showed, bars aside
         print(f"  {task} {mode} seed {seed}{' from ' + model if model else ''}: "
               f"{time.time() - t0:.0f} s", flush=True)
     return json.loads((out / "results.json").read_text())
@@ -233,8 +234,7 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
 
 
 def default_runs(args) -> None:
-    """The README's first command for seeds 0, 1, 2 at torch's default thread count, one at a
-    time."""
+    """The README's first command for seeds 0, 1, 2 (its default thread policy), one at a time."""
     root = Path(args.out) if args.out else gs.HERE / "runs" / "default"
     rows, times = [], []
     for seed in (0, 1, 2):
@@ -254,7 +254,7 @@ def default_runs(args) -> None:
                        f"{mean_std([r['final']['chrf'] for r in rows])} | "
                        f"{mean_std([r['final_sample']['bleu'] for r in rows])} |"])
     text = (f"`python grpo_speech.py --task ast --mode grpo --seed S`, S = 0, 1, 2, one after "
-            f"another with torch's default threads ({torch.get_num_threads()} here), through "
+            f"another with the default `--threads auto` (one thread for this model), through "
             f"`python bench_grpo_speech.py --default-runs`: {min(times):.0f}-{max(times):.0f} s "
             f"a run. Every seed above the start model: {'yes' if min(gains) > 0 else 'no'} "
             f"(greedy BLEU gains {', '.join(f'{g:+.2f}' for g in gains)}).\n\n"
@@ -301,7 +301,8 @@ def state_bytes(model, params, optimizer, ref_model) -> dict:
     ptrs = {p.data_ptr() for p in model.parameters()}
     ref_own = [p for p in ref_model.parameters() if p.data_ptr() not in ptrs]
     moments = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
-    return dict(weights=size(model.parameters()), gradients=size(p.grad for p in params if p.grad is not None),
+    return dict(weights=size(model.parameters()), trained_weights=size(params),
+                gradients=size(p.grad for p in params if p.grad is not None),
                 adamw=size(moments), reference=size(ref_own),
                 n_weights=sum(p.numel() for p in model.parameters()), n_trained=sum(p.numel() for p in params),
                 n_reference=sum(p.numel() for p in ref_own))
@@ -312,8 +313,10 @@ def memory(args) -> None:
     device = torch.device("cpu")
     rows = gs.read_manifest(args.data)[:2]
     measured = {}
-    for name, extra in (("full", {}), ("full --bf16", dict(bf16=True)), ("--lora 64", dict(lora=64, lora_alpha=32.0))):
-        model, tok = gs.load_model(args.model, device)
+    for name, extra in (("full", {}), ("full --bf16", dict(bf16=True)),
+                        ("--lora 64 --bf16", dict(lora=64, lora_alpha=32.0, bf16=True))):
+        # as run() loads it: under --lora --bf16 the frozen base is stored in bf16
+        model, tok = gs.load_model(args.model, device, torch.bfloat16 if "lora" in extra else torch.float32)
         cfg = gs.resolve_config(gs.Config(model=args.model, mode="grpo", **extra))
         params, optimizer, _, ref_model = gs.setup_training(cfg, model, gs.Dist())
         batch = gs.collate(gs.SpeechData(rows), [0, 1], tok, model.config.audio_token_id,
@@ -329,9 +332,11 @@ def memory(args) -> None:
               f"unshared parameters ({b['n_reference'] / b['n_weights']:.1%} of the policy's)")
     per = lambda name, k, n: measured[name][k] / measured[name][n]
     w, g, a = per("full", "weights", "n_weights"), per("full", "gradients", "n_trained"), per("full", "adamw", "n_trained")
-    ref16, ref_lora = per("full --bf16", "reference", "n_reference"), per("--lora 64", "reference", "n_reference")
-    lw, lg, la = (per("--lora 64", "weights", "n_weights"), per("--lora 64", "gradients", "n_trained"),
-                  per("--lora 64", "adamw", "n_trained"))
+    ref16, ref_lora = per("full --bf16", "reference", "n_reference"), per("--lora 64 --bf16", "reference", "n_reference")
+    lg, la = per("--lora 64 --bf16", "gradients", "n_trained"), per("--lora 64 --bf16", "adamw", "n_trained")
+    lb = measured["--lora 64 --bf16"]     # weights: frozen ones and trained ones, each at its own bytes/param
+    l_frozen = (lb["weights"] - lb["trained_weights"]) / (lb["n_weights"] - lb["n_trained"])
+    l_trained = lb["trained_weights"] / lb["n_trained"]
 
     counts, cols = {}, []
     for size in ("2B", "8B"):
@@ -349,11 +354,12 @@ def memory(args) -> None:
         c = counts[size]
         trained = c["total"] - c["encoder"]
         cols.append((f"full, 1 GPU, {size}", [w * c["total"], g * trained, a * trained, ref16 * c["total"]]))
-    for size in ("2B", "8B"):      # --lora 64: frozen fp32 weights, the reference copies the projector
+    for size in ("2B", "8B"):      # --lora 64 --bf16: frozen bf16 weights, the reference copies the projector
         c = counts[size]
         trained = c["lora"] + c["projector"]
-        cols.append((f"`--lora 64`, 1 GPU, {size}",
-                     [lw * (c["total"] + c["lora"]), lg * trained, la * trained, ref_lora * c["projector"]]))
+        cols.append((f"`--lora 64 --bf16`, 1 GPU, {size}",
+                     [l_frozen * (c["total"] - c["projector"]) + l_trained * trained, lg * trained, la * trained,
+                      ref_lora * c["projector"]]))
     names = ["weights", "gradients", "AdamW moments", "reference pi_ref"]
     fmt = lambda x: f"{x / GB:.1f}" if x >= GB else f"{x / GB:.2f}"
     lines = ["| GB (1e9 bytes) | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -363,7 +369,8 @@ def memory(args) -> None:
     print("\n".join(lines))
     print(f"\nmeasured bytes per parameter (fp32 master weights): weights {w:.0f}, gradients {g:.0f}, AdamW {a:.0f} "
           f"(two moments), reference {per('full', 'reference', 'n_reference'):.0f} (fp32) or {ref16:.0f} (--bf16); "
-          f"--lora: the reference shares the LM and copies only the projector ({ref_lora:.0f} B/param).")
+          f"--lora: the reference shares the LM and copies only the projector ({ref_lora:.0f} B/param); "
+          f"--lora --bf16 stores the frozen base at {l_frozen:.0f} B/param, what trains at {l_trained:.0f}.")
     print("full columns are --bf16 runs (reference stored in bf16; without --bf16 it is fp32, twice that); the "
           "encoder is frozen, so it has no gradients or AdamW moments.")
     tokens = 8 * 450

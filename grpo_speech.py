@@ -220,7 +220,7 @@ def resolve_config(cfg: Config) -> Config:
         (0 < cfg.top_p <= 1, f"--top-p {cfg.top_p} must be in (0, 1]"),
         (min(cfg.beta, cfg.epsilon, cfg.epsilon_high) >= 0,
          "--beta, --epsilon and --epsilon-high must be >= 0"),
-        (cfg.threads in ("auto", "torch") or cfg.threads.isdigit() and int(cfg.threads) >= 1,
+        (cfg.threads in ("auto", "torch") or cfg.threads.isdecimal() and int(cfg.threads) >= 1,
          f"--threads {cfg.threads}: auto, torch or a number >= 1"),
     ]
     for holds, message in checks:
@@ -1237,7 +1237,7 @@ def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos
                 hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:K]
         keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
         running, seqs = top.gather(1, keep), seqs.gather(1, keep[:, :, None].expand(-1, -1, T))
-        done = [d or (len(h) == K and running[b, 0].item() / (t + 1) <= h[-1][0])
+        done = [d or (len(h) == K and (running[b, 0] / (t + 1)).item() <= h[-1][0])
                 for b, (d, h) in enumerate(zip(done, hyps))]
         if all(done) or t == T - 1:
             break
@@ -1410,27 +1410,26 @@ def load_checkpoint(model, path: Path) -> dict:
 
 # What a run is: --resume with another of these would mix two runs in one results.json.
 RUN_IDENTITY = ("task", "mode", "model", "data", "group_size", "lora", "lora_alpha",
-                "lora_targets")
+                "lora_targets", "bf16")    # the last three matter under --lora only
 
 
 def check_resume(cfg: Config) -> None:
     """--resume needs a whole checkpoint and keeps the settings that define the run."""
-    saved_file, ckpt = Path(cfg.out) / "config.json", recover(Path(cfg.out) / "checkpoint")
+    saved_file, ckpt = Path(cfg.out) / "config.json", Path(cfg.out) / "checkpoint"
     if not cfg.resume or cfg.mode == "eval":
         return
+    if saved_file.is_file():
+        saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(cfg)
+        if not saved.get("lora"):  # full training: LoRA's settings (and storage) mean nothing
+            saved |= {k: now[k] for k in RUN_IDENTITY[-3:]}
+        changed = [k for k in RUN_IDENTITY if saved.get(k) != now[k]]
+        if changed:
+            flags = lambda d: " ".join(f"--{k.replace('_', '-')} {d.get(k)}" for k in changed)
+            raise InputError(f"{saved_file}: trained with {flags(saved)}; resume it with the "
+                             f"same, not {flags(now)}")
     if not ckpt.exists():
         raise InputError(f"{ckpt}: no checkpoint to resume from; start again with --overwrite")
     check_checkpoint(ckpt)
-    if not saved_file.is_file():
-        return
-    saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(cfg)
-    if not saved.get("lora"):  # full training: LoRA's alpha and targets mean nothing
-        saved |= {"lora_alpha": now["lora_alpha"], "lora_targets": now["lora_targets"]}
-    changed = [k for k in RUN_IDENTITY if saved.get(k) != now[k]]
-    if changed:
-        flags = lambda d: " ".join(f"--{k.replace('_', '-')} {d.get(k)}" for k in changed)
-        raise InputError(f"{saved_file}: trained with {flags(saved)}; resume it with the same, "
-                         f"not {flags(now)}")
 
 
 @dataclass
@@ -1642,9 +1641,12 @@ def setup_training(cfg: Config, policy, dist: Dist):
         p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)
-    for p in policy.parameters():  # what trains keeps fp32 weights and AdamW state; under
-        if p.requires_grad:        # --lora --bf16 the frozen rest stays bf16 (run's model_dtype)
-            p.data = p.data.float()
+    for m in policy.modules():  # what trains keeps fp32 weights, buffers (BatchNorm's running
+        if any(p.requires_grad for p in m.parameters(recurse=False)):   # statistics) and AdamW
+            for p in m.parameters(recurse=False):   # state; under --lora --bf16 the frozen rest
+                p.data = p.data.float() if p.requires_grad else p.data   # stays bf16 (run())
+            m._buffers.update({k: b.float() for k, b in m._buffers.items()
+                               if b is not None and b.is_floating_point()})
     grpo = cfg.mode in ("grpo", "mp-grpo")
     ref_model = frozen_reference(policy, cfg) if grpo and cfg.beta != 0 else None
     if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward
@@ -1786,7 +1788,7 @@ def set_threads(cfg: Config, model, device: torch.device) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     narrow = model.config.text_config.hidden_size < 512
-    torch.set_num_threads(int(cfg.threads) if cfg.threads.isdigit() else 1 if narrow else cores)
+    torch.set_num_threads(int(cfg.threads) if cfg.threads.isdecimal() else 1 if narrow else cores)
 
 
 def prepare_out(cfg: Config):
@@ -1803,6 +1805,8 @@ def prepare_out(cfg: Config):
         raise InputError(f"{out}: cannot be the run directory ({e.strerror})") from None
     lock.truncate(0)
     print(os.getpid(), file=lock, end="", flush=True)
+    for name in ("checkpoint", "best", "final"):
+        recover(out / name)
     held = [p for p in out.iterdir() if p.name != ".lock"]
     if held and not cfg.resume:
         if not cfg.overwrite:
@@ -1825,13 +1829,6 @@ def run(cfg: Config) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     huggingface_hub.utils.enable_progress_bars()
-
-    def interrupted(signum, frame):   # the training loop has its own: it finishes its step
-        ckpt = Path(cfg.out) / "checkpoint"
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; " + (
-            f"{ckpt} is kept: continue with --resume" if ckpt.exists() else "no checkpoint yet"))
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, interrupted)
     dist, device = init_distributed(cfg)
     if cfg.batch_size % dist.world or (cfg.mode == "sft" and cfg.sft_batch_size % dist.world):
         raise InputError(f"--batch-size {cfg.batch_size} (or --sft-batch-size) is not divisible "
@@ -1848,9 +1845,15 @@ def run(cfg: Config) -> dict:
     if cfg.lora:
         lora_sites(model, cfg.lora_targets)   # the targets exist
     out = Path(cfg.out)
-    lock = prepare_out(cfg) if dist.main else None   # noqa: F841 (held until run returns)
+    lock, error = None, None   # the lock is held until run() returns
+    if dist.main:
+        try:
+            lock = prepare_out(cfg)
+        except InputError as e:
+            error = str(e)
+    if errors := dist.gather([error] if error else []):   # every process stops with its line
+        raise InputError(errors[0])
     check_resume(cfg)
-    dist.barrier()
     say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forwards; fp32 weights and log-probs
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -1915,6 +1918,12 @@ def write_json(path: Path, obj, lines: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = Config(**vars(build_parser().parse_args(argv)))
     ok = False
+
+    def interrupted(signum, frame):   # the training loop has its own: it finishes its step
+        ckpt = Path(cfg.out or f"runs/{cfg.task}-{cfg.mode}") / "checkpoint"
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; " + (
+            f"{ckpt} is kept: continue with --resume" if ckpt.exists() else "no checkpoint yet"))
+    old_handlers = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run(cfg)
         ok = True
@@ -1925,6 +1934,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 130
     finally:  # normal end, InputError, SystemExit(130) after a signal, or any crash
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
         close_distributed(ok)
     return 0
 

@@ -1664,12 +1664,12 @@ def test_lora_sigint_then_resume_is_bit_identical_and_a_changed_lora_is_refused(
     assert 1 <= max(_step_metrics(cut)) < 4, "the run finished before it could be interrupted"
 
     # resuming with another LoRA setting is refused before anything in the run is touched
-    before = {p: p.read_bytes() for p in cut.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in cut.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
     assert gs.main([*map(str, args), "--lora", "0", "--out", str(cut), "--resume"]) == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"error: {cut / 'config.json'}: trained with --lora 4"), last
-    assert before == {p: p.read_bytes() for p in cut.rglob("*") if p.is_file()}
+    assert before == {p: p.read_bytes() for p in cut.rglob("*") if p.is_file() and p.name != ".lock"}
 
     resumed = run_cli(*args, "--out", cut, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -1694,7 +1694,8 @@ def test_lora_bad_settings_exit_2_before_the_run_directory_is_touched(
         assert not (tmp_path / "out").exists()
     # a run trained with one LoRA setting is resumed with that setting only
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "complete.json").write_text("{}")              # a whole (empty) checkpoint
     cfg = gs.resolve_config(gs.Config(out=str(run), resume=True, lora=4))
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     gs.check_resume(cfg)
@@ -1707,6 +1708,10 @@ def test_lora_bad_settings_exit_2_before_the_run_directory_is_touched(
     gs.check_resume(dataclasses.replace(full, lora_alpha=8.0))       # alpha means nothing there
     with pytest.raises(gs.InputError, match="trained with --lora 0"):
         gs.check_resume(cfg)
+    for change in (dict(bf16=True), dict(lora=4, bf16=True)):                # bf16 storage under LoRA
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        with pytest.raises(gs.InputError, match="--bf16"):
+            gs.check_resume(dataclasses.replace(cfg, **change))
 
 
 def test_bf16_full_training_reference_is_stored_in_bf16_with_fp32_rope(model_tok, ast_test):
@@ -2244,3 +2249,9 @@ def test_a_signal_during_the_start_model_scoring_exits_130_with_one_line(tiny_da
     assert p.stderr.strip().splitlines()[-1] == f"stopped by {sig}; no checkpoint yet"
     for f in out.glob("*.json"):
         json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f}: {c}"))
+
+
+def test_lora_bf16_with_the_encoder_trained_keeps_batchnorm_statistics_fp32(fixture_model_dir, tiny_data, tmp_path):
+    p = run_cli("--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast", *TINY,
+                "--lora", "4", "--bf16", "--train-encoder", "--max-steps", "1", "--out", tmp_path / "run", cwd=tmp_path)
+    _check_ok(p)
