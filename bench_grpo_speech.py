@@ -564,8 +564,40 @@ def contention(args) -> None:
     print(f"\n{text}")
     for name, (label, _) in zip(("auto", "torch"), rows):
         print(f"{name} busy / {name} quiet: {step_s[label, True] / step_s[label, False]:.2f}")
+    text += "\n" + width_sweep()
     if steps == "20":
         replace_readme_block("contention", text)
+
+
+def width_sweep() -> str:
+    """Why --threads auto looks at the LM's width: forward + backward of a random Granite LM (8 sequences of
+    300 tokens) at 1 and 2 threads, alone and beside a busy-looping process; median of 3 after a warm-up."""
+    from transformers import GraniteConfig, GraniteModel
+    lines = ["| LM width | 1 thread | 2 threads | 1 thread, a core busy | 2 threads, a core busy |",
+             "|---|---|---|---|---|"]
+    for hidden, layers in ((192, 3), (512, 2), (1024, 2), (2048, 1)):
+        torch.manual_seed(0)
+        heads = max(3, hidden // 64)
+        lm = GraniteModel(GraniteConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                                        num_attention_heads=heads, vocab_size=1000,
+                                        num_key_value_heads=heads // 4 if heads % 4 == 0 else heads))
+        x = torch.randn(8, 300, hidden, requires_grad=True)
+        step = lambda: lm(inputs_embeds=x, use_cache=False).last_hidden_state.square().mean().backward()
+        t = {}
+        for busy in (False, True):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            try:
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    t[n, busy] = timed(step, 3)
+            finally:
+                if hog:
+                    hog.kill()
+                    hog.wait()
+        lines.append(f"| {hidden} ({layers} layers) | {t[1, False]:.2f} | {t[2, False]:.2f} | {t[1, True]:.2f} | "
+                     f"{t[2, True]:.2f} |")
+    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 def main():
