@@ -230,7 +230,7 @@ def test_log_mel_matches_transformers_feature_extractor():
     rng = np.random.default_rng(1)
     waves = [torch.from_numpy((rng.standard_normal(n) * 0.1).astype(np.float32)) for n in (16_000, 9_000)]
     fe = GraniteSpeechFeatureExtractor()
-    hf = fe(waves, return_tensors="pt")
+    hf = fe(waves)                                    # transformers 5.24: tensors, no return_tensors
     ours, n_audio = gs.log_mel_batch(waves)
     torch.testing.assert_close(ours, hf["input_features"].float(), atol=2e-4, rtol=1e-4)
     assert n_audio.tolist() == [gs.num_audio_tokens(16_000), gs.num_audio_tokens(9_000)]
