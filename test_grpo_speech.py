@@ -60,6 +60,17 @@ def run_cli(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProc
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(*args, capsys) -> tuple[int, list[str]]:
+    """grpo_speech.main(ARGS) in this process, for paths that stop early (no start-up of a new
+    interpreter): the exit code and the lines on stderr."""
+    capsys.readouterr()
+    try:
+        code = gs.main([str(a) for a in args])
+    except SystemExit as e:                 # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
 def run_torchrun(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
@@ -1068,7 +1079,7 @@ def _bad_data(tiny_data: Path, root: Path, kind: str) -> Path:
     return d
 
 
-def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_path):
+def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_path, capsys):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     taken = tmp_path / "taken"
@@ -1094,11 +1105,8 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_p
         for k, v in zip(extra[::2], extra[1::2]):
             args[k] = v
         flat = [x for kv in args.items() for x in kv]
-        p = run_cli("--task", "ast", *flat, "--eval-limit", "2", cwd=tmp_path)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2, (extra, p.stderr[-2000:])
-        assert "Traceback" not in p.stderr, extra
-        assert len(lines) == 1 and culprit in lines[0], (extra, p.stderr)
+        code, lines = run_main("--task", "ast", *flat, "--eval-limit", "2", capsys=capsys)
+        assert code == 2 and len(lines) == 1 and culprit in lines[0], (extra, lines)
         if fresh_out:
             assert not (tmp_path / "out").exists(), extra
 
@@ -1129,7 +1137,7 @@ def _one_row_data(root: Path, tiny_data: Path, audio: Path, target: str = "ein H
     return d
 
 
-def test_cli_bad_audio_and_references_exit_2_naming_the_file(tiny_data, fixture_model_dir, tmp_path):
+def test_cli_bad_audio_and_references_exit_2_naming_the_file(tiny_data, fixture_model_dir, tmp_path, capsys):
     empty, long, junk = tmp_path / "empty.wav", tmp_path / "long.wav", tmp_path / "junk.wav"
     sf.write(str(empty), np.zeros(0), 16_000)
     write_wav(long, seconds=3.0)
@@ -1139,11 +1147,9 @@ def test_cli_bad_audio_and_references_exit_2_naming_the_file(tiny_data, fixture_
              (["--data", _one_row_data(tmp_path / "c", tiny_data, junk)], str(junk)),
              (["--data", _one_row_data(tmp_path / "d", tiny_data, empty, target=" ")], "empty reference")]
     for extra, culprit in cases:
-        p = run_cli("--task", "ast", "--mode", "eval", "--model", fixture_model_dir, "--out", tmp_path / "out",
-                    "--eval-limit", "2", *extra, cwd=tmp_path)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and "Traceback" not in p.stderr, (extra, p.stderr[-2000:])
-        assert len(lines) == 1 and culprit in lines[0], (extra, p.stderr)
+        code, lines = run_main("--task", "ast", "--mode", "eval", "--model", fixture_model_dir, "--out",
+                               tmp_path / "out", "--eval-limit", "2", *extra, capsys=capsys)
+        assert code == 2 and len(lines) == 1 and culprit in lines[0], (extra, lines)
         assert not (tmp_path / "out").exists()
 
 
@@ -1979,15 +1985,17 @@ def test_thread_policy(model_tok, monkeypatch):
 
 def test_lora_bf16_stores_the_frozen_base_in_bf16_and_final_is_the_hand_merge(fixture_model_dir, tiny_data,
                                                                               tmp_path):
-    """--lora --bf16: the frozen LM and encoder live in bf16, LoRA's A, B and the projector in fp32 (and so
-    does AdamW's state); final/ holds W + (alpha / r) B A computed from the stored bf16 W, stored as W is."""
+    """--lora --bf16: the frozen LM lives in bf16, LoRA's A, B, the projector and (--train-encoder) the encoder
+    with its BatchNorm statistics in fp32 (AdamW too); final/ holds W + (alpha / r) B A computed from the stored
+    bf16 W, stored as W is."""
     from safetensors.torch import load_file
     args = ["--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast",
-            *TINY, "--lora", "4", "--bf16", "--lr", "1e-2", "--out", tmp_path / "run"]
+            *TINY, "--lora", "4", "--bf16", "--train-encoder", "--lr", "1e-2", "--out", tmp_path / "run"]
     _check_ok(run_cli(*args, cwd=tmp_path))
     trained = load_file(tmp_path / "run" / "checkpoint" / "trainable.safetensors")   # after the last step
     assert {t.dtype for t in trained.values()} == {torch.float32}
     assert any(".lora_A" in k for k in trained) and any(k.startswith("model.projector.") for k in trained)
+    assert any(k.startswith("model.encoder.") for k in trained)
     base, final = _weights(fixture_model_dir), _weights(tmp_path / "run" / "final")
     scale = gs.Config().lora_alpha / 4
     merged = 0
@@ -1999,8 +2007,10 @@ def test_lora_bf16_stores_the_frozen_base_in_bf16_and_final_is_the_hand_merge(fi
             hand = (base[k].to(torch.bfloat16).float() + scale * (B @ A)).to(torch.bfloat16)
             assert w.dtype == torch.bfloat16 and torch.equal(w, hand), k
             merged += 1
-        elif live in trained:                                    # the projector: trained, fp32
+        elif live in trained:                                    # projector, encoder: trained, fp32
             assert torch.equal(w, trained[live]), k
+        elif "running_" in k:                                    # BatchNorm of the trained encoder
+            assert w.dtype == torch.float32, k
         elif w.is_floating_point():                              # the frozen rest, as stored: bf16
             assert w.dtype == torch.bfloat16 and torch.equal(w, base[k].to(torch.bfloat16)), k
     assert merged == 2 * 3                                       # q_proj and v_proj of 3 layers
@@ -2124,7 +2134,8 @@ def test_save_model_publishes_best_so_that_a_kill_at_any_rename_keeps_one(model_
 
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated trainer state", "garbage json",
                                     "deleted trainer state", "deleted config", "no complete.json"])
-def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_fault_run, tmp_path, damage):
+def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_fault_run, tmp_path, damage,
+                                                                     capsys):
     args, straight = straight_fault_run
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -2138,9 +2149,8 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_f
         (ckpt / {"deleted trainer state": "trainer_state.pt", "deleted config": "config.json",
                  "no complete.json": "complete.json"}[damage]).unlink()
     before = _files(out)
-    p = run_cli(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {ckpt}: damaged"), p.stderr
+    code, lines = run_main(*args, "--out", out, "--resume", "--max-steps", "4", capsys=capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {ckpt}: damaged"), lines
     assert {k: v for k, v in _files(out).items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
 
@@ -2163,22 +2173,23 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run,
     assert max(_step_metrics(out)) == 3                                    # nothing logged past the checkpoint
 
 
-def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_fault_run, tmp_path):
+def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_fault_run, tmp_path, capsys):
     args, straight = straight_fault_run
     out = tmp_path / "run"
     shutil.copytree(straight, out)
-    p = run_cli(*args, "--out", out, "--resume", "--task", "asr", cwd=tmp_path)
-    assert p.returncode == 2 and "trained with --task ast" in p.stderr and len(p.stderr.splitlines()) == 1
+    code, lines = run_main(*args, "--out", out, "--resume", "--task", "asr", capsys=capsys)
+    assert code == 2 and len(lines) == 1 and "trained with --task ast" in lines[0], lines
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "reward/me')                                 # a line cut by a kill
     _check_ok(run_cli(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path))
     assert sorted(_step_metrics(out)) == [0, 1, 2, 3, 4]
     shutil.rmtree(out / "checkpoint")
-    p = run_cli(*args, "--out", out, "--resume", cwd=tmp_path)
-    assert p.returncode == 2 and "no checkpoint to resume from" in p.stderr and len(p.stderr.splitlines()) == 1
+    code, lines = run_main(*args, "--out", out, "--resume", capsys=capsys)
+    assert code == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0], lines
 
 
-def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_data, fixture_model_dir, tmp_path):
+def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_data, fixture_model_dir, tmp_path,
+                                                                            capsys):
     args = [*FAULT_RUN, "--model", fixture_model_dir, "--data", tiny_data / "ast", "--max-steps", "50"]
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "not-a-run").mkdir()
@@ -2186,9 +2197,8 @@ def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_
     for out, words in ((tmp_path / "a-file", "cannot be the run directory"),
                        (Path("/proc/version/run"), "cannot be the run directory"),
                        (tmp_path / "not-a-run", "not a run directory")):
-        p = run_cli(*args, "--out", out, "--overwrite", cwd=tmp_path)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and str(out) in lines[0] and words in lines[0], p.stderr
+        code, lines = run_main(*args, "--out", out, "--overwrite", capsys=capsys)
+        assert code == 2 and len(lines) == 1 and str(out) in lines[0] and words in lines[0], lines
     assert (tmp_path / "not-a-run" / "thesis.tex").read_text() == "precious"
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     first = subprocess.Popen([sys.executable, str(REPO / "grpo_speech.py"), *map(str, args), "--out",
@@ -2198,9 +2208,8 @@ def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_
         while not (tmp_path / "busy" / "config.json").exists() and time.time() < deadline:
             time.sleep(0.05)
         for extra in ([], ["--resume"], ["--overwrite"]):
-            p = run_cli(*args, "--out", tmp_path / "busy", *extra, cwd=tmp_path)
-            lines = p.stderr.strip().splitlines()
-            assert p.returncode == 2 and len(lines) == 1, (extra, p.stderr)
+            code, lines = run_main(*args, "--out", tmp_path / "busy", *extra, capsys=capsys)
+            assert code == 2 and len(lines) == 1, (extra, lines)
             assert f"another run is using it (pid {first.pid})" in lines[0], lines
         assert first.poll() is None
     finally:
@@ -2209,7 +2218,8 @@ def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_
 
 
 @pytest.mark.parametrize("fault", ["not utf-8", "no audio token", "two audio tokens", "nan audio"])
-def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture_model_dir, tmp_path, fault):
+def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture_model_dir, tmp_path, fault,
+                                                              capsys):
     d = _bad_data(tiny_data, tmp_path, fault.replace(" ", "-"))
     manifest = d / "train.jsonl"
     rows = manifest.read_text().splitlines()
@@ -2228,9 +2238,9 @@ def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture
         rows[1] = json.dumps({**row, "text": text})
         manifest.write_text("\n".join(rows) + "\n")
         culprit = f"{manifest}:2: text must hold {gs.AUDIO_TOKEN} exactly once"
-    p = run_cli("--task", "ast", "--model", fixture_model_dir, "--data", d, "--out", tmp_path / "out", cwd=tmp_path)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and culprit in lines[0], p.stderr
+    code, lines = run_main("--task", "ast", "--model", fixture_model_dir, "--data", d, "--out", tmp_path / "out",
+                           capsys=capsys)
+    assert code == 2 and len(lines) == 1 and culprit in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 
@@ -2250,8 +2260,3 @@ def test_a_signal_during_the_start_model_scoring_exits_130_with_one_line(tiny_da
     for f in out.glob("*.json"):
         json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f}: {c}"))
 
-
-def test_lora_bf16_with_the_encoder_trained_keeps_batchnorm_statistics_fp32(fixture_model_dir, tiny_data, tmp_path):
-    p = run_cli("--task", "ast", "--mode", "grpo", "--model", fixture_model_dir, "--data", tiny_data / "ast", *TINY,
-                "--lora", "4", "--bf16", "--train-encoder", "--max-steps", "1", "--out", tmp_path / "run", cwd=tmp_path)
-    _check_ok(p)
