@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +55,29 @@ TINY = ["--max-steps", "2", "--eval-limit", "4", "--dev-limit", "4", "--eval-eve
 
 
 def run_cli(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
-    """`python grpo_speech.py ARGS` in `cwd`, one thread, output captured."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    env.pop("RANK", None)
+    """`python grpo_speech.py ARGS` in `cwd`, one thread, output captured: grpo_speech.main in this
+    process (a new interpreter costs seconds a run; the suite starts dozens), or a real
+    subprocess with GRPO_TEST_SUBPROCESS=1. Tests of signals, torchrun and the console start
+    their own processes."""
     cmd = [sys.executable, str(REPO / "grpo_speech.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if os.environ.get("GRPO_TEST_SUBPROCESS") == "1":
+        env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+        env.pop("RANK", None)
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = gs.main([str(a) for a in args])
+            except SystemExit as e:         # argparse, or the training loop stopped by a signal
+                code = e.code
+            except Exception:               # what the interpreter would print, exit code 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
 def run_main(*args, capsys) -> tuple[int, list[str]]:
