@@ -1470,10 +1470,11 @@ def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) ->
         log, kept = out / "metrics.jsonl", []
         for line in log.read_text().splitlines() if log.exists() else []:
             try:
-                kept += [line] if json.loads(line)["step"] <= saved["step"] else []
+                row = json.loads(line)
             except ValueError:   # a line cut by a kill
-                pass
-        write_json(log, [json.loads(line) for line in kept], lines=True)
+                continue
+            kept += [row] if row["step"] <= saved["step"] else []
+        write_json(log, kept, lines=True)
     return TrainState(saved["step"], saved["bad_steps"], saved["best_dev"])
 
 
@@ -1642,9 +1643,10 @@ def setup_training(cfg: Config, policy, dist: Dist):
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)
     for m in policy.modules():  # what trains keeps fp32 weights, buffers (BatchNorm's running
-        if any(p.requires_grad for p in m.parameters(recurse=False)):   # statistics) and AdamW
-            for p in m.parameters(recurse=False):   # state; under --lora --bf16 the frozen rest
-                p.data = p.data.float() if p.requires_grad else p.data   # stays bf16 (run())
+        trained = [p for p in m.parameters(recurse=False) if p.requires_grad]   # statistics)
+        for p in trained:           # and AdamW state; under --lora --bf16 the frozen rest
+            p.data = p.data.float()  # stays bf16 (run())
+        if trained:
             m._buffers.update({k: b.float() for k, b in m._buffers.items()
                                if b is not None and b.is_floating_point()})
     grpo = cfg.mode in ("grpo", "mp-grpo")
