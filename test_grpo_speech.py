@@ -80,15 +80,10 @@ def run_cli(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
-def run_main(*args, capsys) -> tuple[int, list[str]]:
-    """grpo_speech.main(ARGS) in this process, for paths that stop early (no start-up of a new
-    interpreter): the exit code and the lines on stderr."""
-    capsys.readouterr()
-    try:
-        code = gs.main([str(a) for a in args])
-    except SystemExit as e:                 # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err.strip().splitlines()
+def run_main(*args, cwd: Path) -> tuple[int, list[str]]:
+    """run_cli for a path that stops with an error: its exit code and the lines on stderr."""
+    p = run_cli(*args, cwd=cwd)
+    return p.returncode, p.stderr.strip().splitlines()
 
 
 def run_torchrun(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
@@ -1099,7 +1094,7 @@ def _bad_data(tiny_data: Path, root: Path, kind: str) -> Path:
     return d
 
 
-def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_path, capsys):
+def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     taken = tmp_path / "taken"
@@ -1125,7 +1120,7 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_data, fixture_model_dir, tmp_p
         for k, v in zip(extra[::2], extra[1::2]):
             args[k] = v
         flat = [x for kv in args.items() for x in kv]
-        code, lines = run_main("--task", "ast", *flat, "--eval-limit", "2", capsys=capsys)
+        code, lines = run_main("--task", "ast", *flat, "--eval-limit", "2", cwd=tmp_path)
         assert code == 2 and len(lines) == 1 and culprit in lines[0], (extra, lines)
         if fresh_out:
             assert not (tmp_path / "out").exists(), extra
@@ -1157,7 +1152,7 @@ def _one_row_data(root: Path, tiny_data: Path, audio: Path, target: str = "ein H
     return d
 
 
-def test_cli_bad_audio_and_references_exit_2_naming_the_file(tiny_data, fixture_model_dir, tmp_path, capsys):
+def test_cli_bad_audio_and_references_exit_2_naming_the_file(tiny_data, fixture_model_dir, tmp_path):
     empty, long, junk = tmp_path / "empty.wav", tmp_path / "long.wav", tmp_path / "junk.wav"
     sf.write(str(empty), np.zeros(0), 16_000)
     write_wav(long, seconds=3.0)
@@ -1168,7 +1163,7 @@ def test_cli_bad_audio_and_references_exit_2_naming_the_file(tiny_data, fixture_
              (["--data", _one_row_data(tmp_path / "d", tiny_data, empty, target=" ")], "empty reference")]
     for extra, culprit in cases:
         code, lines = run_main("--task", "ast", "--mode", "eval", "--model", fixture_model_dir, "--out",
-                               tmp_path / "out", "--eval-limit", "2", *extra, capsys=capsys)
+                               tmp_path / "out", "--eval-limit", "2", *extra, cwd=tmp_path)
         assert code == 2 and len(lines) == 1 and culprit in lines[0], (extra, lines)
         assert not (tmp_path / "out").exists()
 
@@ -2154,8 +2149,7 @@ def test_save_model_publishes_best_so_that_a_kill_at_any_rename_keeps_one(model_
 
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated trainer state", "garbage json",
                                     "deleted trainer state", "deleted config", "no complete.json"])
-def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_fault_run, tmp_path, damage,
-                                                                     capsys):
+def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_fault_run, tmp_path, damage):
     args, straight = straight_fault_run
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -2169,7 +2163,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_f
         (ckpt / {"deleted trainer state": "trainer_state.pt", "deleted config": "config.json",
                  "no complete.json": "complete.json"}[damage]).unlink()
     before = _files(out)
-    code, lines = run_main(*args, "--out", out, "--resume", "--max-steps", "4", capsys=capsys)
+    code, lines = run_main(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path)
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {ckpt}: damaged"), lines
     assert {k: v for k, v in _files(out).items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
@@ -2193,23 +2187,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run,
     assert max(_step_metrics(out)) == 3                                    # nothing logged past the checkpoint
 
 
-def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_fault_run, tmp_path, capsys):
+def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_fault_run, tmp_path):
     args, straight = straight_fault_run
     out = tmp_path / "run"
     shutil.copytree(straight, out)
-    code, lines = run_main(*args, "--out", out, "--resume", "--task", "asr", capsys=capsys)
+    code, lines = run_main(*args, "--out", out, "--resume", "--task", "asr", cwd=tmp_path)
     assert code == 2 and len(lines) == 1 and "trained with --task ast" in lines[0], lines
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "reward/me')                                 # a line cut by a kill
     _check_ok(run_cli(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path))
     assert sorted(_step_metrics(out)) == [0, 1, 2, 3, 4]
     shutil.rmtree(out / "checkpoint")
-    code, lines = run_main(*args, "--out", out, "--resume", capsys=capsys)
+    code, lines = run_main(*args, "--out", out, "--resume", cwd=tmp_path)
     assert code == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0], lines
 
 
-def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_data, fixture_model_dir, tmp_path,
-                                                                            capsys):
+def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_data, fixture_model_dir, tmp_path):
     args = [*FAULT_RUN, "--model", fixture_model_dir, "--data", tiny_data / "ast", "--max-steps", "50"]
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "not-a-run").mkdir()
@@ -2217,7 +2210,7 @@ def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_
     for out, words in ((tmp_path / "a-file", "cannot be the run directory"),
                        (Path("/proc/version/run"), "cannot be the run directory"),
                        (tmp_path / "not-a-run", "not a run directory")):
-        code, lines = run_main(*args, "--out", out, "--overwrite", capsys=capsys)
+        code, lines = run_main(*args, "--out", out, "--overwrite", cwd=tmp_path)
         assert code == 2 and len(lines) == 1 and str(out) in lines[0] and words in lines[0], lines
     assert (tmp_path / "not-a-run" / "thesis.tex").read_text() == "precious"
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -2228,7 +2221,7 @@ def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_
         while not (tmp_path / "busy" / "config.json").exists() and time.time() < deadline:
             time.sleep(0.05)
         for extra in ([], ["--resume"], ["--overwrite"]):
-            code, lines = run_main(*args, "--out", tmp_path / "busy", *extra, capsys=capsys)
+            code, lines = run_main(*args, "--out", tmp_path / "busy", *extra, cwd=tmp_path)
             assert code == 2 and len(lines) == 1, (extra, lines)
             assert f"another run is using it (pid {first.pid})" in lines[0], lines
         assert first.poll() is None
@@ -2238,8 +2231,7 @@ def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_
 
 
 @pytest.mark.parametrize("fault", ["not utf-8", "no audio token", "two audio tokens", "nan audio"])
-def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture_model_dir, tmp_path, fault,
-                                                              capsys):
+def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture_model_dir, tmp_path, fault):
     d = _bad_data(tiny_data, tmp_path, fault.replace(" ", "-"))
     manifest = d / "train.jsonl"
     rows = manifest.read_text().splitlines()
@@ -2259,7 +2251,7 @@ def test_manifest_problems_are_found_before_the_run_directory(tiny_data, fixture
         manifest.write_text("\n".join(rows) + "\n")
         culprit = f"{manifest}:2: text must hold {gs.AUDIO_TOKEN} exactly once"
     code, lines = run_main("--task", "ast", "--model", fixture_model_dir, "--data", d, "--out", tmp_path / "out",
-                           capsys=capsys)
+                           cwd=tmp_path)
     assert code == 2 and len(lines) == 1 and culprit in lines[0], lines
     assert not (tmp_path / "out").exists()
 
