@@ -1155,9 +1155,18 @@ class Dist:
         torch.distributed.all_gather_object(parts, items)
         return [x for part in parts for x in part]
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    def on_main(self, fn, *args):
+        """fn(*args) on rank 0 (its result there; None elsewhere), then every process goes on
+        together; an InputError on rank 0 (a full disk) is raised on all, so none waits."""
+        result, error = None, []
+        if self.main:
+            try:
+                result = fn(*args)
+            except InputError as e:
+                error = [str(e)]
+        if errors := self.gather(error):
+            raise InputError(errors[0])
+        return result
 
 
 def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
@@ -1445,12 +1454,10 @@ def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, 
     # sampling and data order are functions of (seed, step, index); any other draw resumes too
     rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()}
                                               if torch.cuda.is_available() else {})
-    if dist.main:
-        save_model(policy, tokenizer, out / "checkpoint",
-                   {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": state.step, "bad_steps": state.bad_steps, "best_dev": state.best_dev,
-                    "rng": rng})
-    dist.barrier()
+    dist.on_main(save_model, policy, tokenizer, out / "checkpoint",
+                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "step": state.step, "bad_steps": state.bad_steps, "best_dev": state.best_dev,
+                  "rng": rng})
 
 
 def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
@@ -1674,12 +1681,21 @@ class Logger:
            "eval/dev_bleu": "dev", "eval/best_dev_bleu": "best"}
 
     def __init__(self, path: Path, bar):
-        self.fh, self.bar, self.shown = open(path, "a", encoding="utf-8"), bar, {}
+        self.path, self.bar, self.shown = path, bar, {}
 
     def __call__(self, step: int, metrics: dict) -> None:
         finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None   # strict JSON
                   for k, v in metrics.items()}
-        print(json.dumps({"step": step, **finite}, allow_nan=False), file=self.fh, flush=True)
+        line = (json.dumps({"step": step, **finite}, allow_nan=False) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as fh:   # unbuffered: a failed write shows here
+            size = fh.tell()
+            try:
+                rest = memoryview(line)
+                while rest:              # a short write is retried: the retry says why it failed
+                    rest = rest[fh.write(rest):]
+            except OSError as e:   # a full disk: the torn line goes, the log stays as it was
+                fh.truncate(size)
+                raise InputError(f"{self.path}: cannot write it ({e.strerror})") from None
         self.bar.n = step  # dev BLEU stays on the bar between evaluations
         self.shown.update({name: f"{metrics[k]:.{1 if k.startswith('eval') else 3}f}"
                            for k, name in self.BAR.items() if k in metrics})
@@ -1702,9 +1718,7 @@ def evaluate_and_keep_best(cfg: Config, policy, tokenizer, dev: SpeechData, auto
     scores, _ = evaluate(policy, tokenizer, dev, cfg, cfg.dev_limit, autocast, "dev", dist)
     if scores["bleu"] > state.best_dev:
         state.best_dev = scores["bleu"]
-        if dist.main:
-            save_model(policy, tokenizer, out / "best")
-        dist.barrier()
+        dist.on_main(save_model, policy, tokenizer, out / "best")
     return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | \
         {"eval/best_dev_bleu": state.best_dev}
 
@@ -1725,7 +1739,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     old_handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT,
                                                                           signal.SIGTERM)}
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
-    log = Logger(out / "metrics.jsonl", bar) if dist.main else (lambda step, metrics: None)
+    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # rank 0 writes
     evaluate_dev = lambda: evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"], autocast,
                                                   state, out, dist)
     checkpoint = lambda: save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
@@ -1768,9 +1782,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
                   "(continue with --resume)")
         raise SystemExit(130)
-    if dist.main:
-        save_model(policy, tokenizer, out / "final")
-    dist.barrier()
+    dist.on_main(save_model, policy, tokenizer, out / "final")
     return out / "best"
 
 
@@ -1847,14 +1859,8 @@ def run(cfg: Config) -> dict:
     if cfg.lora:
         lora_sites(model, cfg.lora_targets)   # the targets exist
     out = Path(cfg.out)
-    lock, error = None, None   # the lock is held until run() returns
-    if dist.main:
-        try:
-            lock = prepare_out(cfg)
-        except InputError as e:
-            error = str(e)
-    if errors := dist.gather([error] if error else []):   # every process stops with its line
-        raise InputError(errors[0])
+    # one run per directory: the lock is held until run() returns and frees its file
+    lock = dist.on_main(prepare_out, cfg)  # noqa: F841
     check_resume(cfg)
     say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forwards; fp32 weights and log-probs
@@ -1865,8 +1871,7 @@ def run(cfg: Config) -> dict:
         say(f"system turn: {system!r}")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}
-    if dist.main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    dist.on_main(write_json, out / "config.json", dataclasses.asdict(cfg))
     score_test(model, tokenizer, splits["test"], cfg, autocast, dist, "base", results, out)
     say(f"sacrebleu: {results['base']['signature']}")
     say(f"start model on test: {fmt(results, 'base')}")
@@ -1896,9 +1901,8 @@ def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: 
         results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, autocast,
                                       f"test {key}", dist, decoding=decoding)
         results[key]["decoding"] = decoding
-        if dist.main:
-            write_json(out / f"hyps_{key}.jsonl", hyps, lines=True)
-            write_json(out / "results.json", results)
+        dist.on_main(lambda: (write_json(out / f"hyps_{key}.jsonl", hyps, lines=True),
+                              write_json(out / "results.json", results)))
 
 
 def fmt(results: dict, tag: str) -> str:
@@ -1910,11 +1914,17 @@ def fmt(results: dict, tag: str) -> str:
 
 
 def write_json(path: Path, obj, lines: bool = False) -> None:
-    """obj as JSON (a list as JSON Lines), in place at once: never half a file."""
+    """obj as JSON (a list as JSON Lines), in place at once: never half a file, even on a full
+    disk (then an InputError, and the previous file stays)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj) if lines else
-                   json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj) if lines
+                       else json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write it ({e.strerror}); the previous one is kept") \
+            from None
 
 
 def main(argv: list[str] | None = None) -> int:

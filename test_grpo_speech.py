@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -86,12 +87,19 @@ def run_main(*args, cwd: Path) -> tuple[int, list[str]]:
     return p.returncode, p.stderr.strip().splitlines()
 
 
-def run_torchrun(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process."""
+def run_torchrun(*args, cwd: Path, timeout: float = HANG, max_file_bytes: int = 0) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 grpo_speech.py ARGS`, as run_cli runs one process; with
+    max_file_bytes, writes past that size fail as on a full disk (RLIMIT_FSIZE)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "grpo_speech.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def limit():
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if max_file_bytes else None)
 
 
 def run_make_model(*args, cwd: Path, timeout: float = HANG) -> subprocess.CompletedProcess:
@@ -1271,6 +1279,14 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
     # a global batch that does not split into whole prompts per process is refused
     bad = run_torchrun(*args, "--out", tmp_path / "bad", "--batch-size", "3", cwd=tmp_path)
     assert bad.returncode != 0 and "--batch-size 3" in bad.stderr
+    # a full disk at the first save (best/ at step 0): both processes stop at once with rank 0's line
+    # (exit code 2), no traceback from either, no partial best/
+    full = run_torchrun(*args, "--out", tmp_path / "full", cwd=tmp_path, max_file_bytes=1 << 20)
+    best = tmp_path / "full" / "best"
+    assert f"error: {best}: cannot write it (File too large" in full.stderr, full.stderr[-3000:]
+    assert full.returncode != 0 and "]: Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "exitcode  : 2" in full.stderr and "exitcode  : 1" not in full.stderr, full.stderr[-3000:]
+    assert not best.exists() and not list((tmp_path / "full").glob("best.*"))
 
 
 # ---------------------------------------- released checkpoints: adapter, scaling, prompt ----
@@ -2185,6 +2201,44 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run,
     assert {k: v for k, v in _files(out).items() if k.startswith(("checkpoint", "best"))} == kept
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
     assert max(_step_metrics(out)) == 3                                    # nothing logged past the checkpoint
+
+
+def test_a_full_disk_while_logging_leaves_the_log_as_it_was(straight_fault_run, tmp_path):
+    """The file size limit set just above metrics.jsonl: the first step logged after --resume cannot be
+    written whole. Exit 2 in one line naming the file, metrics.jsonl byte for byte as before (no torn
+    line), checkpoint/ and best/ untouched, no .tmp left."""
+    args, straight = straight_fault_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = _files(out)
+    limit = len(before["metrics.jsonl"]) + 100                             # less than one step's line
+    code = ("import resource; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))")
+    p = _cli_with(code, [*args, "--out", out, "--resume", "--max-steps", "5", "--eval-every", "100"], tmp_path)
+    errors = [l for l in p.stderr.splitlines() if "error" in l.lower()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert errors == [f"error: {out / 'metrics.jsonl'}: cannot write it (File too large)"], errors
+    after = _files(out)
+    assert {k: after[k] for k in before if k not in ("config.json", ".lock")} == \
+        {k: v for k, v in before.items() if k not in ("config.json", ".lock")}
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
+
+
+def test_write_json_on_a_full_disk_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    gs.write_json(path, {"base": {"bleu": 1.0}})
+    real = Path.write_text
+
+    def half_then_full(self, text, **kw):                                 # half a file, then ENOSPC
+        real(self, text[: len(text) // 2], **kw)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(gs.InputError, match=r"results.json: cannot write it \(No space left on device\); "
+                                            r"the previous one is kept"):
+        gs.write_json(path, {"base": {"bleu": 2.0}})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"base": {"bleu": 1.0}}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_fault_run, tmp_path):
