@@ -70,6 +70,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -198,8 +199,7 @@ def resolve_config(cfg: Config) -> Config:
     cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
     if not Path(cfg.model).exists() and (HERE / cfg.model).exists():
         cfg.model = str(HERE / cfg.model)
-    if cfg.epsilon_high is None:
-        cfg.epsilon_high = cfg.epsilon
+    cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     if cfg.sft_batch_size is None:
         cfg.sft_batch_size = cfg.batch_size * cfg.group_size
     cfg.lora_targets = ",".join(sorted({t.strip() for t in cfg.lora_targets.split(",")} - {""}))
@@ -295,7 +295,7 @@ def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     GraniteSpeechFeatureExtractor. Power spectrogram (n_fft 512, 400-sample Hann window, hop 160,
     centred), 80 HTK mel bands, log10 floored at (max - 8), /4 + 1, frame pairs stacked."""
     lengths = torch.tensor([w.numel() for w in waves])
-    x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)               # (B, S)
+    x = pad_sequence(waves, batch_first=True)                                  # (B, S)
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
                       center=True, pad_mode="reflect",
                       return_complex=True).abs() ** 2                          # (B, 257, frames)
@@ -530,12 +530,8 @@ class SpeechData:
 
     def batch_indices(self, seed: int, step: int, size: int) -> list[int]:
         """The prompts of optimizer step `step`, walking through shuffled epochs."""
-        start = step * size
-        out = []
-        while len(out) < size:
-            epoch, k = divmod(start + len(out), len(self.rows))
-            out.append(self.order(seed, epoch)[k])
-        return out
+        n = len(self.rows)
+        return [self.order(seed, k // n)[k % n] for k in range(step * size, (step + 1) * size)]
 
 
 @dataclass
@@ -568,14 +564,12 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
     n_audio = torch.tensor([num_audio_tokens(w.numel(), **window) for w in waves])
     prompts = [encode_prompt(tokenizer, data.rows[i]["text"], int(n), audio_token_id, system)
                for i, n in zip(idx, n_audio)]
-    P = max(map(len, prompts))
-    input_ids = torch.full((len(idx), P), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(idx), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        input_ids[b, P - len(p):] = torch.tensor(p)
-        attention_mask[b, P - len(p):] = 1
+    input_ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
+                             padding_value=tokenizer.pad_token_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts],
+                                  batch_first=True, padding_side="left")
     features_mask = torch.arange(int(n_audio.max()))[None] < n_audio[:, None]
-    return Batch(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), frames, features_mask,
+    return Batch(pad_sequence(feats, batch_first=True), frames, features_mask,
                  input_ids, attention_mask, [data.rows[i]["target"] for i in idx],
                  [data.rows[i] for i in idx])
 
@@ -730,7 +724,7 @@ def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
             encoded = model.model.encoder(feats[None, :n]).last_hidden_state   # (1, F_b, H)
         audio.append(model.model.projector(encoded)[0])                         # (A_b, D)
-    audio = torch.nn.utils.rnn.pad_sequence(audio, batch_first=True)            # (B, A_b max, D)
+    audio = pad_sequence(audio, batch_first=True)                               # (B, A_b max, D)
     return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
 
 
@@ -947,9 +941,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
     logps = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.full((N,), max_new_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    if uniforms is None:
-        uniforms = torch.rand(N, max_new_tokens)
-    uniforms = uniforms.to(device)
+    uniforms = (torch.rand(N, max_new_tokens) if uniforms is None else uniforms).to(device)
     lm = model.model.language_model                   # decode steps skip the audio plumbing
     for t in range(max_new_tokens):
         # pi_old(. | q, o_<t) at the training temperature: the ratio's denominator must be the
@@ -993,10 +985,9 @@ def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u:
 def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int,
                  length: int) -> torch.Tensor:
     """(len(prompts) * G, length) uniforms, a function of (seed, step, prompt) alone."""
-    draws = [torch.rand(group_size, length, generator=torch.Generator().manual_seed(
-                            (seed * 1_000_003 + step) * 1_000_003 + p))
-             for p in prompts]
-    return torch.cat(draws)
+    seeds = [(seed * 1_000_003 + step) * 1_000_003 + p for p in prompts]
+    return torch.cat([torch.rand(group_size, length, generator=torch.Generator().manual_seed(s))
+                      for s in seeds])
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -1403,17 +1394,14 @@ def load_checkpoint(model, path: Path) -> dict:
         if saved.keys() != live.keys() or any(saved[n].shape != p.shape for n, p in live.items()):
             raise InputError(f"{path}: trained tensors do not match --model with these --lora "
                              "settings")
-        with torch.no_grad():
-            for n, p in live.items():
-                p.copy_(saved[n])
-        return torch.load(path / "trainer_state.pt", weights_only=True)
-    # from_pretrained maps the saved (hub) names back onto the module's; then copy in place
-    saved = type(model).from_pretrained(path, dtype=torch.float32)
-    try:
-        model.load_state_dict(saved.state_dict())
-    except RuntimeError as e:
-        raise InputError(f"{path}: checkpoint does not match --model "
-                         f"({str(e).splitlines()[1].strip()[:120]})") from None
+        model.load_state_dict(saved, strict=False)   # copied in place; the keys checked above
+    else:  # from_pretrained maps the saved (hub) names back onto the module's; then copy in place
+        saved = type(model).from_pretrained(path, dtype=torch.float32)
+        try:
+            model.load_state_dict(saved.state_dict())
+        except RuntimeError as e:
+            raise InputError(f"{path}: checkpoint does not match --model "
+                             f"({str(e).splitlines()[1].strip()[:120]})") from None
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
@@ -1456,8 +1444,7 @@ def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, 
                                               if torch.cuda.is_available() else {})
     dist.on_main(save_model, policy, tokenizer, out / "checkpoint",
                  {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "step": state.step, "bad_steps": state.bad_steps, "best_dev": state.best_dev,
-                  "rng": rng})
+                  "rng": rng, **dataclasses.asdict(state)})
 
 
 def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) -> TrainState:
@@ -1553,10 +1540,8 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
     else:
         groups = [encode_target(tokenizer, t) for t in batch.targets]
     lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
-    completions = torch.full((len(groups), int(lengths.max())), tokenizer.pad_token_id,
-                             device=device)                                          # (N, T)
-    for i, o in enumerate(groups):
-        completions[i, :len(o)] = torch.tensor(o)
+    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
+                               padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
     mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
     t0, old_logp, ref_logp = time.perf_counter(), None, None
     with torch.no_grad(), autocast():
