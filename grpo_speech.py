@@ -745,7 +745,9 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5.24's
     GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1 nearly
     greedy, a wrong KL), so callers run model.model and never read model(...).logits."""
-    return model.lm_head(hidden) / model.config.text_config.logits_scaling
+    # contiguous: a strided (N, T, D) slice sends the bf16 head to a batched matmul that expands
+    # the (V, D) weight N times (0.8 GB transient for the 2B at N = 4)
+    return model.lm_head(hidden.contiguous()) / model.config.text_config.logits_scaling
 
 
 def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
@@ -762,7 +764,7 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     hidden = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                          use_cache=False).last_hidden_state[:, -(T + 1):]
     # position P+t-1 predicts o_{i,t}; the head sees T+1 rows, as transformers' logits_to_keep
-    # does, so the floats equal those of model(..., logits_to_keep=T+1)
+    # does, so fp32 floats equal those of model(..., logits_to_keep=T+1)
     logits = lm_logits(model, hidden)[:, :-1].float() / temperature           # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
