@@ -32,7 +32,8 @@ B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances) with grpo_s
 here). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included) and
 seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other (the rest);
 and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
---full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra "ARGS" appends arguments.
+--full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the = form:
+ARGS start with --).
 
 --contention runs the README's default command for 20 steps four times, OMP_* unset: default (auto) threads and
 `--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
