@@ -46,6 +46,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import errno
 import fcntl
 import functools
 import io
@@ -1330,7 +1331,10 @@ def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
             (tmp / "processor_config.json").write_text(
                 json.dumps(processor_config(model.config), indent=2, sort_keys=True) + "\n")
         if extra is not None:
-            torch.save(extra, tmp / "trainer_state.pt")
+            try:
+                torch.save(extra, tmp / "trainer_state.pt")
+            except RuntimeError:   # how torch's writer reports a failed write (a full disk)
+                raise OSError(errno.EIO, "torch.save failed; is the disk full?") from None
         # written last, so its presence says every file is whole; check_checkpoint reads it
         sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
         (tmp / "complete.json").write_text(json.dumps(sizes))
@@ -1460,9 +1464,8 @@ def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) ->
     torch.set_rng_state(saved["rng"]["torch"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    if dist.main:
+    def trim_log():   # metrics.jsonl keeps the steps the checkpoint has seen: none lost or twice
         print(f"resumed from {ckpt} at step {saved['step']}")
-        # keep metrics.jsonl to the steps the checkpoint has seen: none lost, none twice
         log, kept = out / "metrics.jsonl", []
         for line in log.read_text().splitlines() if log.exists() else []:
             try:
@@ -1471,6 +1474,7 @@ def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) ->
                 continue
             kept += [row] if row["step"] <= saved["step"] else []
         write_json(log, kept, lines=True)
+    dist.on_main(trim_log)
     return TrainState(saved["step"], saved["bad_steps"], saved["best_dev"])
 
 
@@ -1674,15 +1678,18 @@ class Logger:
         finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None   # strict JSON
                   for k, v in metrics.items()}
         line = (json.dumps({"step": step, **finite}, allow_nan=False) + "\n").encode()
-        with open(self.path, "ab", buffering=0) as fh:   # unbuffered: a failed write shows here
-            size = fh.tell()
-            try:
-                rest = memoryview(line)
-                while rest:              # a short write is retried: the retry says why it failed
-                    rest = rest[fh.write(rest):]
-            except OSError as e:   # a full disk: the torn line goes, the log stays as it was
-                fh.truncate(size)
-                raise InputError(f"{self.path}: cannot write it ({e.strerror})") from None
+        try:
+            with open(self.path, "ab", buffering=0) as fh:   # unbuffered: a failed write shows here
+                size = fh.tell()
+                try:
+                    rest = memoryview(line)
+                    while rest:          # a short write is retried: the retry says why it failed
+                        rest = rest[fh.write(rest):]
+                except OSError:   # a full disk: the torn line goes, the log stays as it was
+                    fh.truncate(size)
+                    raise
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot write it ({e.strerror or e})") from None
         self.bar.n = step  # dev BLEU stays on the bar between evaluations
         self.shown.update({name: f"{metrics[k]:.{1 if k.startswith('eval') else 3}f}"
                            for k, name in self.BAR.items() if k in metrics})
@@ -1910,8 +1917,8 @@ def write_json(path: Path, obj, lines: bool = False) -> None:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write it ({e.strerror}); the previous one is kept") \
-            from None
+        kept = "; the previous one is kept" if path.exists() else ""
+        raise InputError(f"{path}: cannot write it ({e.strerror or e}){kept}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2185,20 +2185,32 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_changing_nothing(straight_f
         {k: v for k, v in before.items() if k != ".lock"}
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run, tmp_path):
-    """Writes past 1 MB fail as on a full disk (RLIMIT_FSIZE): the first save of --resume fails, exit 2, the
-    previous checkpoint and best/ intact, no .tmp left."""
+@pytest.mark.parametrize("fails", ["weights", "trainer state"])
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run, tmp_path, fails):
+    """Writes past a size fail as on a full disk (RLIMIT_FSIZE): 1 MB (the weights fail first) or a size
+    between the checkpoint's weights and its trainer state (torch.save fails, a RuntimeError in torch).
+    The first save of --resume that fails stops the run: exit 2, one line, checkpoint/ intact, best/
+    intact or whole, no .tmp left, nothing logged past the checkpoint."""
     args, straight = straight_fault_run
     out = tmp_path / "run"
     shutil.copytree(straight, out)
-    kept = {k: v for k, v in _files(out).items() if k.startswith(("checkpoint", "best"))}
+    before = _files(out)
+    sizes = [(out / "checkpoint" / f).stat().st_size for f in ("model.safetensors", "trainer_state.pt")]
+    size = 1 << 20 if fails == "weights" else sum(sizes) // 2
+    assert fails == "weights" or sizes[0] < size < sizes[1]
     limit = ("import resource; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))")
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size}))")
     p = _cli_with(limit, [*args, "--out", out, "--resume", "--max-steps", "4"], tmp_path)
     errors = [l for l in p.stderr.splitlines() if "error" in l.lower()]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "cannot write it" in errors[0], errors
-    assert {k: v for k, v in _files(out).items() if k.startswith(("checkpoint", "best"))} == kept
+    if fails == "trainer state":
+        assert errors == [f"error: {out / 'checkpoint'}: cannot write it (torch.save failed; is the disk "
+                          "full?); the previous one is kept"]
+    after = _files(out)
+    assert {k: v for k, v in after.items() if k.startswith("checkpoint")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoint")}
+    gs.check_checkpoint(out / "best")                                      # the old one or a whole new one
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
     assert max(_step_metrics(out)) == 3                                    # nothing logged past the checkpoint
 
