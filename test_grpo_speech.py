@@ -2224,8 +2224,14 @@ def test_a_full_disk_while_logging_leaves_the_log_as_it_was(straight_fault_run, 
     shutil.copytree(straight, out)
     before = _files(out)
     limit = len(before["metrics.jsonl"]) + 100                             # less than one step's line
-    code = ("import resource; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))")
+    # set at the first log call, not at start-up: torch itself may write small files when it imports
+    # lazily (torch 2.9 writes generated code for torch.distributed)
+    code = ("import resource; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "real = gs.Logger.__call__\n"
+            "def call(self, step, metrics):\n"
+            f"    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            "    return real(self, step, metrics)\n"
+            "gs.Logger.__call__ = call")
     p = _cli_with(code, [*args, "--out", out, "--resume", "--max-steps", "5", "--eval-every", "100"], tmp_path)
     errors = [l for l in p.stderr.splitlines() if "error" in l.lower()]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
