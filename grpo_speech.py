@@ -764,8 +764,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                       torch.ones_like(completions)], dim=1)
     hidden = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                          use_cache=False).last_hidden_state[:, -(T + 1):]
-    # position P+t-1 predicts o_{i,t}; the head sees T+1 rows, as transformers' logits_to_keep
-    # does, so fp32 floats equal those of model(..., logits_to_keep=T+1)
+    # position P+t-1 predicts o_{i,t}; the head sees T+1 rows, the logits transformers' own
+    # model(..., logits_to_keep=T+1) computes (to float rounding: its head input is strided)
     logits = lm_logits(model, hidden)[:, :-1].float() / temperature           # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
@@ -1306,6 +1306,13 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 # mid-save keeps the previous one. The trainer state is loaded with weights_only=True.
 
 
+def cannot_write(path: Path, e: Exception, kept: bool = True) -> InputError:
+    """One line for a failed write (a full disk): which file, why, whether its last copy stays."""
+    why = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
+    return InputError(f"{path}: cannot write it ({why})"
+                      + ("; the previous one is kept" if kept else ""))
+
+
 def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
     """A plain transformers checkpoint (LoRA merged), or with `extra` (trainer state) checkpoint/,
     which under LoRA holds only the trained tensors, unmerged, for a bit-exact resume."""
@@ -1340,8 +1347,7 @@ def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
         (tmp / "complete.json").write_text(json.dumps(sizes))
     except (OSError, SafetensorError) as e:   # a full disk: the previous copy stays, no partial
         shutil.rmtree(tmp, ignore_errors=True)
-        why = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
-        raise InputError(f"{path}: cannot write it ({why}); the previous one is kept") from None
+        raise cannot_write(path, e) from None
     recover(path)          # publish: the old copy steps aside and goes only once the new is in
     if path.exists():
         path.rename(old)
@@ -1689,7 +1695,7 @@ class Logger:
                     fh.truncate(size)
                     raise
         except OSError as e:
-            raise InputError(f"{self.path}: cannot write it ({e.strerror or e})") from None
+            raise cannot_write(self.path, e, kept=False) from None
         self.bar.n = step  # dev BLEU stays on the bar between evaluations
         self.shown.update({name: f"{metrics[k]:.{1 if k.startswith('eval') else 3}f}"
                            for k, name in self.BAR.items() if k in metrics})
@@ -1917,8 +1923,7 @@ def write_json(path: Path, obj, lines: bool = False) -> None:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        kept = "; the previous one is kept" if path.exists() else ""
-        raise InputError(f"{path}: cannot write it ({e.strerror or e}){kept}") from None
+        raise cannot_write(path, e, kept=path.exists()) from None
 
 
 def main(argv: list[str] | None = None) -> int:
