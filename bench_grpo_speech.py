@@ -65,6 +65,22 @@ from torch.utils.flop_counter import FlopCounterMode
 import grpo_speech as gs
 
 
+def per_completion_logprobs(model, batch, completions, group_size, temperature=1.0,
+                            train_encoder=False):
+    """The teacher-forced pass as it was before the prompt was shared: every one of the N = B*G
+    rows runs [prompt + completion] through the LM. The reference that tests and --speed hold
+    gs.completion_logprobs to."""
+    N, T = completions.shape
+    prompt = gs.prompt_embeddings(model, batch, train_encoder).repeat_interleave(group_size, 0)
+    embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)
+    mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
+                      torch.ones_like(completions)], dim=1)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=mask,
+                         position_ids=gs.positions(mask), use_cache=False).last_hidden_state
+    logits = gs.lm_logits(model, hidden[:, -(T + 1):-1]).float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, completions[..., None]).squeeze(-1)
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (and compilation)
     times = []
@@ -77,6 +93,55 @@ def timed(fn, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def saved_bytes(fn, model) -> int:
+    """Bytes of the distinct non-parameter tensors that autograd keeps for fn's backward."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
+# The lengths behind prompt_sharing_table, each a mean, with where it comes from:
+#   CoVoST 2 en clips: 430 h of train audio in 289,430 clips (Wang et al. 2020, Table 1): 5.3 s;
+#   LibriSQA part I: LibriSpeech utterances, 960 h in 281,241 (Panayotov et al. 2015): 12.3 s;
+#   audio tokens: 10 a second (window Q-Former: 15 frame pairs -> 3 embeddings; RELEASED.md);
+#   text: the model card's system turn, the role markers and the paper's instruction, counted at
+#   4 characters a BPE token (an estimate: no Granite tokenizer here); SQA questions ~12 tokens;
+#   answers (NOT published; assumed): German translations 20 tokens, LibriSQA answers 30, + EOS.
+PROMPT_TASKS = {"AST": dict(seconds=430 * 3600 / 289_430, text=gs.PROMPTS["ast"], answer=21),
+                "SQA": dict(seconds=960.9 * 3600 / 281_241, text=gs.PROMPTS["sqa"], answer=31,
+                            question=12)}
+
+
+def prompt_sharing_table(G: int) -> str:
+    """For the released 2B and 8B on AST and SQA: the share of the per-completion pass's tokens
+    that are copies of a prompt, and the predicted cut in the teacher-forced LM pass's FLOPs
+    (layers: 2 x the weights a token meets, plus attention over its context; the head runs on
+    completion tokens either way; the encoder runs once per prompt either way)."""
+    rows = ["| model | task | prompt tokens P | answer tokens T | prompt copies in the per-completion "
+            "pass | LM FLOPs per group, per-completion / shared |", "|---|---|---|---|---|---|"]
+    for size, lm in GRANITE_LM.items():
+        h, mlp, layers, kv = lm["hidden_size"], lm["intermediate_size"], 40, 8 / 32
+        per_token = 2 * layers * (h * h * (2 + 2 * kv) + 3 * h * mlp)   # q, o, k, v; SwiGLU MLP
+        attention = lambda tokens, context: 4 * layers * h * tokens * context   # QK^T and AV
+        for task, t in PROMPT_TASKS.items():
+            text = len(gs.CARD_SYSTEM) + len(t["text"].replace("{question}", "")) + 4 * 8   # roles
+            P = round(10 * t["seconds"] + text / 4 + t.get("question", 0))
+            T = t["answer"]
+            each = G * (per_token * (P + T) + attention(P + T, (P + T) / 2))
+            shared = per_token * (P + G * T) + attention(P, P / 2) + G * attention(T, P + T / 2)
+            rows.append(f"| {size} | {task} | {P} | {T} | {100 * (G - 1) * P / (G * (P + T)):.0f}% "
+                        f"| {each / shared:.2f}x |")
+    return "\n".join(rows)
 
 
 def matmul_peak(device, dtype=torch.float32, n=1024, repeats=5) -> float:
@@ -671,8 +736,8 @@ def main():
     completions = s.tokens
     mask = torch.ones_like(completions, dtype=torch.bool)
     adv = torch.randn(B * G, device=device)
-    def update(m, b, g, train_encoder=True):
-        logp = gs.completion_logprobs(m, b, completions, g, train_encoder=train_encoder)
+    def update(m, b, g, train_encoder=True, logprobs=gs.completion_logprobs):
+        logp = logprobs(m, b, completions, g, train_encoder=train_encoder)
         loss, _ = gs.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
         loss.backward()
         m.zero_grad(set_to_none=True)
@@ -682,8 +747,17 @@ def main():
                         batch.input_ids.repeat_interleave(G, 0),
                         batch.attention_mask.repeat_interleave(G, 0),
                         [], [])
-    t_once = timed(lambda: update(model, batch, G), args.repeats)
-    t_per = timed(lambda: update(model, expanded, 1), args.repeats)
+    each = functools.partial(update, logprobs=per_completion_logprobs)
+    t_once = timed(lambda: each(model, batch, G), args.repeats)
+    t_per = timed(lambda: each(model, expanded, 1), args.repeats)
+
+    # 2b. the teacher-forced pass: the LM reads each prompt once per group vs once per completion
+    t_shared, t_each = (timed(lambda: f(model, batch, G, False), args.repeats) for f in (update, each))
+    with torch.no_grad():
+        ng_shared, ng_each = (timed(lambda: f(model, batch, completions, G), args.repeats)
+                              for f in (gs.completion_logprobs, per_completion_logprobs))
+    kept = {name: saved_bytes(lambda: f(model, batch, G, False), model)
+            for name, f in (("shared", update), ("each", each))}
 
     # 3. bf16 autocast and torch.compile against eager fp32 (encoder frozen, as in training)
     t_fp32 = timed(lambda: update(model, batch, G, False), args.repeats)
@@ -718,8 +792,13 @@ def main():
           f"({'CUDA allocated' if device.type == 'cuda' else 'process max RSS'})")
     print(f"step breakdown (s): sample {t_ours:.3f}, reward {t_reward:.3f}, "
           f"reference log-probs {t_ref:.3f}, policy update {t_fp32:.3f}")
-    print(f"encoder once per group vs per completion (fwd+bwd, encoder trained): "
-          f"{t_per / t_once:.2f}x")
+    print(f"encoder once per group vs per completion (fwd+bwd, encoder trained, each prompt's LM "
+          f"pass per completion in both): {t_per / t_once:.2f}x")
+    print(f"teacher-forced pass, prompt once per group vs once per completion: fwd+bwd "
+          f"{t_each * 1e3:.0f} / {t_shared * 1e3:.0f} ms = {t_each / t_shared:.2f}x; no-grad "
+          f"{ng_each * 1e3:.0f} / {ng_shared * 1e3:.0f} ms = {ng_each / ng_shared:.2f}x; tensors "
+          f"kept for the backward {kept['each'] / 2**20:.1f} / {kept['shared'] / 2**20:.1f} MiB")
+    print(prompt_sharing_table(G))
     print(f"bf16 autocast vs fp32 (fwd+bwd): {t_fp32 / t_bf16:.2f}x")
     print(f"torch.compile vs eager (fwd+bwd): {t_fp32 / t_compile:.2f}x")
     print(f"group sampling vs generate(num_return_sequences={G}): {t_hf * 1e3:.0f} ms / "

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
+from transformers import DynamicCache
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_RATE = 16_000
@@ -545,13 +546,16 @@ class Batch:
     attention_mask: torch.Tensor  # (B, P) 0 on left padding
     targets: list[str]            # references
     rows: list[dict]
+    # (B, F, H) a frozen encoder's states, set by train(): they depend on the audio alone, so
+    # one encoder pass serves the step's sampling, pi_ref and update (None: each runs it)
+    encoded: torch.Tensor | None = None
 
     def to(self, device):
         return Batch(*(v.to(device) if torch.is_tensor(v) else v for v in vars(self).values()))
 
     def select(self, b0: int, b1: int) -> "Batch":
         """Prompts b0..b1-1 (a micro-batch)."""
-        return Batch(*(v[b0:b1] for v in vars(self).values()))
+        return Batch(*(v if v is None else v[b0:b1] for v in vars(self).values()))
 
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
@@ -717,13 +721,25 @@ def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Ten
     return torch.tensor(sorted(bad), dtype=torch.long)
 
 
+def encoder_states(model, batch: Batch) -> torch.Tensor:
+    """(B, F, H): the encoder on each utterance's own frames, zero-padded, without autograd."""
+    with torch.no_grad():
+        return pad_sequence([model.model.encoder(feats[None, :n]).last_hidden_state[0]
+                             for feats, n in zip(batch.features, batch.frames.tolist())],
+                            batch_first=True)
+
+
 def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
     """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
-    tokens. A frozen encoder runs without autograd: none of its activations are kept."""
+    tokens. A frozen encoder runs without autograd (none of its activations are kept), or not at
+    all when the batch holds its states."""
     audio = []
-    for feats, n in zip(batch.features, batch.frames.tolist()):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
-            encoded = model.model.encoder(feats[None, :n]).last_hidden_state   # (1, F_b, H)
+    for b, (feats, n) in enumerate(zip(batch.features, batch.frames.tolist())):
+        if batch.encoded is not None:
+            encoded = batch.encoded[b:b + 1, :n]                                 # (1, F_b, H)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+                encoded = model.model.encoder(feats[None, :n]).last_hidden_state
         audio.append(model.model.projector(encoded)[0])                         # (A_b, D)
     audio = pad_sequence(audio, batch_first=True)                               # (B, A_b max, D)
     return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
@@ -751,22 +767,53 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(hidden.contiguous()) / model.config.text_config.logits_scaling
 
 
+class PromptCache(DynamicCache):
+    """The keys and values of B prompts: the prompts' pass writes them, once per layer, and the
+    completions' pass reads them through for_groups(G), each prompt's repeated for its group.
+    Neither appends, so a layer that --grad-checkpointing reruns in the backward writes, or
+    reads, the same tensors again (a growing cache would double its length there)."""
+    group_size = 0                                          # 0: this cache is written
+
+    def update(self, keys, values, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not self.group_size:                                 # (B, H_kv, P, d), kept
+            layer.keys, layer.values, layer.is_initialized = keys, values, True
+            return keys, values
+        G = self.group_size                                     # (N, H_kv, P + T, d)
+        return (torch.cat([layer.keys.repeat_interleave(G, 0), keys], dim=-2),
+                torch.cat([layer.values.repeat_interleave(G, 0), values], dim=-2))
+
+    def for_groups(self, group_size: int) -> "PromptCache":
+        reader = copy.copy(self)                                # the same layers
+        reader.group_size = group_size
+        return reader
+
+
 def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
                         temperature: float = 1.0, train_encoder: bool = False,
                         with_entropy: bool = False):
     """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
-    (under bf16 the ratio of two nearly equal probabilities drifts from 1)."""
-    N, T = completions.shape
-    # (N, P, D)
-    prompt = prompt_embeddings(model, batch, train_encoder).repeat_interleave(group_size, 0)
-    embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)  # (N, P+T, D)
+    (under bf16 the ratio of two nearly equal probabilities drifts from 1).
+    The G completions of a group share their prompt q, and a causal LM's states at q's positions
+    do not depend on what follows q: so the LM runs once over the B prompts, and each completion
+    attends to its prompt's keys and values. The loss is the same function of the same numbers;
+    autograd sums the G completions' gradients into the prompt's one pass, which is the gradient
+    running q G times would give (README: Speed)."""
+    T = completions.shape[1]
+    cache = PromptCache(config=model.config)
+    prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
+                         attention_mask=batch.attention_mask,
+                         position_ids=positions(batch.attention_mask), cache=cache,
+                         use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
-                      torch.ones_like(completions)], dim=1)
-    hidden = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                         use_cache=False).last_hidden_state[:, -(T + 1):]
-    # position P+t-1 predicts o_{i,t}; the head sees T+1 rows, the logits transformers' own
-    # model(..., logits_to_keep=T+1) computes (to float rounding: its head input is strided)
-    logits = lm_logits(model, hidden)[:, :-1].float() / temperature           # (N, T, V)
+                      torch.ones_like(completions)], dim=1)                    # (N, P+T)
+    hidden = model.model.language_model(input_ids=completions, attention_mask=mask,
+                                        position_ids=positions(mask)[:, -T:],
+                                        cache=cache.for_groups(group_size),
+                                        use_cache=True).last_hidden_state      # (N, T, D)
+    # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
+    hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
+    logits = lm_logits(model, hidden).float() / temperature                    # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
@@ -1752,6 +1799,9 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
                             config=policy.config).to(device)
+            if not cfg.train_encoder:   # frozen: the policy's encoder is pi_ref's, unchanged
+                with autocast():
+                    batch.encoded = encoder_states(policy, batch)
             step_rollout, metrics = rollout(cfg, policy, ref_model, tokenizer, batch, state.step,
                                             list(range(first, first + B_local)), suppress,
                                             autocast)

@@ -739,6 +739,97 @@ def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model
     assert any(w.abs().max() > 0 for w in whole)
 
 
+@pytest.fixture(scope="session")
+def shipped():
+    model, tok = gs.load_model(str(SHIPPED_MODEL), torch.device("cpu"))
+    return model.eval(), tok
+
+
+def _released_kind(model):
+    """The trained shipped network with the released 2B's kinds of values (GQA: half the key and
+    value heads kept; logits_scaling 8, embedding multiplier 12, residual 0.22): the tiny model's
+    1.0 multipliers and full heads would hide a pass that skips or repeats one of them."""
+    from transformers import GraniteSpeechForConditionalGeneration
+    config = copy.deepcopy(model.config)
+    text = config.text_config
+    text.num_key_value_heads, text.logits_scaling = text.num_attention_heads // 2, 8.0
+    text.embedding_multiplier, text.residual_multiplier = 12.0, 0.22
+    kv_rows = text.num_key_value_heads * text.hidden_size // text.num_attention_heads
+    state = {k: v[:kv_rows] if k.endswith(("k_proj.weight", "v_proj.weight")) else v
+             for k, v in model.state_dict().items()}
+    released = GraniteSpeechForConditionalGeneration(config)
+    released.load_state_dict(state)
+    return released.eval()
+
+
+def _grads_of(model, fn, batch, completions, G, mask, **kw):
+    """fn's log-probs and the gradient of a fixed weighting of them, for every parameter."""
+    model.zero_grad(set_to_none=True)
+    logp = fn(model, batch, completions, G, **kw)
+    weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=logp.dtype)
+    (logp * weights * mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logp.detach(), grads
+
+
+@pytest.mark.parametrize("variant", ["shipped", "released", "checkpointing", "lora"])
+def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, ast_test, variant):
+    """completion_logprobs runs each prompt once for its G completions: log-probs equal running
+    every [prompt + completion] (bench's per_completion_logprobs) within 1e-5 in fp32, and in fp64
+    every gradient that is not zero in exact arithmetic within 1e-4 relative; left-padded prompts
+    of different lengths, completions of different lengths."""
+    import bench_grpo_speech as bench
+    model, tok = shipped
+    model = _released_kind(model) if variant == "released" else copy.deepcopy(model)
+    model.requires_grad_(True)
+    if variant == "lora":
+        gs.add_lora(model, gs.Config(lora=4))
+        for _, layer in gs.lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(1))
+    if variant == "checkpointing":
+        gs.checkpoint_layers(model)
+    batch = make_batch(model, tok, ast_test, [0, 1, 2])
+    assert len(set(batch.attention_mask.sum(1).tolist())) > 1        # prompts of different lengths
+    G, T = 3, 7
+    g = torch.Generator().manual_seed(0)
+    completions = torch.randint(5, len(tok), (3 * G, T), generator=g)
+    mask = torch.arange(T)[None] < torch.tensor([7, 1, 4, 2, 7, 5, 3, 6, 7])[:, None]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        model.to(dtype)
+        b = dataclasses.replace(batch, features=batch.features.to(dtype))
+        shared, g_shared = _grads_of(model, gs.completion_logprobs, b, completions, G, mask,
+                                     train_encoder=True)
+        every, g_every = _grads_of(model, bench.per_completion_logprobs, b, completions, G, mask,
+                                   train_encoder=True)
+        torch.testing.assert_close(shared[mask], every[mask], atol=tol, rtol=0)
+    # the key biases of an attention over a softmax get exactly zero gradient: skip those
+    assert g_shared.keys() == g_every.keys() and len(g_every) > 20
+    scale = max(g.abs().max() for g in g_every.values())
+    for name, grad in g_every.items():
+        if grad.abs().max() > 1e-12 * scale:
+            torch.testing.assert_close(g_shared[name], grad, atol=1e-4 * grad.abs().max(), rtol=0,
+                                       msg=name)
+
+
+def test_shared_prompt_pass_under_bf16_is_as_close_as_bf16_itself(shipped, ast_test):
+    """Under bf16 autocast the shared and per-completion passes round differently. Tolerance: the
+    two differ by no more than bf16 autocast already moves the per-completion pass from fp32."""
+    import bench_grpo_speech as bench
+    model, tok = shipped
+    model = _released_kind(model)
+    batch = make_batch(model, tok, ast_test, [0, 1, 2])
+    completions = torch.randint(5, len(tok), (6, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = bench.per_completion_logprobs(model, batch, completions, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            shared = gs.completion_logprobs(model, batch, completions, 2)
+            every = bench.per_completion_logprobs(model, batch, completions, 2)
+    assert shared.dtype == torch.float32
+    bf16_error = (every - fp32).abs().max()
+    assert bf16_error > 0 and (shared - every).abs().max() <= bf16_error
+
+
 # ---------------------------------------------------------------- model: sampling ----
 
 
@@ -1849,7 +1940,8 @@ def test_grad_checkpointing_recomputes_each_layer_and_keeps_the_gradient(model_t
     gs.checkpoint_layers(ckpt)
     lp0, g0, calls0, kept0 = run(plain)
     lp1, g1, calls1, kept1 = run(ckpt)
-    assert (calls0, calls1) == (2, 3)         # forward + no-grad forward; + the recompute
+    # the prompts' and the completions' passes, with and without grad; + their two recomputes
+    assert (calls0, calls1) == (4, 6)
     assert kept1 < 0.7 * kept0, (kept0, kept1)
     assert torch.equal(lp0, lp1) and g0.keys() == g1.keys() and len(g0) > (10 if lora else 30)
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
