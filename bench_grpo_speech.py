@@ -2,6 +2,7 @@
 
   python bench_grpo_speech.py --compare           # start, SFT, GRPO, MP-GRPO, SFT -> X; 3 seeds
   python bench_grpo_speech.py --compare --quick   # one seed, fewer steps
+  python bench_grpo_speech.py --ablation          # GRPO on sqa with 5 rewards; 3 seeds
   python bench_grpo_speech.py --speed             # same process, same model, same inputs
   python bench_grpo_speech.py --default-runs      # the README's first command, seeds 0-2
   python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B memory table
@@ -16,6 +17,12 @@ the command and its wall time; with matplotlib installed it also draws runs/comp
 SFT and GRPO get an equal budget of updates and sequences: the same number of steps, each
 step pushing B x G = 32 sequences through the policy (SFT: 32 references; GRPO: 4 prompts x 8
 samples; MP-GRPO: 4 x (7 samples + the reference)).
+
+--ablation is the paper's reward ablation at small scale: GRPO on sqa from the shipped start model
+with each reward of ABLATION_REWARDS, 3 seeds, --compare's budget and selection, into
+runs/ablation/; its table (test BLEU, chrF, ROUGE-1/2/L and their average, greedy and sampled,
+mean +- std over seeds) goes to runs/ablation/table.md and into README.md between the ablation
+markers. --quick: one seed, 100 steps.
 
 Each ratio is (baseline time) / (our time), median of --repeats runs after a warm-up:
   * group sampling (B prompts x G samples, every row forced to the same length) against
@@ -257,6 +264,67 @@ def compare(args) -> None:
     if not args.out:
         replace_readme_block("compare-quick" if args.quick else "compare", text)
     plot_curves(root, tasks, seeds, args.quick or bool(args.out))
+
+
+ABLATION_REWARDS = ("bleu", "rouge-1", "rouge-2", "rouge-l", "chrf")
+ABLATION_METRICS = (("BLEU", "bleu"), ("chrF", "chrf"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"),
+                    ("ROUGE-L", "rougeL"))
+
+
+def ablation(args) -> None:
+    """GRPO on sqa with each reward (the paper's reward ablation: BLEU, ROUGE-1/2/L and METEOR
+    rewards on LibriSQA, 2B), scored on every metric and their average, greedy and sampled."""
+    seeds = [0] if args.quick else [0, 1, 2]
+    steps = args.steps or (100 if args.quick else 300)
+    every = max(1, steps // 2) if args.quick else min(30, max(1, steps // 4))   # as --compare
+    options = ("--eval-every", str(every)) + (("--eval-limit", "100") if args.quick else ())
+    root = (Path(args.out) if args.out else
+            gs.HERE / "runs" / ("ablation-quick" if args.quick else "ablation"))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(reward, seed) for reward in ABLATION_REWARDS for seed in seeds]
+    t0 = time.time()
+
+    def job(j):
+        reward, seed = j
+        return run_method("sqa", "grpo", seed, steps, root / f"sqa-{reward}-s{seed}", threads,
+                          options=options + ("--reward", reward))
+    with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
+        done = dict(zip(jobs, pool.map(job, jobs)))
+    minutes = (time.time() - t0) / 60
+
+    def cells(scores: list[dict]) -> list[str]:
+        """Each metric, then the per-run average of all five, as mean +- std over the runs."""
+        per_metric = [[s[k] for s in scores] for _, k in ABLATION_METRICS]
+        return [mean_std(xs) for xs in per_metric] + [mean_std(list(map(statistics.mean,
+                                                                        zip(*per_metric))))]
+    rows = []
+    for decoding, suffix in (("greedy", ""), ("sampled", "_sample")):
+        start = [done[(ABLATION_REWARDS[0], s)]["base" + suffix] for s in seeds]
+        rows.append(("start model", decoding, *cells(start)))
+        rows += [(f"GRPO, `--reward {reward}`", decoding,
+                  *cells([done[(reward, s)]["final" + suffix] for s in seeds]))
+                 for reward in ABLATION_REWARDS]
+    command = "python bench_grpo_speech.py --ablation" + (" --quick" if args.quick else "") + \
+        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
+        (f" --steps {args.steps}" if args.steps else "")
+    names = " | ".join(name for name, _ in ABLATION_METRICS)
+    table = "\n".join([f"| reward | decoding | {names} | average |", "|---|---|---|---|---|---|---|---|"]
+                      + [f"| {' | '.join(r)} |" for r in rows])
+    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    test = f"{'its first ' if args.quick else ''}{done[jobs[0]]['final']['n']} utterances"
+    text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; "
+            f"{minutes:.1f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
+            f"by side). GRPO on sqa from the shipped start model with each reward, everything else "
+            f"the default. Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
+            f"utterance, whatever the reward; step 0 and every {every} steps), scored on the sqa "
+            f"test split ({test}), mean ± std over seeds: corpus BLEU and chrF, ROUGE as the mean "
+            f"sentence F-measure x 100; average: of the five, per run. Sampled: the paper's "
+            f"decoding (temperature 0.9, top-p 0.9, utterance i drawn from seeds (run seed, i)).\n\n"
+            f"{table}\n")
+    (root / "table.md").write_text(text)
+    print(text)
+    if not args.out:
+        replace_readme_block("ablation-quick" if args.quick else "ablation", text)
 
 
 def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
@@ -671,11 +739,15 @@ def main():
     p.add_argument("--speed", action="store_true", help="run the speed benchmark")
     p.add_argument("--compare", action="store_true",
                    help="run the base/SFT/GRPO/MP-GRPO comparison")
+    p.add_argument("--ablation", action="store_true",
+                   help="GRPO on sqa with the rewards bleu, rouge-1, rouge-2, rouge-l, chrf")
     p.add_argument("--memory", action="store_true",
                    help="bytes per parameter measured on --model, scaled to the released 2B and 8B")
-    p.add_argument("--quick", action="store_true", help="with --compare: one seed, 100 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="with --compare / --ablation: one seed, 100 steps")
     p.add_argument("--steps", type=int, default=0,
-                   help="steps per run: --compare 300 (--quick 100), --full-size 3, --contention 20")
+                   help="steps per run: --compare, --ablation 300 (--quick 100), --full-size 3, "
+                        "--contention 20")
     p.add_argument("--full-size", choices=["2b"], help="3 GRPO steps of a random model of the released 2B's shape")
     p.add_argument("--full-size-model", default="", help="with --full-size: this model instead (nothing built)")
     p.add_argument("--full-size-extra", default="", help="with --full-size: more grpo_speech.py arguments")
@@ -683,11 +755,11 @@ def main():
     p.add_argument("--contention", action="store_true", help="default command alone and beside a busy core")
     p.add_argument("--contention-extra", default="", help="with --contention: a row with these arguments")
     p.add_argument("--out", default="",
-                   help="with --compare / --default-runs: run root (then README untouched)")
+                   help="with --compare / --ablation / --default-runs: run root (then README untouched)")
     p.add_argument("--default-runs", action="store_true",
                    help="the README's first command, seeds 0-2, at torch's default threads")
     p.add_argument("--jobs", type=int, default=2,
-                   help="with --compare: runs side by side (one thread each on 2 cores)")
+                   help="with --compare / --ablation: runs side by side (one thread each on 2 cores)")
     p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
     p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
     p.add_argument("--batch-size", type=int, default=4, help="B prompts")
@@ -698,6 +770,8 @@ def main():
     args = p.parse_args()
     if args.compare:
         return compare(args)
+    if args.ablation:
+        return ablation(args)
     if args.default_runs:
         return default_runs(args)
     if args.memory:
@@ -707,7 +781,8 @@ def main():
     if args.contention:
         return contention(args)
     if not args.speed:
-        p.error("nothing to do: pass --speed, --compare, --default-runs, --memory, --full-size or --contention")
+        p.error("nothing to do: pass --speed, --compare, --ablation, --default-runs, --memory, --full-size "
+                "or --contention")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)

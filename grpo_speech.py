@@ -25,7 +25,8 @@ Where this file departs from the paper (each is a flag or a stated default):
     constant, as TRL and the Dr. GRPO paper do.
   * best/ is chosen by greedy dev BLEU over every dev utterance (step 0 included); the test
     split is scored greedy and with the paper's decoding (T 0.9, top-p 0.9); beam search (the
-    model card's num_beams=4) on request.
+    model card's num_beams=4) on request. Test metrics: BLEU, chrF, ROUGE-1/2/L (and WER for
+    asr); not the paper's METEOR and BERTScore, which need WordNet data and a BERT model.
   * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
     `--lora R` trains a rank-R LoRA on the LM instead (as IBM trained the released adapter).
   * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
@@ -54,11 +55,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,8 +126,9 @@ class Config:
     num_iterations: int = opt(1, "mu: policy updates per rollout, sharing the step's learning "
                                  "rate (old log-probs reused; metrics average them)")
     scale_rewards: bool = opt(True, "divide advantages by the group's std (off: Dr. GRPO)")
-    reward: str = opt("bleu", "reward: bleu (the paper), chrf, or bleu+chrf (their mean)",
-                      choices=("bleu", "chrf", "bleu+chrf"))
+    reward: str = opt("bleu", "reward: bleu (the paper), chrf, bleu+chrf (their mean), or a "
+                              "ROUGE F-measure: rouge-1, rouge-2, rouge-l (the paper's ablation)",
+                      choices=("bleu", "chrf", "bleu+chrf", "rouge-1", "rouge-2", "rouge-l"))
     temperature: float = opt(1.0, "sampling temperature for rollouts, > 0 (the paper: 1)")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     max_new_tokens: int = opt(48, "longest completion in tokens (the paper: 200)")
@@ -1076,10 +1080,19 @@ def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
                          for c, r in zip(completions, references)])
 
 
+def rouge_reward(completions: list[str], references: list[str], key: str) -> torch.Tensor:
+    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL; `rouge` is in the
+    evaluation section): the rewards the paper's ablation trains against BLEU's."""
+    return torch.tensor([rouge(c, r)[key] for c, r in zip(completions, references)])
+
+
 REWARDS = {  # --reward; only the ranking within a group matters once advantages are normalised
     "bleu": bleu_reward,
     "chrf": chrf_reward,
     "bleu+chrf": lambda c, r: (bleu_reward(c, r) + chrf_reward(c, r)) / 2,
+    "rouge-1": functools.partial(rouge_reward, key="rouge1"),
+    "rouge-2": functools.partial(rouge_reward, key="rouge2"),
+    "rouge-l": functools.partial(rouge_reward, key="rougeL"),
 }
 
 
@@ -1255,6 +1268,39 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
     return row[-1], len(r)
 
 
+# ROUGE as Google's rouge-score package computes it with its defaults (no stemmer), which is what
+# the field's `evaluate` rouge calls: the paper reports ROUGE-1, ROUGE-2 and ROUGE-L F-measures.
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's tokenizer: lowercase, every run outside [a-z0-9] becomes a space. It keeps
+    ASCII letters and digits only, so German "Mädchen" is two tokens, "m" and "dchen"."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge(hyp: str, ref: str) -> dict[str, float]:
+    """F-measures in [0, 1]: ROUGE-N from clipped n-gram counts, ROUGE-L from the longest common
+    subsequence; F = 2PR / (P + R), 0 when nothing matches (an empty side included)."""
+    h, r = rouge_tokens(hyp), rouge_tokens(ref)
+
+    def f_measure(overlap: int, n_hyp: int, n_ref: int) -> float:
+        precision, recall = overlap / max(n_hyp, 1), overlap / max(n_ref, 1)
+        return 2 * precision * recall / (precision + recall) if overlap else 0.0
+    scores = {}
+    for n in (1, 2):
+        h_grams, r_grams = (Counter(zip(*(t[k:] for k in range(n)))) for t in (h, r))
+        overlap = sum((h_grams & r_grams).values())       # & keeps the smaller count: clipping
+        scores[f"rouge{n}"] = f_measure(overlap, sum(h_grams.values()), sum(r_grams.values()))
+    row = [0] * (len(h) + 1)        # LCS lengths of r[:i] against each prefix of h, row by row
+    for rw in r:
+        prev = 0
+        for j, hw in enumerate(h, start=1):
+            prev, row[j] = row[j], prev + 1 if rw == hw else max(row[j], row[j - 1])
+    scores["rougeL"] = f_measure(row[-1], len(h), len(r))
+    return scores
+
+
 @torch.no_grad()
 def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos_id: int,
                 suppress: torch.Tensor | None = None) -> list[list[int]]:
@@ -1336,12 +1382,15 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
     hyps = dict(dist.gather(list(hyps.items())))
     rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}
             for i in sorted(hyps)]
-    # corpus BLEU and chrF (sacrebleu, 0-100), and WER (%) for asr
+    # corpus BLEU and chrF (sacrebleu, 0-100); ROUGE, the mean of sentence F-measures x 100 as
+    # `evaluate` reports it (not a corpus score); and WER (%) for asr
     H, R = [r["hyp"] for r in rows], [r["ref"] for r in rows]
     bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    rouges = [rouge(h, r) for h, r in zip(H, R)]
     scores = {"bleu": round(bleu.corpus_score(H, [R]).score, 2),
-              "chrf": round(chrf.corpus_score(H, [R]).score, 2), "n": len(H),
-              "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
+              "chrf": round(chrf.corpus_score(H, [R]).score, 2),
+              **{k: round(100 * sum(s[k] for s in rouges) / max(len(H), 1), 2) for k in ROUGE_KEYS},
+              "n": len(H), "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
     if cfg.task == "asr":
         errs, words = map(sum, zip(*(word_errors(h, r) for h, r in zip(H, R))))
         scores["wer"] = round(100 * errs / max(words, 1), 2)
@@ -1957,8 +2006,10 @@ def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: 
 
 def fmt(results: dict, tag: str) -> str:
     """The console's line of test scores: greedy, sampled, and beam when scored."""
-    return "; ".join(name + ", ".join(f"{k.upper()} {v}" for k, v in results[key].items()
-                                      if k in ("bleu", "chrf", "wer"))
+    names = {"bleu": "BLEU", "chrf": "CHRF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
+             "rougeL": "ROUGE-L", "wer": "WER"}
+    return "; ".join(name + ", ".join(f"{names[k]} {v}" for k, v in results[key].items()
+                                      if k in names)
                      for name, key in (("", tag), ("sampled: ", f"{tag}_sample"),
                                        ("beam: ", f"{tag}_beam")) if key in results)
 

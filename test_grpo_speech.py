@@ -458,6 +458,40 @@ def test_chrf_reward_is_sentence_chrf_over_100():
     assert 0 < got[3] < 1
 
 
+# repeats (clipped counts), empty sides, German (non-ASCII letters split words), punctuation and
+# case, no overlap, one-word texts (no bigram), a subsequence that is not a substring
+ROUGE_CASES = [*PAIRS, ("the the the the", "the cat the mat"), ("the cat the cat", "the cat sat on the mat"),
+               ("cat cat", "cat"), ("", ""),
+               ("Das Mädchen läuft schnell.", "das MÄDCHEN läuft!"), ("größer, älter", "grosser alter"),
+               ("Hello, world!! It's 3pm.", "hello world it s 3 pm"), ("Ja", "ja"), ("Nein", "Ja"),
+               ("a x b y c", "a b c"), ("Der Hund", "")]
+
+
+def test_rouge_equals_the_rouge_score_package():
+    """ROUGE-1/2/L F-measures as Google's rouge-score computes them (no stemmer): its score() takes
+    (target, prediction)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    diffs = [abs(gs.rouge(h, r)[k] - scorer.score(r, h)[k].fmeasure)
+             for h, r in ROUGE_CASES for k in gs.ROUGE_KEYS]
+    assert max(diffs) <= 1e-12
+    assert gs.rouge_tokens("Das Mädchen, 2x!") == ["das", "m", "dchen", "2x"]   # ASCII only
+    # by hand: unigrams min(2, 2) + min(2, 1) = 3 of 4 and 6, bigrams 1 of 3 and 5, LCS "the cat the"
+    assert gs.rouge("the cat the cat", "the cat sat on the mat") == pytest.approx(
+        {"rouge1": 0.6, "rouge2": 0.25, "rougeL": 0.6})
+    assert gs.rouge("a x b y c", "a b c")["rougeL"] == pytest.approx(2 * 0.6 * 1 / 1.6)
+    assert gs.rouge("", "") == gs.rouge("Der Hund", "") == {k: 0.0 for k in gs.ROUGE_KEYS}
+
+
+@pytest.mark.parametrize("name,key", [("rouge-1", "rouge1"), ("rouge-2", "rouge2"), ("rouge-l", "rougeL")])
+def test_rouge_rewards_are_sentence_f_measures(name, key):
+    h, r = zip(*ROUGE_CASES)
+    got = gs.REWARDS[name](list(h), list(r))
+    assert got.tolist() == pytest.approx([gs.rouge(hi, ri)[key] for hi, ri in ROUGE_CASES])
+    assert got[0] == 1 and got[2] == 0 and ((0 < got) & (got < 1)).any()
+    assert name in gs.Config.__dataclass_fields__["reward"].metadata["choices"]
+
+
 def test_top_p_filter_keeps_smallest_set_reaching_top_p():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
     kept = lambda p: torch.isfinite(gs.top_p_filter(logits, p))[0].tolist()
@@ -1003,14 +1037,17 @@ def test_help_lists_every_option(tmp_path):
 
 @pytest.fixture(scope="session")
 def mode_runs(tiny_data, fixture_model_dir, tmp_path_factory):
-    """One tiny run of every mode (ast eval/sft/grpo/mp-grpo, asr eval): {name: (process, out dir)}."""
+    """One tiny run of every mode (ast eval/sft/grpo/mp-grpo, asr and sqa eval, sqa grpo with a ROUGE-L
+    reward): {name: (process, out dir)}."""
     work = tmp_path_factory.mktemp("runs")
     runs = {}
-    for name, task, mode in (("eval", "ast", "eval"), ("sft", "ast", "sft"), ("grpo", "ast", "grpo"),
-                             ("mp-grpo", "ast", "mp-grpo"), ("asr-eval", "asr", "eval")):
+    for name, task, mode, *extra in (("eval", "ast", "eval"), ("sft", "ast", "sft"), ("grpo", "ast", "grpo"),
+                                     ("mp-grpo", "ast", "mp-grpo"), ("asr-eval", "asr", "eval"),
+                                     ("sqa-eval", "sqa", "eval"),
+                                     ("sqa-rouge-l", "sqa", "grpo", "--reward", "rouge-l")):
         out = work / name
         p = run_cli("--task", task, "--mode", mode, "--model", fixture_model_dir, "--data", tiny_data / task,
-                    "--out", out, *TINY, cwd=work)
+                    "--out", out, *TINY, *extra, cwd=work)
         runs[name] = (p, out)
     return runs
 
@@ -1030,6 +1067,36 @@ def test_cli_eval_writes_base_only(mode_runs):
     assert "nrefs:1" in res["base"]["signature"]
     assert (out / "hyps_base.jsonl").is_file() and (out / "hyps_base_sample.jsonl").is_file()
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("name", ["eval", "sqa-eval"])
+def test_cli_eval_results_carry_rouge_the_mean_sentence_f_measure(mode_runs, name):
+    """results.json's rouge1/2/L (ast and sqa, greedy and sampled): 100 x the mean over utterances of
+    rouge-score's F-measure on the hypotheses file, as `evaluate`'s rouge computes it; on the console too."""
+    from rouge_score import rouge_scorer
+    p, out = mode_runs[name]
+    _check_ok(p)
+    res = json.loads((out / "results.json").read_text())
+    scorer = rouge_scorer.RougeScorer(list(gs.ROUGE_KEYS))
+    for key in ("base", "base_sample"):
+        rows = [json.loads(l) for l in (out / f"hyps_{key}.jsonl").read_text().splitlines()]
+        for k in gs.ROUGE_KEYS:
+            mean = 100 * sum(scorer.score(r["ref"], r["hyp"])[k].fmeasure for r in rows) / len(rows)
+            assert res[key][k] == round(mean, 2), (key, k)
+    line = next(l for l in p.stdout.splitlines() if l.startswith("start model on test:"))
+    assert all(f"{m} {res['base'][k]}" in line for m, k in (("ROUGE-1", "rouge1"), ("ROUGE-L", "rougeL")))
+    assert f"sampled: BLEU {res['base_sample']['bleu']}" in line
+
+
+def test_cli_grpo_trains_with_a_rouge_l_reward(mode_runs):
+    p, out = mode_runs["sqa-rouge-l"]
+    _check_ok(p)
+    assert json.loads((out / "config.json").read_text())["reward"] == "rouge-l"
+    res = json.loads((out / "results.json").read_text())
+    assert set(gs.ROUGE_KEYS) <= set(res["final"]) and set(gs.ROUGE_KEYS) <= set(res["final_sample"])
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert len(steps) == 2 and all(0 <= m["reward/mean"] <= 1 and math.isfinite(m["loss/total"])
+                                   for m in steps)
 
 
 def test_cli_asr_eval_reports_wer(mode_runs):
