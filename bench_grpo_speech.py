@@ -826,12 +826,14 @@ def main():
     t_once = timed(lambda: each(model, batch, G), args.repeats)
     t_per = timed(lambda: each(model, expanded, 1), args.repeats)
 
-    # 2b. the teacher-forced pass: the LM reads each prompt once per group vs once per completion
-    t_shared, t_each = (timed(lambda: f(model, batch, G, False), args.repeats) for f in (update, each))
+    # 2b. the teacher-forced pass: the LM reads each prompt once per group vs once per completion,
+    # the frozen encoder's states given, as train() gives them
+    held = gs.Batch(*list(vars(batch).values())[:-1], gs.encoder_states(model, batch))
+    t_shared, t_each = (timed(lambda: f(model, held, G, False), args.repeats) for f in (update, each))
     with torch.no_grad():
-        ng_shared, ng_each = (timed(lambda: f(model, batch, completions, G), args.repeats)
+        ng_shared, ng_each = (timed(lambda: f(model, held, completions, G), args.repeats)
                               for f in (gs.completion_logprobs, per_completion_logprobs))
-    kept = {name: saved_bytes(lambda: f(model, batch, G, False), model)
+    kept = {name: saved_bytes(lambda: f(model, held, G, False), model)
             for name, f in (("shared", update), ("each", each))}
 
     # 3. bf16 autocast and torch.compile against eager fp32 (encoder frozen, as in training)

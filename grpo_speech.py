@@ -588,10 +588,31 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """Granite Speech and its tokenizer by local path or hub id, frozen (setup_training says what
-    trains: frozen weights need no autocast copies). The released 3.3 checkpoints' LoRA adapter
-    is merged into the LM weights, peft or not: transformers gets the weights, not the
-    directory, so it never sees the adapter."""
-    from transformers import AutoConfig, AutoTokenizer, GraniteSpeechForConditionalGeneration
+    trains: frozen weights need no autocast copies). Part II finds and checks the files, and
+    merges the released 3.3 checkpoints' LoRA adapter into the LM weights, peft or not:
+    transformers gets the weights, not the directory, so it never sees the adapter."""
+    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+    path, config, weights = model_files(name)                 # Part II: checks, hub, shards
+    try:
+        model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+            None, config=config, state_dict=weights, dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise cannot_load(name, e) from None
+    del weights
+    for m in model.modules():   # buffers kept as loaded would keep the file mapped
+        m._buffers.update({k: b.clone() for k, b in m._buffers.items() if b is not None})
+    check_loaded(model, tokenizer, info, name, path)          # Part II: and the adapter merged
+    model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
+    return model.to(device).requires_grad_(False), tokenizer
+
+
+def model_files(name: str):
+    """(directory, config, weights) of a Granite Speech checkpoint: a local directory, or a hub
+    id's files from the cache or (HF_HUB_OFFLINE=0) the hub. Refused in one line: no directory,
+    another model_type, an adapter that config.json does not announce or one we cannot merge
+    (before any weight is read), no weights."""
+    from transformers import AutoConfig
     from safetensors.torch import load_file
     path = Path(name)
     if path.exists():
@@ -605,7 +626,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     elif name.startswith((".", "/")) or name.count("/") != 1:
         raise InputError(f"{name}: model directory not found")
     try:
-        if not path.exists():  # a hub id: its files, from the cache or (HF_HUB_OFFLINE=0) the hub
+        if not path.exists():
             from huggingface_hub import snapshot_download
             files = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
             path = Path(snapshot_download(name, allow_patterns=files))
@@ -616,8 +637,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
             raise InputError(f"{path}: has_lora_adapter is {has} in config.json but "
                              f"adapter_config.json is {state}")
         if adapter.is_file():
-            adapter_scale(path)   # refuse an adapter we cannot merge before any weight is read
-        config.has_lora_adapter = False   # merged below: what is loaded and saved is plain weights
+            adapter_scale(path)
+        config.has_lora_adapter = False   # merged at load: what is loaded and saved is plain
         index = path / "model.safetensors.index.json"
         shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
                   if index.is_file() else
@@ -625,30 +646,29 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
                          if not f.name.startswith("adapter_")))
         if not shards:
             raise InputError(f"{path}: no *.safetensors weights")
-        weights = {k: v for f in shards for k, v in load_file(f).items()}
-        model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=weights, dtype=dtype, output_loading_info=True)
-        del weights
-        for m in model.modules():   # buffers kept as loaded would keep the file mapped
-            m._buffers.update({k: b.clone() for k, b in m._buffers.items() if b is not None})
-        # transformers fills a missing weight with random values and only logs it: refuse instead
-        bad = ([f"missing {k}" for k in info["missing_keys"]]
-               + [f"unexpected {k}" for k in info["unexpected_keys"]])
-        if bad:
-            raise InputError(f"{path}: weights do not match config.json ({', '.join(bad[:3])}"
-                             f"{', ...' if len(bad) > 3 else ''})")
-        model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return path, config, {k: v for f in shards for k, v in load_file(f).items()}
     except OSError as e:
-        hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not Path(name).exists() else ""
-        raise InputError(f"{name}: cannot load model{hint}: "
-                         f"{str(e).splitlines()[0][:160]}") from None
-    if adapter.is_file():
+        raise cannot_load(name, e) from None
+
+
+def cannot_load(name: str, e: OSError) -> InputError:
+    hint = " (hub ids need HF_HUB_OFFLINE=0 and a network)" if not Path(name).exists() else ""
+    return InputError(f"{name}: cannot load model{hint}: {str(e).splitlines()[0][:160]}")
+
+
+def check_loaded(model, tokenizer, info: dict, name: str, path: Path) -> None:
+    """Refuse what transformers only logs (a missing weight filled with random values), merge the
+    adapter, and check that the tokenizer fits the vocabulary."""
+    bad = ([f"missing {k}" for k in info["missing_keys"]]
+           + [f"unexpected {k}" for k in info["unexpected_keys"]])
+    if bad:
+        raise InputError(f"{path}: weights do not match config.json ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''})")
+    if (path / "adapter_config.json").is_file():
         merge_lora_adapter(model, path)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model's vocabulary "
                          f"{model.config.text_config.vocab_size}")
-    return model.to(device).requires_grad_(False), tokenizer
 
 
 def adapter_scale(path: Path) -> tuple[int, float]:
