@@ -8,6 +8,7 @@
   python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B memory table
   python bench_grpo_speech.py --full-size 2b      # 3 GRPO steps on a random model of the released 2B's shape
   python bench_grpo_speech.py --contention        # the default command, alone and beside a busy core
+  python bench_grpo_speech.py --kill-soak 20      # SIGKILL a short run 20 times, resume, compare
 
 --compare runs the real command line once per (task, method, seed) into runs/compare/ (SFT,
 GRPO, MP-GRPO, then SFT -> GRPO and SFT -> SFT from each seed's SFT best/), writes
@@ -46,6 +47,16 @@ ARGS start with --).
 `--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
 It prints each run's mean perf/step_s and wall time, and a table of step seconds and busy / quiet, which a
 complete run puts into README.md between the contention markers.
+
+--kill-soak N runs a short GRPO run (KILL_RUN: 5 steps, checkpoints at 2, 4 and 5) uninterrupted, then N times
+kills it with SIGKILL: half of N at the fixed instants of KILL_POINTS (inside saves and renames, between a
+step's line and its checkpoint, inside --resume's trim of metrics.jsonl), the rest at seeded random times over
+the uninterrupted run's life (loading, scoring, sampling, the update, saving). Each killed run is resumed as a
+user would: the same command with --resume where there is a checkpoint to resume from, else (as --resume's
+refusal says) the command again with --overwrite. Each finished run must equal the uninterrupted one: the
+same files, metrics.jsonl's steps each once with the same values (perf/ timings aside), best/ and final/
+weights bit for bit, results.json and the hypotheses files. One line per kill (what it left on disk), then
+"K of N kills resumed exactly".
 """
 
 import argparse
@@ -53,6 +64,7 @@ import copy
 import functools
 import json
 import os
+import random
 import re
 import resource
 import shlex
@@ -703,6 +715,139 @@ def contention(args) -> None:
         replace_readme_block("contention", text)
 
 
+# --kill-soak's run: checkpoints at steps 2, 4, 5, and (seed 1, sampled dev decoding) a new best/ at each
+KILL_STEPS = 5
+KILL_RUN = ["--task", "ast", "--mode", "grpo", "--seed", "1", "--lr", "1e-4", "--eval-decoding", "sample",
+            "--max-steps", str(KILL_STEPS), "--eval-every", "2", "--eval-limit", "2", "--dev-limit", "4", "--batch-size", "2",
+            "--group-size", "3", "--max-new-tokens", "8"]
+# grpo_speech.main in a process that SIGKILLs itself where when(*args) holds, before or after the call
+KILL_AT = """import os, signal, sys, pathlib
+sys.path.insert(0, {here!r}); import grpo_speech as gs
+Path = pathlib.Path
+def at(owner, name, when, after):
+    real = getattr(owner, name)
+    def wrapped(*a, **k):
+        if not after and when(*a, **k): os.kill(os.getpid(), signal.SIGKILL)
+        result = real(*a, **k)
+        if after and when(*a, **k): os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(owner, name, wrapped)
+at({at})
+sys.exit(gs.main(sys.argv[1:]))"""
+# (what, at()'s arguments) per kill; a tuple of several: the resumed runs are killed too, in turn
+KILL_POINTS = [
+    ("config.tmp written, not yet config.json", "Path, 'replace', lambda p, d: p.name == 'config.tmp', False"),
+    ("best/ of step 0, before its rename", "Path, 'rename', lambda p, d: p.name == 'best.tmp', False"),
+    ("step 2's line appended, checkpoint/ not yet", "gs.Logger, '__call__', lambda s, step, m: step == 2, True"),
+    ("checkpoint/ of step 2 whole in .tmp, not published",
+     "gs, 'recover', lambda p: (p.parent / 'checkpoint.tmp' / 'complete.json').exists(), False"),
+    ("checkpoint/ of step 2 published, step 3 not begun",
+     "gs, 'save_model', lambda m, t, p, extra=None: p.name == 'checkpoint' and extra['step'] == 2, True"),
+    (("checkpoint/ of step 4 between its two renames",
+      "Path, 'rename', lambda p, d: p.name == 'checkpoint.tmp' and (p.parent / 'checkpoint.old').exists(), False"),
+     ("--resume: inside the trim of metrics.jsonl", "Path, 'replace', lambda p, d: p.name == 'metrics.tmp', False")),
+    ("best/ of step 4 between its two renames",
+     "Path, 'rename', lambda p, d: p.name == 'best.tmp' and (p.parent / 'best.old').exists() and "
+     "(p.parent / 'checkpoint').exists(), False"),
+    ("final/ whole in .tmp, not published", "Path, 'rename', lambda p, d: p.name == 'final.tmp', False"),
+    ("results.json of best/'s scoring, as .tmp",
+     "Path, 'replace', lambda p, d: p.name == 'results.tmp' and (p.parent / 'final').exists(), False"),
+]
+
+
+def run_state(out: Path) -> str:
+    """What a killed run left: its whole metrics lines, checkpoint step, final/, and leftovers."""
+    if not out.exists():
+        return "no run directory"
+    log = out / "metrics.jsonl"
+    steps = [json.loads(l)["step"] for l in log.read_text().split("\n")[:-1]] if log.exists() else []
+    ckpt = next((c for c in (out / "checkpoint", out / "checkpoint.old") if (c / "complete.json").exists()), None)
+    return ", ".join([f"log {steps[0]}-{steps[-1]}" if steps else "no log",
+                      f"{ckpt.name} step {torch.load(ckpt / 'trainer_state.pt', weights_only=True)['step']}"
+                      if ckpt else "no checkpoint"] +
+                     [p.name for p in sorted(out.iterdir()) if p.name in ("final", "results.json")
+                      or p.suffix in (".tmp", ".old")])
+
+
+def soak_differences(out: Path, straight: Path) -> list[str]:
+    """How a finished run differs from the uninterrupted one (timings aside)."""
+    from safetensors.torch import load_file
+    names = lambda d: sorted(p.name for p in d.iterdir() if p.name != ".lock")
+    if names(out) != names(straight):
+        return [f"files {names(out)}"]
+    log = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/") or k == "perf/grad_norm"}
+                     for line in (d / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log(out)]
+    diffs = [] if steps == list(range(KILL_STEPS + 1)) else [f"metrics.jsonl steps {steps}"]
+    diffs += [] if diffs or log(out) == log(straight) else ["metrics.jsonl values"]
+    for d in ("best", "final"):
+        a, b = load_file(out / d / "model.safetensors"), load_file(straight / d / "model.safetensors")
+        diffs += [] if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) else [f"{d}/ weights"]
+    if json.loads((out / "results.json").read_text()) != json.loads((straight / "results.json").read_text()):
+        diffs.append("results.json")
+    return diffs + [f.name for f in straight.glob("hyps_*.jsonl") if f.read_bytes() != (out / f.name).read_bytes()]
+
+
+def kill_soak(args) -> None:
+    """SIGKILL a short GRPO run at N instants (the KILL_POINTS, then seeded random times over its life), resume
+    each as a user would until it ends, and compare it with the uninterrupted run."""
+    n, t_all = args.kill_soak, time.time()
+    root = Path(args.out) if args.out else HERE / "runs" / "kill-soak"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    plain = [sys.executable, str(HERE / "grpo_speech.py"), *KILL_RUN]
+    run = lambda cmd: subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    t0 = time.time()
+    if (p := run([*plain, "--out", str(root / "straight")])).returncode:
+        sys.exit(f"the uninterrupted run failed:\n{p.stderr[-3000:]}")
+    lives = [time.time() - t0]   # a run's life, and again each time a killed one is run whole (--overwrite)
+    print(f"uninterrupted run, {lives[0]:.1f} s: grpo_speech.py {shlex.join(KILL_RUN)}", flush=True)
+    trials, kills = [], 0     # per trial, its killed launches: (what, at()'s arguments or None, share of life)
+    for point in KILL_POINTS[:n // 2]:
+        point = point if isinstance(point[0], tuple) else (point,)
+        if kills + len(point) <= n // 2:
+            trials.append([(what, at, None) for what, at in point])
+            kills += len(point)
+    rng = random.Random(args.seed)
+    trials += [[(None, None, rng.uniform(0.02, 0.95))] for _ in range(n - kills)]
+    exact, i = 0, 0
+    for t, trial in enumerate(trials):
+        out, killed = root / f"kill-{t}", True
+        for j, (what, at, share) in enumerate(trial):
+            cmd = [*plain, "--out", str(out)] + (["--resume"] if j else [])
+            if at:
+                cmd = [sys.executable, "-c", KILL_AT.format(here=str(HERE), at=at), *cmd[2:]]
+            life = statistics.median(lives)    # measured here and now: others' jobs beside us slow it
+            delay = share * life if share else None
+            p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                p.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            killed &= p.returncode == -9
+            i += 1
+            print(f"kill {i:2d}/{n}: {what or f'at {delay:.2f} s of a {life:.1f} s life':<52} "
+                  f"{'' if p.returncode == -9 else f'NOT KILLED (exit {p.returncode}) '}left {run_state(out)}",
+                  flush=True)
+        # what a user does: the same command with --resume where there is a checkpoint to resume from (or the
+        # .old a kill between two renames leaves, which --resume takes); else, as --resume's refusal says, the
+        # command again with --overwrite (a refused --resume costs a start-up: it loads the model first)
+        then = "--resume" if any((out / c).exists() for c in ("checkpoint", "checkpoint.old")) else "--overwrite"
+        t0 = time.time()
+        p = run([*plain, "--out", str(out), then])
+        lives += [time.time() - t0] if then == "--overwrite" and p.returncode == 0 else []
+        diffs = soak_differences(out, root / "straight") if p.returncode == 0 else [
+            f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"]
+        exact += len(trial) if killed and not diffs else 0
+        print(f"    {then}: {'resumed exactly' if not diffs else 'DIFFERS: ' + ', '.join(diffs)}", flush=True)
+        if not diffs:
+            shutil.rmtree(out)
+    print(f"{exact} of {n} kills resumed exactly ({time.time() - t_all:.0f} s; a run that differs is kept in "
+          f"{root})")
+
+
 def width_sweep() -> str:
     """Why --threads auto looks at the LM's width: forward + backward of a random Granite LM (8 sequences of
     300 tokens) at 1 and 2 threads, alone and beside a busy-looping process; median of 3 after a warm-up."""
@@ -754,8 +899,11 @@ def main():
     p.add_argument("--tree", default=str(HERE), help="with --full-size: the directory to import grpo_speech from")
     p.add_argument("--contention", action="store_true", help="default command alone and beside a busy core")
     p.add_argument("--contention-extra", default="", help="with --contention: a row with these arguments")
+    p.add_argument("--kill-soak", type=int, nargs="?", const=20, default=0, metavar="N",
+                   help="SIGKILL a short run at N instants, resume each, compare with the uninterrupted run")
+    p.add_argument("--seed", type=int, default=0, help="with --kill-soak: the seed of the random kill times")
     p.add_argument("--out", default="",
-                   help="with --compare / --ablation / --default-runs: run root (then README untouched)")
+                   help="with --compare / --ablation / --default-runs / --kill-soak: run root (then README untouched)")
     p.add_argument("--default-runs", action="store_true",
                    help="the README's first command, seeds 0-2, at torch's default threads")
     p.add_argument("--jobs", type=int, default=2,
@@ -780,9 +928,11 @@ def main():
         return full_size(args)
     if args.contention:
         return contention(args)
+    if args.kill_soak:
+        return kill_soak(args)
     if not args.speed:
-        p.error("nothing to do: pass --speed, --compare, --ablation, --default-runs, --memory, --full-size "
-                "or --contention")
+        p.error("nothing to do: pass --speed, --compare, --ablation, --default-runs, --memory, --full-size, "
+                "--contention or --kill-soak")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)

@@ -1552,9 +1552,10 @@ def check_resume(cfg: Config) -> None:
             flags = lambda d: " ".join(f"--{k.replace('_', '-')} {d.get(k)}" for k in changed)
             raise InputError(f"{saved_file}: trained with {flags(saved)}; resume it with the "
                              f"same, not {flags(now)}")
-    if not ckpt.exists():
+    old = ckpt.with_name("checkpoint.old")  # a kill between save_model's renames; read here,
+    if not ckpt.exists() and not old.exists():  # recover()ed once the run is accepted
         raise InputError(f"{ckpt}: no checkpoint to resume from; start again with --overwrite")
-    check_checkpoint(ckpt)
+    check_checkpoint(ckpt if ckpt.exists() else old)
 
 
 @dataclass
@@ -1885,10 +1886,12 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
                             "perf/step_s": time.perf_counter() - t_step})
             scheduler.step()
             state.step += 1
-            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            saves = state.step % cfg.eval_every == 0 or state.step == cfg.max_steps
+            if saves:
                 metrics.update(evaluate_dev())
+            log(state.step, metrics)  # then checkpoint/: a line past it is trimmed on resume,
+            if saves:                 # while a step it holds but the log lacks is lost for good
                 checkpoint()
-            log(state.step, metrics)
     finally:
         bar.close()
         for s, h in old_handlers.items():
@@ -1926,30 +1929,44 @@ def set_threads(cfg: Config, model, device: torch.device) -> None:
 
 def prepare_out(cfg: Config):
     """The run directory, made only after every input was checked and locked for this process
-    (the lock goes with it): one run per directory, and --overwrite replaces runs only."""
-    out = Path(cfg.out)
+    (the lock goes with it): one run per directory, --overwrite replaces runs only, and a run
+    refused here leaves the directory as it was (no .lock, no directory it made)."""
+    out, lock_path = Path(cfg.out), Path(cfg.out) / ".lock"
+    made, had_lock = [d for d in (out, *out.parents) if not d.exists()], lock_path.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
+        lock = open(lock_path, "a+")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise InputError(f"{out}: another run is using it (pid {(out / '.lock').read_text()})")
+        if not os.path.samestat(os.fstat(lock.fileno()), lock_path.stat()):
+            raise BlockingIOError   # a refused run removed the file we locked: not the lock
+    except BlockingIOError:   # the pid from our own handle: the path may be gone by now
+        raise InputError(f"{out}: another run is using it (pid "
+                         f"{os.pread(lock.fileno(), 32, 0).decode()})") from None
     except OSError as e:
         raise InputError(f"{out}: cannot be the run directory ({e.strerror})") from None
-    lock.truncate(0)
-    print(os.getpid(), file=lock, end="", flush=True)
-    for name in ("checkpoint", "best", "final"):
-        recover(out / name)
-    held = [p for p in out.iterdir() if p.name != ".lock"]
-    if held and not cfg.resume:
-        if not cfg.overwrite:
+    # what --overwrite replaces; a kill inside config.json's write leaves config.tmp: no run yet
+    held = [p for p in out.iterdir() if p.name not in (".lock", "config.tmp") and not cfg.resume]
+    try:   # checked under the lock: another run may be writing here
+        if held and not cfg.overwrite:
             raise InputError(f"{out}: holds another run; pass --resume to continue it or "
                              "--overwrite to replace it")
-        if not (out / "config.json").is_file():
+        if held and not (out / "config.json").is_file():
             raise InputError(f"{out}: not a run directory (no config.json): --overwrite only "
                              "replaces a run")
-        for p in held:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        check_resume(cfg)
+    except InputError:
+        if not had_lock:
+            lock_path.unlink()
+        for d in made:   # deepest first
+            d.rmdir()
+        lock.close()
+        raise
+    lock.truncate(0)
+    print(os.getpid(), file=lock, end="", flush=True)
+    for p in held:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for name in ("checkpoint", "best", "final"):
+        recover(out / name)
     return lock
 
 
@@ -1980,7 +1997,6 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     # one run per directory: the lock is held until run() returns and frees its file
     lock = dist.on_main(prepare_out, cfg)  # noqa: F841
-    check_resume(cfg)
     say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forwards; fp32 weights and log-probs
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)

@@ -2349,7 +2349,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run,
     """Writes past a size fail as on a full disk (RLIMIT_FSIZE): 1 MB (the weights fail first) or a size
     between the checkpoint's weights and its trainer state (torch.save fails, a RuntimeError in torch).
     The first save of --resume that fails stops the run: exit 2, one line, checkpoint/ intact, best/
-    intact or whole, no .tmp left, nothing logged past the checkpoint."""
+    intact or whole, no .tmp left, nothing logged past the failed step (logged before its checkpoint: a
+    --resume from checkpoint/ trims its line)."""
     args, straight = straight_fault_run
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -2371,7 +2372,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(straight_fault_run,
         {k: v for k, v in before.items() if k.startswith("checkpoint")}
     gs.check_checkpoint(out / "best")                                      # the old one or a whole new one
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
-    assert max(_step_metrics(out)) == 3                                    # nothing logged past the checkpoint
+    assert sorted(_step_metrics(out)) == [0, 1, 2, 3, 4]                   # step 4 failed at its checkpoint
 
 
 def test_a_full_disk_while_logging_leaves_the_log_as_it_was(straight_fault_run, tmp_path):
@@ -2431,6 +2432,55 @@ def test_resume_without_a_checkpoint_with_other_settings_or_a_torn_log(straight_
     shutil.rmtree(out / "checkpoint")
     code, lines = run_main(*args, "--out", out, "--resume", cwd=tmp_path)
     assert code == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0], lines
+
+
+@pytest.mark.parametrize("instant", ["checkpoint", "line"])
+def test_a_kill_between_a_steps_checkpoint_and_its_line_loses_no_step(straight_fault_run, tmp_path, instant):
+    """SIGKILL right after checkpoint/ of step 2 is published, or right after step 2's line is appended:
+    every step the surviving checkpoint has seen is in metrics.jsonl, and --resume ends with every step
+    once, as the uninterrupted run."""
+    args, straight = straight_fault_run
+    out = tmp_path / "run"
+    kill = ("save, call = gs.save_model, gs.Logger.__call__\n"
+            "def save_model(model, tok, path, extra=None):\n"
+            "    save(model, tok, path, extra)\n"
+            f"    if {instant == 'checkpoint'} and path.name == 'checkpoint' and extra['step'] == 2:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "def log(self, step, metrics):\n"
+            "    call(self, step, metrics)\n"
+            f"    if {instant == 'line'} and step == 2:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "gs.save_model, gs.Logger.__call__ = save_model, log")
+    p = _cli_with(kill, [*args, "--out", out], tmp_path)
+    assert p.returncode == -9, p.stderr[-2000:]
+    seen = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"]
+    assert seen == (2 if instant == "checkpoint" else 1)
+    assert set(range(seen + 1)) <= set(_step_metrics(out))              # on disk, before any resume
+    _check_ok(run_cli(*args, "--out", out, "--resume", cwd=tmp_path))
+    assert _step_metrics(out) == _step_metrics(straight)
+    assert _same_weights(out / "final", straight / "final") and _same_weights(out / "best", straight / "best")
+
+
+def test_a_refused_run_leaves_its_directory_as_it_was(straight_fault_run, tmp_path):
+    """No lock, no directory, no rewritten file where the run is refused, whichever check refuses it."""
+    args, straight = straight_fault_run
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("precious")
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / ".lock").write_text("12345")                                   # a finished run's lock
+    dirs = {d: _files(d) for d in (notes, run)}
+    for out, extra, words in ((notes, ["--overwrite"], "not a run directory"),
+                              (notes, [], "holds another run"),
+                              (notes, ["--resume"], "no checkpoint to resume from"),
+                              (tmp_path / "new" / "run", ["--resume"], "no checkpoint to resume from"),
+                              (run, ["--resume", "--group-size", "2"], "trained with --group-size 3")):
+        code, lines = run_main(*args, "--out", out, *extra, cwd=tmp_path)
+        assert code == 2 and len(lines) == 1 and words in lines[0], (out, extra, lines)
+    assert not (tmp_path / "new").exists()
+    assert {d: _files(d) for d in (notes, run)} == dirs
+    assert sorted(p.name for p in notes.iterdir()) == ["thesis.tex"]
 
 
 def test_out_must_be_usable_hold_a_run_to_be_overwritten_and_serve_one_run(tiny_data, fixture_model_dir, tmp_path):
