@@ -846,6 +846,27 @@ def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, ast_test, va
                                        msg=name)
 
 
+def test_encoder_states_held_on_the_batch_change_nothing(shipped, ast_test):
+    """train() gives each step's batch the frozen encoder's states once (Batch.encoded): sampling,
+    pi_ref's pass and the update's micro-batches (Batch.select) compute what running it would."""
+    model, tok = shipped
+    batch = make_batch(model, tok, ast_test, [0, 1, 2, 3])
+    held = dataclasses.replace(batch, encoded=gs.encoder_states(model, batch))
+    completions = torch.randint(5, len(tok), (8, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(gs.completion_logprobs(model, held, completions, 2),
+                           gs.completion_logprobs(model, batch, completions, 2))
+        part = held.select(2, 4)
+        assert part.encoded.shape[0] == 2
+        assert torch.equal(gs.completion_logprobs(model, part, completions[4:], 2),
+                           gs.completion_logprobs(model, batch.select(2, 4), completions[4:], 2))
+    samples = [gs.sample_groups(model, b, 2, max_new_tokens=6, eos_id=tok.eos_token_id,
+                                pad_id=tok.pad_token_id, uniforms=gs.row_uniforms(0, 0, range(4), 2, 6))
+               for b in (held, batch)]
+    assert torch.equal(samples[0].tokens, samples[1].tokens)
+    assert torch.equal(samples[0].logps, samples[1].logps)
+
+
 def test_shared_prompt_pass_under_bf16_is_as_close_as_bf16_itself(shipped, ast_test):
     """Under bf16 autocast the shared and per-completion passes round differently. Tolerance: the
     two differ by no more than bf16 autocast already moves the per-completion pass from fp32."""
