@@ -5,9 +5,11 @@ fine-tunes one, Granite Speech (conformer encoder, window Q-Former projector, Gr
 transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy Optimisation
 and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in Speech-Aware
 Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, MP-GRPO (the
-reference answer as an off-policy group member) and evaluation. Read it top to bottom: config,
-audio, text, data sets, model, LoRA, sampling, rewards, advantages, losses, processes,
-evaluation, checkpoints, training, main.
+reference answer as an off-policy group member) and evaluation. Part I is the lesson, read top
+to bottom in the order data flows: config, audio, text, data, model, sampling, rewards,
+advantages, losses, one step, the training loop, evaluation. Part II is the machinery that runs
+the same code in the paper's setting: LoRA, released checkpoints, data layouts and input
+checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by data/make_model.py on
@@ -93,7 +95,7 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM outside the training loop (which finishes its step instead): exit 130."""
 
 
-# ---------------------------------------------------------------------------- config ----
+# ------------------------------------------------------------------------------ config ----
 
 
 def opt(default, help, **kw):
@@ -174,68 +176,13 @@ class Config:
     max_audio_seconds: float = opt(30.0, "reject longer audio files before training starts")
     max_bad_steps: int = opt(3, "abort after this many non-finite losses in a row")
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # no "(default: )" where the help text says what empty means
-    def _get_help_string(self, action):
-        return action.help if action.default in ("", None) else super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage, then exit code 2
-        self.exit(2, f"error: {message} (see --help)\n")
+    @property
+    def grpo(self) -> bool:
+        """The modes that sample groups and reward them: grpo and mp-grpo (not sft, not eval)."""
+        return self.mode in ("grpo", "mp-grpo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse from the dataclass, so --help lists every field with its default and meaning."""
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    types = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}
-    for f in dataclasses.fields(Config):
-        kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else
-                dict(type=types[f.type], choices=f.metadata.get("choices")))
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default,  # help is %-formatted
-                       help=f.metadata["help"].replace("%", "%%"), **kind)
-    return p
-
-
-def resolve_config(cfg: Config) -> Config:
-    """Defaults that depend on other fields; values the objective cannot use refused now."""
-    cfg = copy.copy(cfg)
-    cfg.data = cfg.data or str(HERE / "data" / cfg.task)
-    cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
-    if not Path(cfg.model).exists() and (HERE / cfg.model).exists():
-        cfg.model = str(HERE / cfg.model)
-    cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    if cfg.sft_batch_size is None:
-        cfg.sft_batch_size = cfg.batch_size * cfg.group_size
-    cfg.lora_targets = ",".join(sorted({t.strip() for t in cfg.lora_targets.split(",")} - {""}))
-    grpo = cfg.mode in ("grpo", "mp-grpo")
-    checks = [  # (holds, what the user is told)
-        (not grpo or cfg.group_size >= 2, f"--group-size {cfg.group_size}: a group needs at least "
-                                          "2 completions to have an advantage"),
-        *[(getattr(cfg, k) >= 1, f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least 1")
-          for k in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum",
-                    "eval_batch_size", "sft_batch_size", "num_beams")],
-        (cfg.lora >= 0 and (not cfg.lora or cfg.lora_alpha > 0),
-         f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: the rank must be >= 0 and alpha > 0"),
-        (cfg.batch_size >= 1 and cfg.batch_size % cfg.grad_accum == 0,
-         f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum "
-         f"{cfg.grad_accum}"),
-        (not grpo or cfg.temperature > 0, f"--temperature {cfg.temperature}: GRPO samples its "
-         "groups, and the teacher-forced log-probs divide by the temperature; use a value > 0"),
-        (0 < cfg.top_p <= 1, f"--top-p {cfg.top_p} must be in (0, 1]"),
-        (min(cfg.beta, cfg.epsilon, cfg.epsilon_high) >= 0,
-         "--beta, --epsilon and --epsilon-high must be >= 0"),
-        (cfg.threads in ("auto", "torch") or cfg.threads.isdecimal() and int(cfg.threads) >= 1,
-         f"--threads {cfg.threads}: auto, torch or a number >= 1"),
-    ]
-    for holds, message in checks:
-        if not holds:
-            raise InputError(message)
-    return cfg
-
-
-# ----------------------------------------------------------------------------- audio ----
+# ------------------------------------------------------------------------------- audio ----
 # Granite Speech hears 16 kHz mono. Features are log-mel frames stacked in pairs: 160 numbers
 # every 20 ms. The window Q-Former then turns every 15 frames into 3 LM embeddings (10 a second).
 
@@ -326,7 +273,7 @@ def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: i
     return math.ceil(encoder_frames / window_size) * (window_size // downsample_rate)
 
 
-# ------------------------------------------------------------------------------ text ----
+# -------------------------------------------------------------------------------- text ----
 # Prompts are the task instruction in the model's chat template; the one <|audio|> in it is
 # expanded to as many copies as the projector makes embeddings, which replace them in the LM.
 
@@ -372,15 +319,18 @@ def encode_target(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-# ------------------------------------------------------------------------- data sets ----
+# -------------------------------------------------------------------------------- data ----
 # An example is {"id", "audio", "task", "text", "target"}: the instruction (or question) holds
 # <|audio|>; target is the reference. JSON Lines manifests, CoVoST2 and LibriSQA all read to it.
+
 
 PROMPTS = {  # the paper's instruction templates; CoVoST2 / LibriSQA readers use the first
     "ast": "<|audio|> listen to the speech and translate it into German.",
     "asr": "<|audio|> can you transcribe the speech into a written format?",
     "sqa": "Listen to the audio <|audio|> and answer the following question: {question}",
 }
+
+
 FIELDS = ("id", "audio", "task", "text", "target")
 
 
@@ -407,108 +357,7 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
             raise InputError(f"{path}:{n}: text must hold {AUDIO_TOKEN} exactly once")
         row["audio"], row["line"] = str((path.parent / row["audio"]).resolve()), n
         rows.append(row)
-    return check_audio_files(rows, path, max_seconds)
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
-def check_audio_files(rows: list[dict], source: Path,
-                      max_seconds: float = float("inf")) -> list[dict]:
-    """Fail fast on an empty manifest and on missing, unreadable, empty, too long or non-finite
-    audio; note each row's length at 16 kHz from the header (evaluation orders by it)."""
-    if not rows:
-        raise InputError(f"{source}: manifest is empty")
-    converted = 0
-    for row in rows:
-        audio, where = Path(row["audio"]), f"listed in {source}:{row.get('line', '')}".rstrip(":")
-        if not audio.is_file():
-            raise InputError(f"{audio}: audio file not found ({where})")
-        try:
-            info = sf.info(str(audio))
-        except Exception:
-            raise InputError(f"{audio}: not a readable audio file ({where})") from None
-        if info.frames == 0:
-            raise InputError(f"{audio}: audio file has 0 samples ({where})")
-        if info.duration < 0.025:
-            raise InputError(f"{audio}: {info.frames} samples is shorter than one 25 ms analysis "
-                             f"window ({where})")
-        if info.duration > max_seconds:
-            raise InputError(f"{audio}: {info.duration:.1f} s is longer than "
-                             f"--max-audio-seconds {max_seconds} ({where})")
-        if info.subtype in ("FLOAT", "DOUBLE"):   # only float samples can be NaN or infinite
-            load_audio(audio, where=where)
-        converted += info.samplerate != SAMPLE_RATE or info.channels != 1
-        # exactly resample()'s output length, ceil(16000 * frames / sr), in integers
-        row["num_samples"] = -(-SAMPLE_RATE * info.frames // info.samplerate)
-    if converted:
-        print(f"note: {converted} audio files in {source} are not 16 kHz mono; they are "
-              "resampled / down-mixed on load", file=sys.stderr)
-    return rows
-
-
-def read_covost2(tsv: Path, task: str, max_seconds: float = float("inf")) -> list[dict]:
-    """CoVoST2 en-de TSV (columns path, sentence, translation, client_id), clips in <dir>/clips/."""
-    import csv
-    with io.StringIO(read_text(tsv), newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        need = {"path", "sentence", "translation"}
-        if not need <= set(reader.fieldnames or ()):
-            raise InputError(f"{tsv}: CoVoST2 TSV needs columns {sorted(need)}, "
-                             f"has {reader.fieldnames}")
-        rows = [{"id": r["path"], "audio": str(tsv.parent / "clips" / r["path"]), "task": task,
-                 "text": PROMPTS[task],
-                 "target": r["translation"] if task == "ast" else r["sentence"]}
-                for r in reader]
-    return check_audio_files(rows, tsv, max_seconds)
-
-
-def read_librisqa(path: Path, max_seconds: float = float("inf")) -> list[dict]:
-    """LibriSQA part I JSON: a list of {speech_path, question, answer, text, duration}."""
-    try:
-        items = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
-    rows = []
-    for n, it in enumerate(items):
-        if not all(k in it for k in ("speech_path", "question", "answer")):
-            raise InputError(f"{path}: item {n} lacks speech_path, question or answer")
-        rows.append({"id": str(it["speech_path"]), "audio": str(path.parent / it["speech_path"]),
-                     "task": "sqa", "text": PROMPTS["sqa"].format(question=it["question"]),
-                     "target": it["answer"]})
-    return check_audio_files(rows, path, max_seconds)
-
-
-def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
-                max_seconds: float = float("inf")) -> dict[str, list[dict]]:
-    """The splits under --data, by layout: <split>.jsonl (ours), covost_v2.en_de.<split>.tsv
-    or LibriSQA-PartI-<split>.json (no dev split: 20% of train held out, as in the paper)."""
-    data = Path(data)
-    if not data.is_dir():
-        raise InputError(f"{data}: data directory not found")
-    out = {}
-    for split in splits:
-        jsonl, tsv = data / f"{split}.jsonl", data / f"covost_v2.en_de.{split}.tsv"
-        sqa_json = data / f"LibriSQA-PartI-{'train' if split == 'dev' else split}.json"
-        if jsonl.exists():
-            out[split] = read_manifest(jsonl, max_seconds)
-        elif tsv.exists():
-            out[split] = read_covost2(tsv, task, max_seconds)
-        elif sqa_json.exists():
-            rows = read_librisqa(sqa_json, max_seconds)
-            if split in ("train", "dev"):
-                random.Random(0).shuffle(rows)
-                cut = len(rows) // 5
-                rows = rows[:cut] if split == "dev" else rows[cut:]
-            out[split] = rows
-        else:
-            raise InputError(f"{data}: no {split} split ({jsonl.name}, {tsv.name} or "
-                             f"{sqa_json.name})")
-    return out
+    return check_audio_files(rows, path, max_seconds)   # Part II: every audio file, checked
 
 
 class SpeechData:
@@ -583,7 +432,7 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
                  [data.rows[i] for i in idx])
 
 
-# ----------------------------------------------------------------------------- model ----
+# ------------------------------------------------------------------------------- model ----
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -605,6 +454,848 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     check_loaded(model, tokenizer, info, name, path)          # Part II: and the adapter merged
     model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
     return model.to(device).requires_grad_(False), tokenizer
+
+
+def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Tensor:
+    """Tokens a completion must never contain: specials but EOS, <|audio|>, ids past the tokenizer.
+    A sampled <|audio|> id would be replaced by audio features in the next forward and crash it."""
+    bad = set(tokenizer.all_special_ids) | {audio_token_id} | set(range(len(tokenizer), vocab_size))
+    bad.discard(tokenizer.eos_token_id)
+    return torch.tensor(sorted(bad), dtype=torch.long)
+
+
+def encoder_states(model, batch: Batch) -> torch.Tensor:
+    """(B, F, H): the encoder on each utterance's own frames, zero-padded, without autograd."""
+    with torch.no_grad():
+        return pad_sequence([model.model.encoder(feats[None, :n]).last_hidden_state[0]
+                             for feats, n in zip(batch.features, batch.frames.tolist())],
+                            batch_first=True)
+
+
+def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
+    """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
+    tokens. A frozen encoder runs without autograd (none of its activations are kept), or not at
+    all when the batch holds its states."""
+    audio = []
+    for b, (feats, n) in enumerate(zip(batch.features, batch.frames.tolist())):
+        if batch.encoded is not None:
+            encoded = batch.encoded[b:b + 1, :n]                                 # (1, F_b, H)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+                encoded = model.model.encoder(feats[None, :n]).last_hidden_state
+        audio.append(model.model.projector(encoded)[0])                         # (A_b, D)
+    audio = pad_sequence(audio, batch_first=True)                               # (B, A_b max, D)
+    return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
+
+
+def prompt_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
+    """The LM's input embeddings for B prompts, the audio spliced in at the <|audio|> ids:
+    (B, P, D). The G completions of a group repeat the result, not the encoder."""
+    audio = audio_embeddings(model, batch, train_encoder)
+    return model.model.get_merged_audio_embeddings(batch.input_ids, audio, batch.features_mask)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that start at 0 on each row's first real token (prompts are left-padded)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from the LM's last hidden states, the one place they are computed.
+    Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5.24's
+    GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1 nearly
+    greedy, a wrong KL), so callers run model.model and never read model(...).logits."""
+    # contiguous: a strided (N, T, D) slice sends the bf16 head to a batched matmul that expands
+    # the (V, D) weight N times (README: memory)
+    return model.lm_head(hidden.contiguous()) / model.config.text_config.logits_scaling
+
+
+class PromptCache(DynamicCache):
+    """The keys and values of B prompts: the prompts' pass writes them, once per layer, and the
+    completions' pass reads them through for_groups(G), each prompt's repeated for its group.
+    Neither appends, so a layer that --grad-checkpointing reruns in the backward writes, or
+    reads, the same tensors again (a growing cache would double its length there)."""
+    group_size = 0                                          # 0: this cache is written
+
+    def update(self, keys, values, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not self.group_size:                                 # (B, H_kv, P, d), kept
+            layer.keys, layer.values, layer.is_initialized = keys, values, True
+            return keys, values
+        G = self.group_size                                     # (N, H_kv, P + T, d)
+        return (torch.cat([layer.keys.repeat_interleave(G, 0), keys], dim=-2),
+                torch.cat([layer.values.repeat_interleave(G, 0), values], dim=-2))
+
+    def for_groups(self, group_size: int) -> "PromptCache":
+        reader = copy.copy(self)                                # the same layers
+        reader.group_size = group_size
+        return reader
+
+
+def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
+                        temperature: float = 1.0, train_encoder: bool = False,
+                        with_entropy: bool = False):
+    """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
+    (under bf16 the ratio of two nearly equal probabilities drifts from 1).
+    The G completions of a group share their prompt q, and a causal LM's states at q's positions
+    do not depend on what follows q: so the LM runs once over the B prompts, and each completion
+    attends to its prompt's keys and values. The loss is the same function of the same numbers;
+    autograd sums the G completions' gradients into the prompt's one pass, which is the gradient
+    running q G times would give (README: Speed)."""
+    T = completions.shape[1]
+    cache = PromptCache(config=model.config)
+    prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
+                         attention_mask=batch.attention_mask,
+                         position_ids=positions(batch.attention_mask), cache=cache,
+                         use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
+    mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
+                      torch.ones_like(completions)], dim=1)                    # (N, P+T)
+    hidden = model.model.language_model(input_ids=completions, attention_mask=mask,
+                                        position_ids=positions(mask)[:, -T:],
+                                        cache=cache.for_groups(group_size),
+                                        use_cache=True).last_hidden_state      # (N, T, D)
+    # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
+    hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
+    logits = lm_logits(model, hidden).float() / temperature                    # (N, T, V)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (N, T)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------------- sampling ----
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
+    lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
+    # (N, T) fp32 log-probs of the tempered softmax over the whole vocabulary, as the teacher-
+    # forced pass computes them (top-p and suppression only choose the token, as in TRL). A
+    # diagnostic: the update recomputes them (tests hold the two equal)
+    logps: torch.Tensor
+
+    def token_lists(self) -> list[list[int]]:
+        """Each completion's ids, cut at its length (never at the first pad id)."""
+        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
+def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None):
+    """Encode and prefill B prompts once, then repeat the KV cache `copies` times: a group
+    shares its prompt, so it shares the prefill. Returns the cache, the (N, P + max_new_tokens)
+    attention mask, the (N, 1) next positions and (N, V) first logits of the N = B * copies
+    rows, and the (V,) mask of suppressed tokens. The cache is static (K/V buffers written in
+    place; a dynamic one copies itself every token); the causal mask hides later positions."""
+    from transformers import StaticCache
+    B, P = batch.input_ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
+                     dim=1)
+    pos = positions(batch.attention_mask)
+    out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
+                      position_ids=pos, cache=cache, use_cache=True)
+    cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
+    logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(copies, 0)
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    if suppress is not None:
+        banned[suppress.to(logits.device)] = True
+    return (cache, attn.repeat_interleave(copies, 0),
+            pos[:, -1:].repeat_interleave(copies, 0) + 1, logits, banned)
+
+
+@torch.no_grad()
+def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int,
+                  pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                  suppress: torch.Tensor | None = None,
+                  uniforms: torch.Tensor | None = None) -> Samples:
+    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache in
+    lock-step (generate(num_return_sequences=G) would run the encoder G times). temperature 0
+    is greedy. Token t of row i inverts the CDF at uniforms[i, t], seeded per prompt
+    (row_uniforms): batch mates cannot change a completion."""
+    N = batch.input_ids.shape[0] * group_size
+    cache, attn, next_pos, logits, banned = prefill(model, batch, group_size, max_new_tokens,
+                                                    suppress)
+    device = logits.device
+    tokens = torch.full((N, max_new_tokens), pad_id, device=device)
+    logps = torch.zeros(N, max_new_tokens, device=device)
+    lengths = torch.full((N,), max_new_tokens, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    uniforms = (torch.rand(N, max_new_tokens) if uniforms is None else uniforms).to(device)
+    lm = model.model.language_model                   # decode steps skip the audio plumbing
+    for t in range(max_new_tokens):
+        # pi_old(. | q, o_<t) at the training temperature: the ratio's denominator must be the
+        # distribution the teacher-forced pass will compute, or s_{i,t} != 1 on-policy
+        logits = logits / temperature if temperature > 0 else logits
+        logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
+        token = choose_tokens(logits, logp_all, banned, temperature, top_p, uniforms[:, t])
+        token = torch.where(done, pad_id, token)                           # finished rows only pad
+        tokens[:, t] = token
+        logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
+        # lengths count the first EOS: it is an action the policy took, and the loss's mask
+        # (built from lengths, never from == pad_id) must keep it
+        finished_now = ~done & (token == eos_id)
+        lengths = torch.where(finished_now, t + 1, lengths)
+        done |= finished_now
+        if bool(done.all()):
+            break
+        out = lm(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
+                 use_cache=True)
+        logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
+    T = int(lengths.max())
+    return Samples(tokens[:, :T], lengths, logps[:, :T])
+
+
+def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
+    """One token per row: the argmax at temperature 0, else a draw from the (top-p) distribution
+    without the banned tokens, inverting its CDF at the uniforms u (N,) (unlike
+    torch.multinomial, a pure function of (seed, step, prompt))."""
+    if temperature <= 0:
+        return logits.masked_fill(banned, -float("inf")).argmax(-1)
+    if top_p < 1.0:
+        probs = torch.softmax(top_p_filter(logits.masked_fill(banned, -float("inf")), top_p), -1)
+    else:
+        probs = logp_all.exp().masked_fill(banned, 0.0)
+    cdf = probs.cumsum(-1)                                                  # (N, V)
+    # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
+    token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    return token.clamp(max=cdf.shape[1] - 1)
+
+
+def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int,
+                 length: int) -> torch.Tensor:
+    """(len(prompts) * G, length) uniforms, a function of (seed, step, prompt) alone."""
+    seeds = [(seed * 1_000_003 + step) * 1_000_003 + p for p in prompts]
+    return torch.cat([torch.rand(group_size, length, generator=torch.Generator().manual_seed(s))
+                      for s in seeds])
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (always the best one)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cum - sorted_logits.softmax(-1) >= top_p                # mass before this token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def decode(tokenizer, completions: list[list[int]]) -> list[str]:
+    """Completion texts: what the reward and the metrics read."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
+
+
+# ----------------------------------------------------------------------------- rewards ----
+
+
+# The paper's reward is sentence BLEU against the one reference. Sentence BLEU is smoothed:
+# without smoothing a completion with no matching 4-gram scores 0 however close it is, and a
+# group whose samples all score 0 has no spread, hence no advantage and no learning signal.
+
+
+def bleu_reward(completions: list[str], references: list[str]) -> torch.Tensor:
+    """r_i = sentence BLEU in [0, 1], sacrebleu's defaults (13a tokens, exp smoothing)."""
+    return torch.tensor([sacrebleu.sentence_bleu(c, [r]).score / 100
+                         for c, r in zip(completions, references)])
+
+
+def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
+    """Character n-gram F-score in [0, 1]: smoother than BLEU on short, partly right answers."""
+    return torch.tensor([sacrebleu.sentence_chrf(c, [r]).score / 100
+                         for c, r in zip(completions, references)])
+
+
+def rouge_reward(completions: list[str], references: list[str], key: str) -> torch.Tensor:
+    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL; `rouge` is in the
+    evaluation section): the rewards the paper's ablation trains against BLEU's."""
+    return torch.tensor([rouge(c, r)[key] for c, r in zip(completions, references)])
+
+
+REWARDS = {  # --reward; only the ranking within a group matters once advantages are normalised
+    "bleu": bleu_reward,
+    "chrf": chrf_reward,
+    "bleu+chrf": lambda c, r: (bleu_reward(c, r) + chrf_reward(c, r)) / 2,
+    "rouge-1": functools.partial(rouge_reward, key="rouge1"),
+    "rouge-2": functools.partial(rouge_reward, key="rouge2"),
+    "rouge-l": functools.partial(rouge_reward, key="rougeL"),
+}
+
+
+# -------------------------------------------------------------------------- advantages ----
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     scale_rewards: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i. std
+    is unbiased, +1e-4 so an all-equal group gives A = 0, not 0/0; unscaled (Dr. GRPO), easy and
+    hard prompts are not re-weighted."""
+    r = rewards.view(-1, group_size)                                        # (B, G)
+    advantages = r - r.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (r.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.view(-1)                                              # (N,)
+
+
+# ------------------------------------------------------------------------------ losses ----
+
+
+# GRPO is PPO without a value network: the group's mean reward is the baseline, so A_i says
+# how much better o_i was than its siblings. Each token of o_i is pushed by A_i, weighted by how
+# much more likely the policy now makes it (the ratio s), clipped so that one update cannot move
+# a token's probability far from the policy that sampled it, and held near pi_ref by a KL term.
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the reference tokens (EOS included), averaged over tokens."""
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
+              epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None):
+    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's GRPO
+    objective, section 2: the clipped surrogate minus beta KL, DAPO's token mean).
+    logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
+    reference; advantages (N,); mask (N, T) from completion lengths; off_policy (N,) marks
+    MP-GRPO's reference rows; max_completion_length is dr_grpo's constant (--max-new-tokens).
+    A group whose rewards tie has A = 0: its tokens add nothing to the surrogate but still count
+    in DAPO's denominator and keep their KL term, which holds them near pi_ref."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.float()
+    A = advantages[:, None]                                                 # (N, 1)
+    # ratio s_{i,t} = pi_theta / pi_theta_old, and the clipped surrogate. With mu = 1 old_logp is
+    # logp.detach(): s = 1 in value, but its gradient is grad log pi, the policy gradient
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    surrogate = torch.min(ratio * A, clipped * A)  # pessimistic: the clip only ever removes gain
+    # MP-GRPO (LUFFY): the off-policy weight is pi_theta / pi_phi with pi_phi = 1, never clipped
+    if off_policy is not None:
+        surrogate = torch.where(off_policy[:, None], torch.exp(logp) * A, surrogate)
+    # k3 estimator of KL[pi_theta || pi_ref]: exp(ref - logp) - (ref - logp) - 1 >= 0. Unbiased
+    # on samples from pi_theta and never negative, unlike the plain log-ratio (k1)
+    if beta != 0 and ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    else:
+        kl = torch.zeros_like(logp)
+    per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
+    # padding never reaches the loss, not even as inf * 0
+    per_token = torch.where(mask.bool(), per_token, 0.0)
+    # normalisation: dapo averages over every completion token of the group (the paper's), so a
+    # long answer's tokens weigh as much as a short one's; grpo averages each sequence first,
+    # which gives every token of a short answer more weight
+    if loss_type == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
+        # dependent width would couple every token's gradient to the longest sample (the length
+        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    with torch.no_grad():
+        on = mask if off_policy is None else mask * (~off_policy[:, None]).float()
+        n_on = on.sum().clamp(min=1)
+        metrics = {
+            "kl/mean": ((kl * mask).sum() / mask.sum().clamp(min=1)).item(),
+            "loss/clip_low":
+                (((ratio < 1 - epsilon) & (A < 0)).float() * on).sum().item() / n_on.item(),
+            "loss/clip_high":
+                (((ratio > 1 + eps_high) & (A > 0)).float() * on).sum().item() / n_on.item(),
+            "loss/ratio_mean": ((ratio * on).sum() / n_on).item(),
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------- one step ----
+# One step: rollout (sample G completions per prompt, reward them, normalise the rewards into
+# advantages, take pi_ref's log-probs) then policy_update (the GRPO loss, backward, AdamW).
+# SFT takes the same path with the reference answers as its completions.
+
+
+@dataclass
+class Rollout:
+    """What one step trains on: N = B*G completions (SFT: the B references, G = 1)."""
+    completions: torch.Tensor                # (N, T) token ids, pad after each length
+    mask: torch.Tensor                       # (N, T) True on tokens up to and including EOS
+    group_size: int                          # G
+    rewards: torch.Tensor | None = None      # (N,) r_i; None for SFT
+    advantages: torch.Tensor | None = None   # (N,) A_i
+    old_logp: torch.Tensor | None = None     # (N, T) pi_old, only when mu > 1 (else logp.detach())
+    ref_logp: torch.Tensor | None = None     # (N, T) pi_ref, for the KL term
+    off_policy: torch.Tensor | None = None   # (N,) MP-GRPO's reference rows
+
+
+def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
+            prompt_ids: list[int], suppress, autocast) -> tuple[Rollout, dict]:
+    """Everything one update needs, fixed before it starts: for GRPO the sampled groups (MP-GRPO:
+    G-1 samples and the reference answer), their rewards and advantages; for SFT the references.
+    Then the log-probs held constant through the update: pi_ref's for the KL term and, when
+    mu > 1, pi_old's for the ratio. reward/* metrics describe the on-policy samples only."""
+    mixed = cfg.mode == "mp-grpo"
+    G = cfg.group_size if cfg.grpo else 1
+    device = batch.input_ids.device
+    reward_fn = REWARDS[cfg.reward]
+    metrics = {}
+    rewards = advantages = off_policy = None                        # SFT has none of them
+    if cfg.grpo:
+        n = G - 1 if mixed else G                                   # on-policy samples a prompt
+        # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
+        # diverse, or all its rewards tie and the advantages vanish
+        t0 = time.perf_counter()
+        with autocast():
+            samples = sample_groups(
+                policy, batch, n, max_new_tokens=cfg.max_new_tokens,
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
+                uniforms=row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens))
+        t1 = time.perf_counter()
+        groups = samples.token_lists()
+        # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
+        references = [t for t in batch.targets for _ in range(n)]
+        rewards = torch.nan_to_num(reward_fn(decode(tokenizer, groups), references), nan=0.)
+        metrics = reward_metrics(rewards.view(-1, n))
+        if mixed:
+            # The reference answer as the G-th, off-policy member. It is cut to the completion
+            # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
+            # less than 1, so the same tokens never score 1 as the reference and less as a sample.
+            full = [encode_target(tokenizer, t) for t in batch.targets]
+            refs = [f[:cfg.max_new_tokens] for f in full]
+            ref_r = torch.nan_to_num(reward_fn(decode(tokenizer, refs), batch.targets),
+                                     nan=0.0)
+            groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
+            rewards = torch.cat([rewards.view(-1, n), ref_r[:, None]], dim=1)      # (B, G)
+            # the spread that makes advantages is the mixed group's, reference included
+            metrics |= {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
+            metrics["reward/ref_mean"] = ref_r.mean().item()
+            metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
+                                                       for f in full) / len(full)
+            off_policy = (torch.arange(len(groups), device=device) % G) == G - 1    # (N,)
+        rewards = rewards.reshape(-1).to(device)                                     # (N,)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        metrics.update({"perf/completion_len": samples.lengths.float().mean().item(),
+                        "perf/sample_s": t1 - t0, "perf/reward_s": time.perf_counter() - t1})
+    else:
+        groups = [encode_target(tokenizer, t) for t in batch.targets]
+    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
+    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
+                               padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
+    mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
+    t0 = time.perf_counter()
+    old_logp = ref_logp = None
+    with torch.no_grad(), autocast():
+        if ref_model is not None:
+            ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature)
+        if cfg.grpo and cfg.num_iterations > 1:
+            old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
+    metrics["perf/ref_logp_s"] = time.perf_counter() - t0
+    return (Rollout(completions, mask, G, rewards, advantages, old_logp, ref_logp, off_policy),
+            metrics)
+
+
+def reward_metrics(r: torch.Tensor) -> dict:
+    """Mean, within-group std and the share of (B, n) groups whose rewards tie (no advantage)."""
+    return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
+            "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
+
+
+def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout: Rollout,
+                  B: int, state: TrainState, autocast, dist: Dist) -> tuple[dict, float]:
+    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Each
+    micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
+    prompts otherwise): the gradients summed over micro-batches and processes are the gradient
+    of the whole batch's loss. Returns metrics (mean over the mu passes) and the grad norm."""
+    G = rollout.group_size
+    # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
+    # later passes honest, since the policy has moved away from pi_old that sampled the tokens
+    mu = cfg.num_iterations if cfg.grpo else 1
+    n_tok = dist.sum(rollout.mask.sum().float()).clamp(min=1)   # completion tokens, all processes
+    update_metrics: dict[str, float] = {}
+    for _ in range(mu):
+        pass_loss = 0.0
+        for chunk in torch.arange(len(batch.targets)).chunk(cfg.grad_accum):
+            b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
+            rows = slice(b0 * G, b1 * G)
+            mb_mask = rollout.mask[rows]
+            # log pi_theta(o_{i,t}) with gradient, one teacher-forced pass over the micro-batch
+            with autocast():
+                logp, entropy = completion_logprobs(
+                    policy, batch.select(b0, b1), rollout.completions[rows], G,
+                    cfg.temperature if cfg.grpo else 1.0, cfg.train_encoder, with_entropy=True)
+            if cfg.grpo:  # mu = 1: pi_old is the policy itself, logp.detach() (the ratio is 1)
+                old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows]
+                ref_logp = None if rollout.ref_logp is None else rollout.ref_logp[rows]
+                off_policy = None if rollout.off_policy is None else rollout.off_policy[rows]
+                loss, loss_metrics = grpo_loss(
+                    logp, old_logp, ref_logp, rollout.advantages[rows], mb_mask, beta=cfg.beta,
+                    epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                    max_completion_length=cfg.max_new_tokens, off_policy=off_policy)
+                weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
+            else:
+                loss, loss_metrics = sft_loss(logp, mb_mask), {}
+                weight = mb_mask.sum() / n_tok
+            (loss * weight).backward()
+            pass_loss += loss.item() * float(weight)
+            loss_metrics["loss/total"] = loss.item()
+            loss_metrics["perf/entropy"] = ((entropy * mb_mask).sum()
+                                            / mb_mask.sum().clamp(min=1)).item()
+            for k, v in loss_metrics.items():
+                update_metrics[k] = update_metrics.get(k, 0.0) + v * float(weight) / mu
+        # Part II (processes): gradients summed over processes, clipped, applied unless non-finite
+        grad_norm, skipped = optimizer_step(cfg, params, optimizer, pass_loss, state, dist)
+        if skipped:
+            update_metrics["loss/skipped"] = update_metrics.get("loss/skipped", 0.0) + 1.0 / mu
+    return update_metrics, grad_norm
+
+
+# ------------------------------------------------------------------- the training loop ----
+
+
+def setup_training(cfg: Config, policy, dist: Dist):
+    """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
+    the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
+    for name, p in policy.named_parameters():
+        p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
+    if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
+        add_lora(policy, cfg)                               # (Part II)
+    # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
+    # under --lora --bf16 the frozen rest stays bf16 (run())
+    for module in policy.modules():
+        trained = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        for p in trained:
+            p.data = p.data.float()
+        if trained:
+            module._buffers.update({k: b.float() for k, b in module._buffers.items()
+                                    if b is not None and b.is_floating_point()})
+    ref_model = frozen_reference(policy, cfg) if cfg.grpo and cfg.beta != 0 else None
+    if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward (Part II: memory)
+        checkpoint_layers(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.99))
+    if dist.main:  # the trainable share, and AdamW's two moments per trained number
+        n, total = sum(p.numel() for p in params), sum(p.numel() for p in policy.parameters())
+        adam = 2 * sum(p.numel() * p.element_size() for p in params)
+        print(f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%); "
+              f"AdamW state {adam / 2**20:.2f} MB")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
+    if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
+        policy.model.language_model.compile(dynamic=True)
+    policy.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
+    return params, optimizer, scheduler, ref_model
+
+
+def frozen_reference(model, cfg: Config):
+    """pi_ref: the start policy, frozen, for the KL term: a deep copy (in bf16 under --bf16:
+    autocast's matmuls see the same rounded weights). With LoRA the LM never changes, so Part II's
+    lora_reference shares it instead."""
+    if cfg.lora:
+        return lora_reference(model)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.bf16:
+        ref.to(torch.bfloat16)
+        # RoPE's frequencies stay fp32: rounded to bf16 they shift the angle of every position
+        rope = model.model.language_model.rotary_emb
+        ref.model.language_model.rotary_emb = copy.deepcopy(rope)
+    return ref
+
+
+def lr_lambda(cfg: Config, total: int):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    warm = max(1, int(cfg.warmup_ratio * total))
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return f
+
+
+@dataclass
+class TrainState:
+    """Where a run is, besides its weights and optimizer: what checkpoint/ stores and resumes."""
+    step: int = 0
+    bad_steps: int = 0          # non-finite updates in a row
+    best_dev: float = -1.0      # best dev BLEU so far (best/ holds its weights)
+
+
+def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Path, autocast,
+          device, dist: Dist | None = None) -> Path:
+    """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
+    Returns best/, the best-on-dev weights, which results.json reports."""
+    dist = dist or Dist()
+    B = cfg.batch_size if cfg.grpo else cfg.sft_batch_size         # prompts a step
+    B_local = B // dist.world                                       # this process's share
+    params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
+    audio_id = policy.config.audio_token_id
+    suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id)
+    system = system_turn(tokenizer, cfg.system_prompt)
+    state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II: --resume
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
+    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # rank 0 writes
+    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit cleanly (Part II)
+    stop = threading.Event()
+    restore_signals = handle_signals(lambda signum, frame: stop.set())
+    try:
+        if state.step == 0:  # the start model is a candidate too: best-on-dev may be step 0
+            log(0, evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"], autocast, state,
+                                          out, dist))
+        while state.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.is_set()))):
+            t_step = time.perf_counter()
+            first = dist.rank * B_local
+            idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
+            batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
+                            config=policy.config).to(device)
+            if not cfg.train_encoder:   # frozen: the policy's encoder is pi_ref's, unchanged
+                with autocast():
+                    batch.encoded = encoder_states(policy, batch)
+            step_rollout, metrics = rollout(cfg, policy, ref_model, tokenizer, batch, state.step,
+                                            list(range(first, first + B_local)), suppress,
+                                            autocast)
+            t0 = time.perf_counter()
+            update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, step_rollout,
+                                              B, state, autocast, dist)
+            metrics = over_processes(metrics, update, dist)
+            if not cfg.grpo:
+                metrics["loss/sft"] = metrics.pop("loss/total")
+            metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
+                            "lr": scheduler.get_last_lr()[0],
+                            "perf/step_s": time.perf_counter() - t_step})
+            scheduler.step()
+            state.step += 1
+            saves = state.step % cfg.eval_every == 0 or state.step == cfg.max_steps
+            if saves:
+                metrics.update(evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"],
+                                                      autocast, state, out, dist))
+            # the line, then checkpoint/: a line past the checkpoint is trimmed on resume, while a
+            # step the checkpoint holds but the log lacks would be lost for good
+            log(state.step, metrics)
+            if saves:
+                save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
+    finally:
+        bar.close()
+        restore_signals()
+        for layer in policy.model.language_model.layers:  # checkpoint_layers' wrapper refers
+            layer.__dict__.pop("forward", None)           # to its layer: a cycle, undone
+    if state.step < cfg.max_steps:  # a process was asked to stop
+        save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
+        if dist.main:
+            print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
+                  "(continue with --resume)")
+        raise SystemExit(130)
+    dist.on_main(save_model, policy, tokenizer, out / "final")
+    return out / "best"
+
+
+def evaluate_and_keep_best(cfg: Config, policy, tokenizer, dev: SpeechData, autocast,
+                           state: TrainState, out: Path, dist: Dist) -> dict:
+    """Dev BLEU under --eval-decoding; a new best goes to best/ (what the paper reports)."""
+    scores, _ = evaluate(policy, tokenizer, dev, cfg, cfg.dev_limit, autocast, "dev", dist)
+    if scores["bleu"] > state.best_dev:
+        state.best_dev = scores["bleu"]
+        dist.on_main(save_model, policy, tokenizer, out / "best")
+    return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | \
+        {"eval/best_dev_bleu": state.best_dev}
+
+
+# -------------------------------------------------------------------------- evaluation ----
+
+
+def word_errors(hyp: str, ref: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words): Levenshtein over words."""
+    h, r = hyp.split(), ref.split()
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, start=1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[-1], len(r)
+
+
+# ROUGE as Google's rouge-score package computes it with its defaults (no stemmer), which is what
+# the field's `evaluate` rouge calls: the paper reports ROUGE-1, ROUGE-2 and ROUGE-L F-measures.
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's tokenizer: lowercase, every run outside [a-z0-9] becomes a space. It keeps
+    ASCII letters and digits only, so German "Mädchen" is two tokens, "m" and "dchen"."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge(hyp: str, ref: str) -> dict[str, float]:
+    """F-measures in [0, 1]: ROUGE-N from clipped n-gram counts, ROUGE-L from the longest common
+    subsequence; F = 2PR / (P + R), 0 when nothing matches (an empty side included)."""
+    h, r = rouge_tokens(hyp), rouge_tokens(ref)
+
+    def f_measure(overlap: int, n_hyp: int, n_ref: int) -> float:
+        precision, recall = overlap / max(n_hyp, 1), overlap / max(n_ref, 1)
+        return 2 * precision * recall / (precision + recall) if overlap else 0.0
+    scores = {}
+    for n in (1, 2):
+        h_grams, r_grams = (Counter(zip(*(t[k:] for k in range(n)))) for t in (h, r))
+        overlap = sum((h_grams & r_grams).values())       # & keeps the smaller count: clipping
+        scores[f"rouge{n}"] = f_measure(overlap, sum(h_grams.values()), sum(r_grams.values()))
+    row = [0] * (len(h) + 1)        # LCS lengths of r[:i] against each prefix of h, row by row
+    for rw in r:
+        prev = 0
+        for j, hw in enumerate(h, start=1):
+            prev, row[j] = row[j], prev + 1 if rw == hw else max(row[j], row[j - 1])
+    scores["rougeL"] = f_measure(row[-1], len(h), len(r))
+    return scores
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autocast,
+             desc: str = "eval", dist: Dist | None = None,
+             decoding: str | None = None) -> tuple[dict, list[dict]]:
+    """Decode the first `limit` utterances (greedy; the paper's T 0.9, top-p 0.9, seeded by
+    (--seed, utterance): no score depends on batch size, process count or order; or beam) and
+    score them. Under torchrun each process decodes every world-th utterance."""
+    dist = dist or Dist()
+    model.eval()
+    idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
+    idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
+    audio_id = model.config.audio_token_id
+    suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
+    decoding = decoding or cfg.eval_decoding
+    greedy = decoding == "greedy"
+    system = system_turn(tokenizer, cfg.system_prompt)
+    hyps: dict[int, str] = {}
+    batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
+    for b_idx in tqdm(batches, desc=desc, leave=False, disable=None if dist.main else True):
+        batch = collate(data, b_idx, tokenizer, audio_id, system=system,
+                        config=model.config).to(model.device)
+        with autocast():
+            if decoding == "beam":   # Part II
+                completions = beam_search(model, batch, num_beams=cfg.num_beams,
+                                          max_new_tokens=cfg.max_new_tokens,
+                                          eos_id=tokenizer.eos_token_id, suppress=suppress)
+            else:
+                completions = sample_groups(
+                    model, batch, 1, max_new_tokens=cfg.max_new_tokens,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                    temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
+                    suppress=suppress, uniforms=None if greedy else
+                    row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens)).token_lists()
+        hyps.update(zip(b_idx, decode(tokenizer, completions)))
+    hyps = dict(dist.gather(list(hyps.items())))
+    rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}
+            for i in sorted(hyps)]
+    # corpus BLEU and chrF (sacrebleu, 0-100); ROUGE, the mean of sentence F-measures x 100 as
+    # `evaluate` reports it (not a corpus score); and WER (%) for asr
+    H, R = [r["hyp"] for r in rows], [r["ref"] for r in rows]
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    rouges = [rouge(h, r) for h, r in zip(H, R)]
+    scores = {"bleu": round(bleu.corpus_score(H, [R]).score, 2),
+              "chrf": round(chrf.corpus_score(H, [R]).score, 2),
+              **{k: round(100 * sum(s[k] for s in rouges) / max(len(H), 1), 2) for k in ROUGE_KEYS},
+              "n": len(H), "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
+    if cfg.task == "asr":
+        errs, words = map(sum, zip(*(word_errors(h, r) for h, r in zip(H, R))))
+        scores["wer"] = round(100 * errs / max(words, 1), 2)
+    return scores, rows
+
+
+# =========================================================================================
+# === Part II: the machinery (LoRA, released checkpoints, data layouts, processes, faults, CLI)
+# =========================================================================================
+
+
+# -------------------------------------------------------------------------------- LoRA ----
+# Full training of the 8B needs ~20 bytes a parameter (weights, gradients, AdamW, pi_ref). With
+# `--lora R` each targeted Linear W learns a rank-R update, W x + (alpha / R) B A x (Hu et al.
+# 2021), as IBM trained the released adapter; the projector still trains in full. Gradients and
+# AdamW exist only for A, B and the projector, and pi_ref is the same LM with LoRA off.
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen Linear W plus a trainable rank-r path: y = W x + b + (alpha / r) B (A x). B
+    starts at zero, so the layer starts as exactly W; the state dict keeps W's own keys."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator=None):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        device = base.weight.device     # A and B in fp32 whatever W is stored in
+        self.lora_A = torch.nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=device))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.enabled = True                     # off: the layer is W alone (the reference)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)           # what nn.Linear computes, bit for bit
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)   # B (A x): r wide
+
+
+def lora_sites(model, targets: str) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute) of every Linear named in `targets` inside the LM's decoder layers."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    sites, found = [], set()
+    for layer in model.model.language_model.layers:
+        for parent in layer.modules():
+            for attr, child in parent.named_children():
+                if isinstance(child, (torch.nn.Linear, LoRALinear)):
+                    found.add(attr)
+                    if attr in names:
+                        sites.append((parent, attr))
+    unknown = [n for n in names if n not in found]
+    if unknown or not names:
+        raise InputError(f"--lora-targets {targets!r}: {', '.join(unknown) or 'empty'} is not a "
+                         f"Linear of the LM's decoder layers in {model.name_or_path} "
+                         f"({', '.join(sorted(found))})")
+    return sites
+
+
+def add_lora(model, cfg: Config) -> None:
+    """Wrap the --lora-targets Linears of the LM in LoRALinear and freeze the rest of the LM.
+    A's draws come from their own generator, so adding LoRA moves no other random draw."""
+    model.model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)                 # tied to the embeddings: frozen with them
+    generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    for parent, attr in lora_sites(model, cfg.lora_targets):
+        base = getattr(parent, attr)
+        setattr(parent, attr, LoRALinear(base, cfg.lora, cfg.lora_alpha, generator))
+
+
+def lora_layers(model) -> list[tuple[str, LoRALinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_reference(model):
+    """pi_ref under LoRA, exactly the start model: every frozen tensor shared (deepcopy's memo),
+    what trains in full (the projector) copied, and the LoRA paths off."""
+    lora = {id(t) for _, m in lora_layers(model) for t in (m.lora_A, m.lora_B)}
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]
+              if id(t) in lora or not t.requires_grad}
+    ref = copy.deepcopy(model, memo=shared).eval()
+    for _, m in lora_layers(ref):
+        m.enabled = False
+    for p in ref.parameters():
+        if id(p) not in shared:
+            p.requires_grad_(False)     # the copied projector; the shared LoRA tensors still train
+    return ref
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """A plain checkpoint: each LoRA layer's W + (alpha / r) B A under W's key, in new tensors
+    (merging into the live W and subtracting later would not give W back in float)."""
+    state = model.state_dict()
+    for name, m in lora_layers(model):
+        W = m.weight.float() + m.scale * (m.lora_B @ m.lora_A)
+        state[f"{name}.weight"] = W.to(m.weight.dtype).cpu()   # stored as W is
+        del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
+    return state
+
+
+# ---------------------------------------------------------------- released checkpoints ----
 
 
 def model_files(name: str):
@@ -737,471 +1428,111 @@ def merge_lora_adapter(model, path: str | Path) -> list[str]:
     return sorted(pairs)
 
 
-def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Tensor:
-    """Tokens a completion must never contain: specials but EOS, <|audio|>, ids past the tokenizer.
-    A sampled <|audio|> id would be replaced by audio features in the next forward and crash it."""
-    bad = set(tokenizer.all_special_ids) | {audio_token_id} | set(range(len(tokenizer), vocab_size))
-    bad.discard(tokenizer.eos_token_id)
-    return torch.tensor(sorted(bad), dtype=torch.long)
+# ------------------------------------------------------- data layouts and input checks ----
 
 
-def encoder_states(model, batch: Batch) -> torch.Tensor:
-    """(B, F, H): the encoder on each utterance's own frames, zero-padded, without autograd."""
-    with torch.no_grad():
-        return pad_sequence([model.model.encoder(feats[None, :n]).last_hidden_state[0]
-                             for feats, n in zip(batch.features, batch.frames.tolist())],
-                            batch_first=True)
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
-    tokens. A frozen encoder runs without autograd (none of its activations are kept), or not at
-    all when the batch holds its states."""
-    audio = []
-    for b, (feats, n) in enumerate(zip(batch.features, batch.frames.tolist())):
-        if batch.encoded is not None:
-            encoded = batch.encoded[b:b + 1, :n]                                 # (1, F_b, H)
+def check_audio_files(rows: list[dict], source: Path,
+                      max_seconds: float = float("inf")) -> list[dict]:
+    """Fail fast on an empty manifest and on missing, unreadable, empty, too long or non-finite
+    audio; note each row's length at 16 kHz from the header (evaluation orders by it)."""
+    if not rows:
+        raise InputError(f"{source}: manifest is empty")
+    converted = 0
+    for row in rows:
+        audio, where = Path(row["audio"]), f"listed in {source}:{row.get('line', '')}".rstrip(":")
+        if not audio.is_file():
+            raise InputError(f"{audio}: audio file not found ({where})")
+        try:
+            info = sf.info(str(audio))
+        except Exception:
+            raise InputError(f"{audio}: not a readable audio file ({where})") from None
+        if info.frames == 0:
+            raise InputError(f"{audio}: audio file has 0 samples ({where})")
+        if info.duration < 0.025:
+            raise InputError(f"{audio}: {info.frames} samples is shorter than one 25 ms analysis "
+                             f"window ({where})")
+        if info.duration > max_seconds:
+            raise InputError(f"{audio}: {info.duration:.1f} s is longer than "
+                             f"--max-audio-seconds {max_seconds} ({where})")
+        if info.subtype in ("FLOAT", "DOUBLE"):   # only float samples can be NaN or infinite
+            load_audio(audio, where=where)
+        converted += info.samplerate != SAMPLE_RATE or info.channels != 1
+        # exactly resample()'s output length, ceil(16000 * frames / sr), in integers
+        row["num_samples"] = -(-SAMPLE_RATE * info.frames // info.samplerate)
+    if converted:
+        print(f"note: {converted} audio files in {source} are not 16 kHz mono; they are "
+              "resampled / down-mixed on load", file=sys.stderr)
+    return rows
+
+
+def read_covost2(tsv: Path, task: str, max_seconds: float = float("inf")) -> list[dict]:
+    """CoVoST2 en-de TSV (columns path, sentence, translation, client_id), clips in <dir>/clips/."""
+    import csv
+    with io.StringIO(read_text(tsv), newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        need = {"path", "sentence", "translation"}
+        if not need <= set(reader.fieldnames or ()):
+            raise InputError(f"{tsv}: CoVoST2 TSV needs columns {sorted(need)}, "
+                             f"has {reader.fieldnames}")
+        rows = [{"id": r["path"], "audio": str(tsv.parent / "clips" / r["path"]), "task": task,
+                 "text": PROMPTS[task],
+                 "target": r["translation"] if task == "ast" else r["sentence"]}
+                for r in reader]
+    return check_audio_files(rows, tsv, max_seconds)
+
+
+def read_librisqa(path: Path, max_seconds: float = float("inf")) -> list[dict]:
+    """LibriSQA part I JSON: a list of {speech_path, question, answer, text, duration}."""
+    try:
+        items = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
+    rows = []
+    for n, it in enumerate(items):
+        if not all(k in it for k in ("speech_path", "question", "answer")):
+            raise InputError(f"{path}: item {n} lacks speech_path, question or answer")
+        rows.append({"id": str(it["speech_path"]), "audio": str(path.parent / it["speech_path"]),
+                     "task": "sqa", "text": PROMPTS["sqa"].format(question=it["question"]),
+                     "target": it["answer"]})
+    return check_audio_files(rows, path, max_seconds)
+
+
+def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
+                max_seconds: float = float("inf")) -> dict[str, list[dict]]:
+    """The splits under --data, by layout: <split>.jsonl (ours), covost_v2.en_de.<split>.tsv
+    or LibriSQA-PartI-<split>.json (no dev split: 20% of train held out, as in the paper)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise InputError(f"{data}: data directory not found")
+    out = {}
+    for split in splits:
+        jsonl, tsv = data / f"{split}.jsonl", data / f"covost_v2.en_de.{split}.tsv"
+        sqa_json = data / f"LibriSQA-PartI-{'train' if split == 'dev' else split}.json"
+        if jsonl.exists():
+            out[split] = read_manifest(jsonl, max_seconds)
+        elif tsv.exists():
+            out[split] = read_covost2(tsv, task, max_seconds)
+        elif sqa_json.exists():
+            rows = read_librisqa(sqa_json, max_seconds)
+            if split in ("train", "dev"):
+                random.Random(0).shuffle(rows)
+                cut = len(rows) // 5
+                rows = rows[:cut] if split == "dev" else rows[cut:]
+            out[split] = rows
         else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
-                encoded = model.model.encoder(feats[None, :n]).last_hidden_state
-        audio.append(model.model.projector(encoded)[0])                         # (A_b, D)
-    audio = pad_sequence(audio, batch_first=True)                               # (B, A_b max, D)
-    return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
+            raise InputError(f"{data}: no {split} split ({jsonl.name}, {tsv.name} or "
+                             f"{sqa_json.name})")
+    return out
 
 
-def prompt_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """The LM's input embeddings for B prompts, the audio spliced in at the <|audio|> ids:
-    (B, P, D). The G completions of a group repeat the result, not the encoder."""
-    audio = audio_embeddings(model, batch, train_encoder)
-    return model.model.get_merged_audio_embeddings(batch.input_ids, audio, batch.features_mask)
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions that start at 0 on each row's first real token (prompts are left-padded)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from the LM's last hidden states, the one place they are computed.
-    Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5.24's
-    GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1 nearly
-    greedy, a wrong KL), so callers run model.model and never read model(...).logits."""
-    # contiguous: a strided (N, T, D) slice sends the bf16 head to a batched matmul that expands
-    # the (V, D) weight N times (0.8 GB transient for the 2B at N = 4)
-    return model.lm_head(hidden.contiguous()) / model.config.text_config.logits_scaling
-
-
-class PromptCache(DynamicCache):
-    """The keys and values of B prompts: the prompts' pass writes them, once per layer, and the
-    completions' pass reads them through for_groups(G), each prompt's repeated for its group.
-    Neither appends, so a layer that --grad-checkpointing reruns in the backward writes, or
-    reads, the same tensors again (a growing cache would double its length there)."""
-    group_size = 0                                          # 0: this cache is written
-
-    def update(self, keys, values, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        if not self.group_size:                                 # (B, H_kv, P, d), kept
-            layer.keys, layer.values, layer.is_initialized = keys, values, True
-            return keys, values
-        G = self.group_size                                     # (N, H_kv, P + T, d)
-        return (torch.cat([layer.keys.repeat_interleave(G, 0), keys], dim=-2),
-                torch.cat([layer.values.repeat_interleave(G, 0), values], dim=-2))
-
-    def for_groups(self, group_size: int) -> "PromptCache":
-        reader = copy.copy(self)                                # the same layers
-        reader.group_size = group_size
-        return reader
-
-
-def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
-                        temperature: float = 1.0, train_encoder: bool = False,
-                        with_entropy: bool = False):
-    """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
-    (under bf16 the ratio of two nearly equal probabilities drifts from 1).
-    The G completions of a group share their prompt q, and a causal LM's states at q's positions
-    do not depend on what follows q: so the LM runs once over the B prompts, and each completion
-    attends to its prompt's keys and values. The loss is the same function of the same numbers;
-    autograd sums the G completions' gradients into the prompt's one pass, which is the gradient
-    running q G times would give (README: Speed)."""
-    T = completions.shape[1]
-    cache = PromptCache(config=model.config)
-    prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
-                         attention_mask=batch.attention_mask,
-                         position_ids=positions(batch.attention_mask), cache=cache,
-                         use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
-    mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
-                      torch.ones_like(completions)], dim=1)                    # (N, P+T)
-    hidden = model.model.language_model(input_ids=completions, attention_mask=mask,
-                                        position_ids=positions(mask)[:, -T:],
-                                        cache=cache.for_groups(group_size),
-                                        use_cache=True).last_hidden_state      # (N, T, D)
-    # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
-    hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
-    logits = lm_logits(model, hidden).float() / temperature                    # (N, T, V)
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (N, T)
-    return logp, entropy
-
-
-def checkpoint_layers(model) -> None:
-    """--grad-checkpointing: each LM layer keeps only its input and runs again in the backward
-    (transformers' own switch acts in training mode only; the policy runs in eval mode)."""
-    for layer in model.model.language_model.layers:
-        layer.forward = functools.partial(checkpointed, layer.forward)
-
-
-def checkpointed(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():  # sampling, pi_ref and pi_old: no backward, nothing to keep
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-# ------------------------------------------------------------------------------ LoRA ----
-# Full training of the 8B needs ~20 bytes a parameter (weights, gradients, AdamW, pi_ref). With
-# `--lora R` each targeted Linear W learns a rank-R update, W x + (alpha / R) B A x (Hu et al.
-# 2021), as IBM trained the released adapter; the projector still trains in full. Gradients and
-# AdamW exist only for A, B and the projector, and pi_ref is the same LM with LoRA off.
-
-
-class LoRALinear(torch.nn.Module):
-    """A frozen Linear W plus a trainable rank-r path: y = W x + b + (alpha / r) B (A x). B
-    starts at zero, so the layer starts as exactly W; the state dict keeps W's own keys."""
-
-    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator=None):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        device = base.weight.device     # A and B in fp32 whatever W is stored in
-        self.lora_A = torch.nn.Parameter(torch.empty(r, base.in_features, device=device))
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=device))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        self.enabled = True                     # off: the layer is W alone (the reference)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)           # what nn.Linear computes, bit for bit
-        if not self.enabled:
-            return y
-        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)   # B (A x): r wide
-
-
-def lora_sites(model, targets: str) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of every Linear named in `targets` inside the LM's decoder layers."""
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    sites, found = [], set()
-    for layer in model.model.language_model.layers:
-        for parent in layer.modules():
-            for attr, child in parent.named_children():
-                if isinstance(child, (torch.nn.Linear, LoRALinear)):
-                    found.add(attr)
-                    if attr in names:
-                        sites.append((parent, attr))
-    unknown = [n for n in names if n not in found]
-    if unknown or not names:
-        raise InputError(f"--lora-targets {targets!r}: {', '.join(unknown) or 'empty'} is not a "
-                         f"Linear of the LM's decoder layers in {model.name_or_path} "
-                         f"({', '.join(sorted(found))})")
-    return sites
-
-
-def add_lora(model, cfg: Config) -> None:
-    """Wrap the --lora-targets Linears of the LM in LoRALinear and freeze the rest of the LM.
-    A's draws come from their own generator, so adding LoRA moves no other random draw."""
-    model.model.language_model.requires_grad_(False)
-    model.lm_head.requires_grad_(False)                 # tied to the embeddings: frozen with them
-    generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    for parent, attr in lora_sites(model, cfg.lora_targets):
-        base = getattr(parent, attr)
-        setattr(parent, attr, LoRALinear(base, cfg.lora, cfg.lora_alpha, generator))
-
-
-def lora_layers(model) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def frozen_reference(model, cfg: Config):
-    """pi_ref: the start policy, frozen, for the KL term. Full training deep-copies the model
-    (in bf16 under --bf16: autocast's matmuls see the same rounded weights). With LoRA the LM
-    never changes: the reference shares every frozen tensor (deepcopy's memo), copies what
-    trains in full (the projector) and runs with its LoRA paths off, exactly the start model."""
-    if not cfg.lora:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-        if cfg.bf16:
-            ref.to(torch.bfloat16)
-            # RoPE's frequencies stay fp32: rounded to bf16 they shift the angle of every position
-            rope = model.model.language_model.rotary_emb
-            ref.model.language_model.rotary_emb = copy.deepcopy(rope)
-        return ref
-    lora = {id(t) for _, m in lora_layers(model) for t in (m.lora_A, m.lora_B)}
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]
-              if id(t) in lora or not t.requires_grad}
-    ref = copy.deepcopy(model, memo=shared).eval()
-    for _, m in lora_layers(ref):
-        m.enabled = False
-    for p in ref.parameters():
-        if id(p) not in shared:
-            p.requires_grad_(False)     # the copied projector; the shared LoRA tensors still train
-    return ref
-
-
-@torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """A plain checkpoint: each LoRA layer's W + (alpha / r) B A under W's key, in new tensors
-    (merging into the live W and subtracting later would not give W back in float)."""
-    state = model.state_dict()
-    for name, m in lora_layers(model):
-        W = m.weight.float() + m.scale * (m.lora_B @ m.lora_A)
-        state[f"{name}.weight"] = W.to(m.weight.dtype).cpu()   # stored as W is
-        del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
-    return state
-
-
-# -------------------------------------------------------------------------- sampling ----
-
-
-@dataclass
-class Samples:
-    tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
-    lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) fp32 log-probs of the tempered softmax over the whole vocabulary, as the teacher-
-    # forced pass computes them (top-p and suppression only choose the token, as in TRL)
-    logps: torch.Tensor
-
-    def token_lists(self) -> list[list[int]]:
-        """Each completion's ids, cut at its length (never at the first pad id)."""
-        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
-
-
-def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None):
-    """Encode and prefill B prompts once, then repeat the KV cache `copies` times: a group
-    shares its prompt, so it shares the prefill. Returns the cache, the (N, P + max_new_tokens)
-    attention mask, the (N, 1) next positions and (N, V) first logits of the N = B * copies
-    rows, and the (V,) mask of suppressed tokens. The cache is static (K/V buffers written in
-    place; a dynamic one copies itself every token); the causal mask hides later positions."""
-    from transformers import StaticCache
-    B, P = batch.input_ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
-                     dim=1)
-    pos = positions(batch.attention_mask)
-    out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
-                      position_ids=pos, cache=cache, use_cache=True)
-    cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
-    logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(copies, 0)
-    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    if suppress is not None:
-        banned[suppress.to(logits.device)] = True
-    return (cache, attn.repeat_interleave(copies, 0),
-            pos[:, -1:].repeat_interleave(copies, 0) + 1, logits, banned)
-
-
-@torch.no_grad()
-def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int,
-                  pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                  suppress: torch.Tensor | None = None,
-                  uniforms: torch.Tensor | None = None) -> Samples:
-    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache in
-    lock-step (generate(num_return_sequences=G) would run the encoder G times). temperature 0
-    is greedy. Token t of row i inverts the CDF at uniforms[i, t], seeded per prompt
-    (row_uniforms): batch mates cannot change a completion."""
-    N = batch.input_ids.shape[0] * group_size
-    cache, attn, next_pos, logits, banned = prefill(model, batch, group_size, max_new_tokens,
-                                                    suppress)
-    device = logits.device
-    tokens = torch.full((N, max_new_tokens), pad_id, device=device)
-    logps = torch.zeros(N, max_new_tokens, device=device)
-    lengths = torch.full((N,), max_new_tokens, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    uniforms = (torch.rand(N, max_new_tokens) if uniforms is None else uniforms).to(device)
-    lm = model.model.language_model                   # decode steps skip the audio plumbing
-    for t in range(max_new_tokens):
-        # pi_old(. | q, o_<t) at the training temperature: the ratio's denominator must be the
-        # distribution the teacher-forced pass will compute, or s_{i,t} != 1 on-policy
-        logits = logits / temperature if temperature > 0 else logits
-        logp_all = torch.log_softmax(logits, dim=-1)                       # (N, V)
-        token = choose_tokens(logits, logp_all, banned, temperature, top_p, uniforms[:, t])
-        token = torch.where(done, pad_id, token)                           # finished rows only pad
-        tokens[:, t] = token
-        logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
-        # lengths count the first EOS: it is an action the policy took, and the loss's mask
-        # (built from lengths, never from == pad_id) must keep it
-        finished_now = ~done & (token == eos_id)
-        lengths = torch.where(finished_now, t + 1, lengths)
-        done |= finished_now
-        if bool(done.all()):
-            break
-        out = lm(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
-                 use_cache=True)
-        logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
-    T = int(lengths.max())
-    return Samples(tokens[:, :T], lengths, logps[:, :T])
-
-
-def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
-    """One token per row: the argmax at temperature 0, else a draw from the (top-p) distribution
-    without the banned tokens, inverting its CDF at the uniforms u (N,) (unlike
-    torch.multinomial, a pure function of (seed, step, prompt))."""
-    if temperature <= 0:
-        return logits.masked_fill(banned, -float("inf")).argmax(-1)
-    if top_p < 1.0:
-        probs = torch.softmax(top_p_filter(logits.masked_fill(banned, -float("inf")), top_p), -1)
-    else:
-        probs = logp_all.exp().masked_fill(banned, 0.0)
-    cdf = probs.cumsum(-1)                                                  # (N, V)
-    # right=True: u = 0 must not land on a leading zero-probability (suppressed) token
-    token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
-    return token.clamp(max=cdf.shape[1] - 1)
-
-
-def row_uniforms(seed: int, step: int, prompts: list[int], group_size: int,
-                 length: int) -> torch.Tensor:
-    """(len(prompts) * G, length) uniforms, a function of (seed, step, prompt) alone."""
-    seeds = [(seed * 1_000_003 + step) * 1_000_003 + p for p in prompts]
-    return torch.cat([torch.rand(group_size, length, generator=torch.Generator().manual_seed(s))
-                      for s in seeds])
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (always the best one)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = cum - sorted_logits.softmax(-1) >= top_p                # mass before this token
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, -float("inf"))
-
-
-def decode(tokenizer, completions: list[list[int]]) -> list[str]:
-    """Completion texts: what the reward and the metrics read."""
-    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
-
-
-# --------------------------------------------------------------------------- rewards ----
-
-
-# The paper's reward is sentence BLEU against the one reference. Sentence BLEU is smoothed:
-# without smoothing a completion with no matching 4-gram scores 0 however close it is, and a
-# group whose samples all score 0 has no spread, hence no advantage and no learning signal.
-
-
-def bleu_reward(completions: list[str], references: list[str]) -> torch.Tensor:
-    """r_i = sentence BLEU in [0, 1], sacrebleu's defaults (13a tokens, exp smoothing)."""
-    return torch.tensor([sacrebleu.sentence_bleu(c, [r]).score / 100
-                         for c, r in zip(completions, references)])
-
-
-def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
-    """Character n-gram F-score in [0, 1]: smoother than BLEU on short, partly right answers."""
-    return torch.tensor([sacrebleu.sentence_chrf(c, [r]).score / 100
-                         for c, r in zip(completions, references)])
-
-
-def rouge_reward(completions: list[str], references: list[str], key: str) -> torch.Tensor:
-    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL; `rouge` is in the
-    evaluation section): the rewards the paper's ablation trains against BLEU's."""
-    return torch.tensor([rouge(c, r)[key] for c, r in zip(completions, references)])
-
-
-REWARDS = {  # --reward; only the ranking within a group matters once advantages are normalised
-    "bleu": bleu_reward,
-    "chrf": chrf_reward,
-    "bleu+chrf": lambda c, r: (bleu_reward(c, r) + chrf_reward(c, r)) / 2,
-    "rouge-1": functools.partial(rouge_reward, key="rouge1"),
-    "rouge-2": functools.partial(rouge_reward, key="rouge2"),
-    "rouge-l": functools.partial(rouge_reward, key="rougeL"),
-}
-
-
-# ------------------------------------------------------------------------ advantages ----
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int,
-                     scale_rewards: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i. std
-    is unbiased, +1e-4 so an all-equal group gives A = 0, not 0/0; unscaled (Dr. GRPO), easy and
-    hard prompts are not re-weighted."""
-    r = rewards.view(-1, group_size)                                        # (B, G)
-    advantages = r - r.mean(dim=1, keepdim=True)
-    if scale_rewards:
-        advantages = advantages / (r.std(dim=1, keepdim=True) + 1e-4)
-    return advantages.view(-1)                                              # (N,)
-
-
-# ---------------------------------------------------------------------------- losses ----
-
-
-# GRPO is PPO without a value network: the group's mean reward is the baseline, so A_i says
-# how much better o_i was than its siblings. Each token of o_i is pushed by A_i, weighted by how
-# much more likely the policy now makes it (the ratio s), clipped so that one update cannot move
-# a token's probability far from the policy that sampled it, and held near pi_ref by a KL term.
-
-
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the reference tokens (EOS included), averaged over tokens."""
-    return -(logp * mask).sum() / mask.sum().clamp(min=1)
-
-
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
-              epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None):
-    """The KL-regularised clipped GRPO objective, negated (PAPER.md), and its metrics.
-    logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
-    reference; advantages (N,); mask (N, T) from completion lengths; off_policy (N,) marks
-    MP-GRPO's reference rows; max_completion_length is dr_grpo's constant (--max-new-tokens)."""
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    mask = mask.float()
-    A = advantages[:, None]                                                 # (N, 1)
-    # ratio s_{i,t} = pi_theta / pi_theta_old, and the clipped surrogate. With mu = 1 old_logp is
-    # logp.detach(): s = 1 in value, but its gradient is grad log pi, the policy gradient
-    ratio = torch.exp(logp - old_logp)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    surrogate = torch.min(ratio * A, clipped * A)  # pessimistic: the clip only ever removes gain
-    # MP-GRPO (LUFFY): the off-policy weight is pi_theta / pi_phi with pi_phi = 1, never clipped
-    if off_policy is not None:
-        surrogate = torch.where(off_policy[:, None], torch.exp(logp) * A, surrogate)
-    # k3 estimator of KL[pi_theta || pi_ref]: exp(ref - logp) - (ref - logp) - 1 >= 0. Unbiased
-    # on samples from pi_theta and never negative, unlike the plain log-ratio (k1)
-    if beta != 0 and ref_logp is not None:
-        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    else:
-        kl = torch.zeros_like(logp)
-    per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
-    # padding never reaches the loss, not even as inf * 0
-    per_token = torch.where(mask.bool(), per_token, 0.0)
-    # normalisation: dapo averages over every completion token of the group (the paper's), so a
-    # long answer's tokens weigh as much as a short one's; grpo averages each sequence first,
-    # which gives every token of a short answer more weight
-    if loss_type == "dapo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif loss_type == "grpo":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
-        # dependent width would couple every token's gradient to the longest sample (the length
-        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
-        if max_completion_length is None:
-            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
-        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    with torch.no_grad():
-        on = mask if off_policy is None else mask * (~off_policy[:, None]).float()
-        n_on = on.sum().clamp(min=1)
-        metrics = {
-            "kl/mean": ((kl * mask).sum() / mask.sum().clamp(min=1)).item(),
-            "loss/clip_low":
-                (((ratio < 1 - epsilon) & (A < 0)).float() * on).sum().item() / n_on.item(),
-            "loss/clip_high":
-                (((ratio > 1 + eps_high) & (A > 0)).float() * on).sum().item() / n_on.item(),
-            "loss/ratio_mean": ((ratio * on).sum() / n_on).item(),
-        }
-    return loss, metrics
-
-
-# ------------------------------------------------------------------------ processes ----
+# --------------------------------------------------------------------------- processes ----
 # `torchrun --nproc_per_node N grpo_speech.py ...`: each process takes B/N whole prompts,
 # gradients are summed over processes, rank 0 writes files. Without torchrun all is a no-op.
 
@@ -1228,6 +1559,11 @@ class Dist:
         parts = [None] * self.world
         torch.distributed.all_gather_object(parts, items)
         return [x for part in parts for x in part]
+
+    def print(self, *args) -> None:
+        """print() on rank 0 only: one console line, not one per process."""
+        if self.main:
+            print(*args)
 
     def on_main(self, fn, *args):
         """fn(*args) on rank 0 (its result there; None elsewhere), then every process goes on
@@ -1274,150 +1610,39 @@ def close_distributed(ok: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-# ------------------------------------------------------------------------ evaluation ----
+def optimizer_step(cfg: Config, params, optimizer, pass_loss: float, state,
+                   dist: Dist) -> tuple[float, bool]:
+    """One AdamW step of policy_update: the processes' gradients of their shares summed, clipped
+    to --max-grad-norm, and applied unless the loss or a gradient is non-finite (skipped;
+    --max-bad-steps in a row stop the run). Returns the grad norm and whether it was skipped."""
+    for p in params:
+        dist.sum(p.grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    # every process takes the same decision, or their weights would part ways
+    bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
+    skipped = not (torch.isfinite(grad_norm) and bad_loss == 0)
+    if not skipped:
+        optimizer.step()
+        state.bad_steps = 0
+    else:  # a non-finite loss or gradient never reaches the weights
+        state.bad_steps += 1
+        if state.bad_steps >= cfg.max_bad_steps:
+            raise InputError(f"aborting: {state.bad_steps} non-finite losses/gradients in a "
+                             f"row at step {state.step}")
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), skipped
 
 
-def word_errors(hyp: str, ref: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words): Levenshtein over words."""
-    h, r = hyp.split(), ref.split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, start=1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, start=1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[-1], len(r)
+def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
+    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
+    names = sorted(update)
+    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
+    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
+    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
+    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
 
 
-# ROUGE as Google's rouge-score package computes it with its defaults (no stemmer), which is what
-# the field's `evaluate` rouge calls: the paper reports ROUGE-1, ROUGE-2 and ROUGE-L F-measures.
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's tokenizer: lowercase, every run outside [a-z0-9] becomes a space. It keeps
-    ASCII letters and digits only, so German "Mädchen" is two tokens, "m" and "dchen"."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def rouge(hyp: str, ref: str) -> dict[str, float]:
-    """F-measures in [0, 1]: ROUGE-N from clipped n-gram counts, ROUGE-L from the longest common
-    subsequence; F = 2PR / (P + R), 0 when nothing matches (an empty side included)."""
-    h, r = rouge_tokens(hyp), rouge_tokens(ref)
-
-    def f_measure(overlap: int, n_hyp: int, n_ref: int) -> float:
-        precision, recall = overlap / max(n_hyp, 1), overlap / max(n_ref, 1)
-        return 2 * precision * recall / (precision + recall) if overlap else 0.0
-    scores = {}
-    for n in (1, 2):
-        h_grams, r_grams = (Counter(zip(*(t[k:] for k in range(n)))) for t in (h, r))
-        overlap = sum((h_grams & r_grams).values())       # & keeps the smaller count: clipping
-        scores[f"rouge{n}"] = f_measure(overlap, sum(h_grams.values()), sum(r_grams.values()))
-    row = [0] * (len(h) + 1)        # LCS lengths of r[:i] against each prefix of h, row by row
-    for rw in r:
-        prev = 0
-        for j, hw in enumerate(h, start=1):
-            prev, row[j] = row[j], prev + 1 if rw == hw else max(row[j], row[j - 1])
-    scores["rougeL"] = f_measure(row[-1], len(h), len(r))
-    return scores
-
-
-@torch.no_grad()
-def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos_id: int,
-                suppress: torch.Tensor | None = None) -> list[list[int]]:
-    """Each prompt's best completion as transformers' generate(num_beams=K) finds it
-    (length_penalty 1, early_stopping False), but on lm_logits: transformers 5.24 skips
-    logits_scaling, which leaves greedy alone and changes beam scores. Each step the K beams
-    propose their 2K best continuations by summed log-prob; those ranked in the top K that end
-    (EOS or the last allowed token) become hypotheses, scored by sum / generated length, K kept
-    a prompt; the K best others run on. A prompt is done once its best running beam, so
-    normalised, cannot beat its worst hypothesis."""
-    (B, _), K, T, device = batch.input_ids.shape, num_beams, max_new_tokens, batch.input_ids.device
-    cache, attn, next_pos, logits, banned = prefill(model, batch, K, T, suppress)
-    V = logits.shape[-1]
-    running = torch.zeros(B, K, device=device)       # summed log-probs of the live beams
-    running[:, 1:] = -1e9                            # at first the K copies are one beam
-    seqs = torch.zeros(B, K, T, dtype=torch.long, device=device)
-    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]   # best first, <= K
-    done = [False] * B
-    for t in range(T):
-        logp = torch.log_softmax(logits, dim=-1).masked_fill(banned, -float("inf"))  # (B*K, V)
-        top, idx = (logp.view(B, K, V) + running[:, :, None]).view(B, K * V).topk(2 * K)
-        beam, token = idx // V, idx % V                                              # (B, 2K)
-        seqs = seqs.gather(1, beam[:, :, None].expand(-1, -1, T))
-        seqs[:, :, t] = token
-        ends = (token == eos_id) | (t == T - 1)
-        for b in range(B):
-            if not done[b]:
-                hyps[b] += [((top[b, r] / (t + 1)).item(), seqs[b, r, :t + 1].tolist())
-                            for r in range(K) if ends[b, r]]
-                hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:K]
-        keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
-        running, seqs = top.gather(1, keep), seqs.gather(1, keep[:, :, None].expand(-1, -1, T))
-        done = [d or (len(h) == K and (running[b, 0] / (t + 1)).item() <= h[-1][0])
-                for b, (d, h) in enumerate(zip(done, hyps))]
-        if all(done) or t == T - 1:
-            break
-        cache.reorder_cache((beam.gather(1, keep) + K * torch.arange(B, device=device)[:, None])
-                            .flatten())
-        out = model.model.language_model(input_ids=seqs[:, :, t].reshape(-1, 1),
-                                         attention_mask=attn, position_ids=next_pos, cache=cache,
-                                         use_cache=True)
-        logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
-    return [h[0][1] for h in hyps]
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autocast,
-             desc: str = "eval", dist: Dist = Dist(),
-             decoding: str | None = None) -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy; the paper's T 0.9, top-p 0.9, seeded by
-    (--seed, utterance): no score depends on batch size, process count or order; or beam) and
-    score them. Under torchrun each process decodes every world-th utterance."""
-    model.eval()
-    idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
-    idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
-    audio_id = model.config.audio_token_id
-    suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
-    decoding = decoding or cfg.eval_decoding
-    greedy = decoding == "greedy"
-    system = system_turn(tokenizer, cfg.system_prompt)
-    hyps: dict[int, str] = {}
-    batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
-    for b_idx in tqdm(batches, desc=desc, leave=False, disable=None if dist.main else True):
-        batch = collate(data, b_idx, tokenizer, audio_id, system=system,
-                        config=model.config).to(model.device)
-        with autocast():
-            if decoding == "beam":
-                completions = beam_search(model, batch, num_beams=cfg.num_beams,
-                                          max_new_tokens=cfg.max_new_tokens,
-                                          eos_id=tokenizer.eos_token_id, suppress=suppress)
-            else:
-                completions = sample_groups(
-                    model, batch, 1, max_new_tokens=cfg.max_new_tokens,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                    temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
-                    suppress=suppress, uniforms=None if greedy else
-                    row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens)).token_lists()
-        hyps.update(zip(b_idx, decode(tokenizer, completions)))
-    hyps = dict(dist.gather(list(hyps.items())))
-    rows = [{"id": data.rows[i]["id"], "hyp": hyps[i], "ref": data.rows[i]["target"]}
-            for i in sorted(hyps)]
-    # corpus BLEU and chrF (sacrebleu, 0-100); ROUGE, the mean of sentence F-measures x 100 as
-    # `evaluate` reports it (not a corpus score); and WER (%) for asr
-    H, R = [r["hyp"] for r in rows], [r["ref"] for r in rows]
-    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
-    rouges = [rouge(h, r) for h, r in zip(H, R)]
-    scores = {"bleu": round(bleu.corpus_score(H, [R]).score, 2),
-              "chrf": round(chrf.corpus_score(H, [R]).score, 2),
-              **{k: round(100 * sum(s[k] for s in rouges) / max(len(H), 1), 2) for k in ROUGE_KEYS},
-              "n": len(H), "signature": f"{bleu.get_signature()} | {chrf.get_signature()}"}
-    if cfg.task == "asr":
-        errs, words = map(sum, zip(*(word_errors(h, r) for h, r in zip(H, R))))
-        scores["wer"] = round(100 * errs / max(words, 1), 2)
-    return scores, rows
-
-
-# ----------------------------------------------------------------------- checkpoints ----
+# -------------------------------------------------------------- checkpoints and faults ----
 # Each directory is written under a temporary name and renamed into place: a run killed
 # mid-save keeps the previous one. The trainer state is loaded with weights_only=True.
 
@@ -1427,6 +1652,19 @@ def cannot_write(path: Path, e: Exception, kept: bool = True) -> InputError:
     why = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
     return InputError(f"{path}: cannot write it ({why})"
                       + ("; the previous one is kept" if kept else ""))
+
+
+def write_json(path: Path, obj, lines: bool = False) -> None:
+    """obj as JSON (a list as JSON Lines), in place at once: never half a file, even on a full
+    disk (then an InputError, and the previous file stays)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj) if lines
+                       else json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(path, e, kept=path.exists()) from None
 
 
 def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
@@ -1558,14 +1796,6 @@ def check_resume(cfg: Config) -> None:
     check_checkpoint(ckpt if ckpt.exists() else old)
 
 
-@dataclass
-class TrainState:
-    """Where a run is, besides its weights and optimizer: what checkpoint/ stores and resumes."""
-    step: int = 0
-    bad_steps: int = 0          # non-finite updates in a row
-    best_dev: float = -1.0      # best dev BLEU so far (best/ holds its weights)
-
-
 def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, out: Path,
                     dist: Dist) -> None:
     # sampling and data order are functions of (seed, step, index); any other draw resumes too
@@ -1601,194 +1831,6 @@ def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) ->
     return TrainState(saved["step"], saved["bad_steps"], saved["best_dev"])
 
 
-# ----------------------------------------------------------------------------- train ----
-# One step: rollout (sample G completions per prompt, reward them, normalise the rewards into
-# advantages, take pi_ref's log-probs) then policy_update (the GRPO loss, backward, AdamW).
-# SFT takes the same path with the reference answers as its completions.
-
-
-@dataclass
-class Rollout:
-    """What one step trains on: N = B*G completions (SFT: the B references, G = 1)."""
-    completions: torch.Tensor                # (N, T) token ids, pad after each length
-    mask: torch.Tensor                       # (N, T) True on tokens up to and including EOS
-    group_size: int                          # G
-    rewards: torch.Tensor | None = None      # (N,) r_i; None for SFT
-    advantages: torch.Tensor | None = None   # (N,) A_i
-    old_logp: torch.Tensor | None = None     # (N, T) pi_old, only when mu > 1 (else logp.detach())
-    ref_logp: torch.Tensor | None = None     # (N, T) pi_ref, for the KL term
-    off_policy: torch.Tensor | None = None   # (N,) MP-GRPO's reference rows
-
-
-def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
-            prompt_ids: list[int], suppress, autocast) -> tuple[Rollout, dict]:
-    """Everything one update needs, fixed before it starts: for GRPO the sampled groups (MP-GRPO:
-    G-1 samples and the reference answer), their rewards and advantages; for SFT the references.
-    Then the log-probs held constant through the update: pi_ref's for the KL term and, when
-    mu > 1, pi_old's for the ratio. reward/* metrics describe the on-policy samples only."""
-    grpo, mixed = cfg.mode in ("grpo", "mp-grpo"), cfg.mode == "mp-grpo"
-    G, device = cfg.group_size if grpo else 1, batch.input_ids.device
-    reward_fn, metrics, rewards, advantages, off_policy = REWARDS[cfg.reward], {}, None, None, None
-    if grpo:
-        n = G - 1 if mixed else G                                   # on-policy samples a prompt
-        # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
-        # diverse, or all its rewards tie and the advantages vanish
-        t0 = time.perf_counter()
-        with autocast():
-            s = sample_groups(policy, batch, n, max_new_tokens=cfg.max_new_tokens,
-                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                              temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
-                              uniforms=row_uniforms(cfg.seed, step, prompt_ids, n,
-                                                    cfg.max_new_tokens))
-        t1 = time.perf_counter()
-        groups = s.token_lists()
-        # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
-        references = [t for t in batch.targets for _ in range(n)]
-        rewards = torch.nan_to_num(reward_fn(decode(tokenizer, groups), references), nan=0.)
-        metrics = reward_metrics(rewards.view(-1, n))
-        if mixed:
-            # The reference answer as the G-th, off-policy member. It is cut to the completion
-            # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
-            # less than 1, so the same tokens never score 1 as the reference and less as a sample.
-            full = [encode_target(tokenizer, t) for t in batch.targets]
-            refs = [f[:cfg.max_new_tokens] for f in full]
-            ref_r = torch.nan_to_num(reward_fn(decode(tokenizer, refs), batch.targets),
-                                     nan=0.0)
-            groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
-            rewards = torch.cat([rewards.view(-1, n), ref_r[:, None]], dim=1)      # (B, G)
-            # the spread that makes advantages is the mixed group's, reference included
-            metrics |= {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
-            metrics["reward/ref_mean"] = ref_r.mean().item()
-            metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
-                                                       for f in full) / len(full)
-            off_policy = (torch.arange(len(groups), device=device) % G) == G - 1    # (N,)
-        rewards = rewards.reshape(-1).to(device)                                     # (N,)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards)
-        metrics.update({"perf/completion_len": s.lengths.float().mean().item(),
-                        "perf/sample_s": t1 - t0, "perf/reward_s": time.perf_counter() - t1})
-    else:
-        groups = [encode_target(tokenizer, t) for t in batch.targets]
-    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
-    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
-                               padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
-    mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
-    t0, old_logp, ref_logp = time.perf_counter(), None, None
-    with torch.no_grad(), autocast():
-        if ref_model is not None:
-            ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature)
-        if grpo and cfg.num_iterations > 1:
-            old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
-    metrics["perf/ref_logp_s"] = time.perf_counter() - t0
-    return (Rollout(completions, mask, G, rewards, advantages, old_logp, ref_logp, off_policy),
-            metrics)
-
-
-def reward_metrics(r: torch.Tensor) -> dict:
-    """Mean, within-group std and the share of (B, n) groups whose rewards tie (no advantage)."""
-    return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
-            "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
-
-
-def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout: Rollout,
-                  B: int, state: TrainState, autocast, dist: Dist) -> tuple[dict, float]:
-    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Each
-    micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
-    prompts otherwise): the gradients summed over micro-batches and processes are the gradient
-    of the whole batch's loss. Returns metrics (mean over the mu passes) and the grad norm."""
-    ro, G, grpo = rollout, rollout.group_size, rollout.advantages is not None
-    rows_of = lambda x, rows: None if x is None else x[rows]
-    # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
-    # later passes honest, since the policy has moved away from pi_old that sampled the tokens
-    mu = cfg.num_iterations if grpo else 1
-    n_tok = dist.sum(ro.mask.sum().float()).clamp(min=1)    # completion tokens, all processes
-    agg: dict[str, float] = {}
-    for _ in range(mu):
-        pass_loss = 0.0
-        for chunk in torch.arange(len(batch.targets)).chunk(cfg.grad_accum):
-            b0, b1 = int(chunk[0]), int(chunk[-1]) + 1
-            rows, mb_mask = slice(b0 * G, b1 * G), ro.mask[b0 * G:b1 * G]
-            # log pi_theta(o_{i,t}) with gradient, one teacher-forced pass over the micro-batch
-            with autocast():
-                logp, entropy = completion_logprobs(
-                    policy, batch.select(b0, b1), ro.completions[rows], G,
-                    cfg.temperature if grpo else 1.0, cfg.train_encoder, with_entropy=True)
-            if grpo:  # mu = 1: pi_old is the policy itself, logp.detach() (the ratio is 1)
-                old_logp = logp.detach() if ro.old_logp is None else ro.old_logp[rows]
-                loss, m = grpo_loss(
-                    logp, old_logp, rows_of(ro.ref_logp, rows), ro.advantages[rows], mb_mask,
-                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                    loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
-                    off_policy=rows_of(ro.off_policy, rows))
-                weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
-            else:
-                loss, m = sft_loss(logp, mb_mask), {}
-                weight = mb_mask.sum() / n_tok
-            (loss * weight).backward()
-            pass_loss += loss.item() * float(weight)
-            m["loss/total"] = loss.item()
-            m["perf/entropy"] = ((entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)).item()
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v * float(weight) / mu
-        for p in params:  # DDP: the processes' gradients of their shares, summed
-            dist.sum(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        # every process takes the same decision, or their weights would part ways
-        bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
-        if torch.isfinite(grad_norm) and bad_loss == 0:
-            optimizer.step()
-            state.bad_steps = 0
-        else:  # a non-finite loss or gradient never reaches the weights
-            state.bad_steps += 1
-            agg["loss/skipped"] = agg.get("loss/skipped", 0.0) + 1.0 / mu
-            if state.bad_steps >= cfg.max_bad_steps:
-                raise InputError(f"aborting: {state.bad_steps} non-finite losses/gradients in a "
-                                 f"row at step {state.step}")
-        optimizer.zero_grad(set_to_none=True)
-    return agg, float(grad_norm)
-
-
-def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
-    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
-    names = sorted(update)
-    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
-    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
-    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
-    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
-
-
-def setup_training(cfg: Config, policy, dist: Dist):
-    """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
-    the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
-    for name, p in policy.named_parameters():
-        p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
-    if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
-        add_lora(policy, cfg)
-    for m in policy.modules():  # what trains keeps fp32 weights, buffers (BatchNorm's running
-        trained = [p for p in m.parameters(recurse=False) if p.requires_grad]   # statistics)
-        for p in trained:           # and AdamW state; under --lora --bf16 the frozen rest
-            p.data = p.data.float()  # stays bf16 (run())
-        if trained:
-            m._buffers.update({k: b.float() for k, b in m._buffers.items()
-                               if b is not None and b.is_floating_point()})
-    grpo = cfg.mode in ("grpo", "mp-grpo")
-    ref_model = frozen_reference(policy, cfg) if grpo and cfg.beta != 0 else None
-    if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward
-        checkpoint_layers(policy)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.99))
-    if dist.main:  # the trainable share, and AdamW's two moments per trained number
-        n, total = sum(p.numel() for p in params), sum(p.numel() for p in policy.parameters())
-        adam = 2 * sum(p.numel() * p.element_size() for p in params)
-        print(f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%); "
-              f"AdamW state {adam / 2**20:.2f} MB")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
-    if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
-        policy.model.language_model.compile(dynamic=True)
-    policy.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
-    return params, optimizer, scheduler, ref_model
-
-
 class Logger:
     """One call per step: a JSON line in metrics.jsonl and the numbers on the progress bar."""
     BAR = {"reward/mean": "reward", "kl/mean": "kl", "loss/total": "loss", "loss/sft": "loss",
@@ -1817,114 +1859,6 @@ class Logger:
         self.shown.update({name: f"{metrics[k]:.{1 if k.startswith('eval') else 3}f}"
                            for k, name in self.BAR.items() if k in metrics})
         self.bar.set_postfix(self.shown)
-
-
-def lr_lambda(cfg: Config, total: int):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    warm = max(1, int(cfg.warmup_ratio * total))
-    def f(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-    return f
-
-
-def evaluate_and_keep_best(cfg: Config, policy, tokenizer, dev: SpeechData, autocast,
-                           state: TrainState, out: Path, dist: Dist) -> dict:
-    """Dev BLEU under --eval-decoding; a new best goes to best/ (what the paper reports)."""
-    scores, _ = evaluate(policy, tokenizer, dev, cfg, cfg.dev_limit, autocast, "dev", dist)
-    if scores["bleu"] > state.best_dev:
-        state.best_dev = scores["bleu"]
-        dist.on_main(save_model, policy, tokenizer, out / "best")
-    return {f"eval/dev_{k}": v for k, v in scores.items() if k not in ("n", "signature")} | \
-        {"eval/best_dev_bleu": state.best_dev}
-
-
-def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Path, autocast,
-          device, dist: Dist = Dist()) -> Path:
-    """SFT or (MP-)GRPO for cfg.max_steps, evaluating on dev every cfg.eval_every steps.
-    Returns best/, the best-on-dev weights, which results.json reports."""
-    B = cfg.batch_size if cfg.mode in ("grpo", "mp-grpo") else cfg.sft_batch_size  # prompts/step
-    B_local = B // dist.world                                       # this process's share
-    params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
-    audio_id = policy.config.audio_token_id
-    suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id)
-    system = system_turn(tokenizer, cfg.system_prompt)
-    state = restore(cfg, policy, optimizer, scheduler, out, dist)
-    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit cleanly
-    stop = threading.Event()
-    old_handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT,
-                                                                          signal.SIGTERM)}
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
-    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # rank 0 writes
-    evaluate_dev = lambda: evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"], autocast,
-                                                  state, out, dist)
-    checkpoint = lambda: save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
-    if state.step == 0:
-        log(0, evaluate_dev())  # the start model is a candidate too: best-on-dev may be step 0
-    try:
-        while state.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.is_set()))):
-            t_step = time.perf_counter()
-            first = dist.rank * B_local
-            idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
-            batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
-                            config=policy.config).to(device)
-            if not cfg.train_encoder:   # frozen: the policy's encoder is pi_ref's, unchanged
-                with autocast():
-                    batch.encoded = encoder_states(policy, batch)
-            step_rollout, metrics = rollout(cfg, policy, ref_model, tokenizer, batch, state.step,
-                                            list(range(first, first + B_local)), suppress,
-                                            autocast)
-            t0 = time.perf_counter()
-            update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, step_rollout,
-                                              B, state, autocast, dist)
-            metrics = over_processes(metrics, update, dist)
-            if step_rollout.advantages is None:
-                metrics["loss/sft"] = metrics.pop("loss/total")
-            metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
-                            "lr": scheduler.get_last_lr()[0],
-                            "perf/step_s": time.perf_counter() - t_step})
-            scheduler.step()
-            state.step += 1
-            saves = state.step % cfg.eval_every == 0 or state.step == cfg.max_steps
-            if saves:
-                metrics.update(evaluate_dev())
-            log(state.step, metrics)  # then checkpoint/: a line past it is trimmed on resume,
-            if saves:                 # while a step it holds but the log lacks is lost for good
-                checkpoint()
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        for layer in policy.model.language_model.layers:  # checkpoint_layers' wrapper refers
-            layer.__dict__.pop("forward", None)           # to its layer: a cycle, undone
-    if state.step < cfg.max_steps:  # a process was asked to stop
-        checkpoint()
-        if dist.main:
-            print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
-                  "(continue with --resume)")
-        raise SystemExit(130)
-    dist.on_main(save_model, policy, tokenizer, out / "final")
-    return out / "best"
-
-
-# ------------------------------------------------------------------------------ main ----
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def set_threads(cfg: Config, model, device: torch.device) -> None:
-    """CPU threads (README: Speed). A narrow LM runs many small parallel regions; with a core
-    busy, each waits for a descheduled sibling thread, so it gets one. Wide layers get all."""
-    if device.type != "cpu" or cfg.threads == "torch" or "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    narrow = model.config.text_config.hidden_size < 512
-    torch.set_num_threads(int(cfg.threads) if cfg.threads.isdecimal() else 1 if narrow else cores)
 
 
 def prepare_out(cfg: Config):
@@ -1970,6 +1904,160 @@ def prepare_out(cfg: Config):
     return lock
 
 
+# ------------------------------------------------------------------------------ memory ----
+
+
+def checkpoint_layers(model) -> None:
+    """--grad-checkpointing: each LM layer keeps only its input and runs again in the backward
+    (transformers' own switch acts in training mode only; the policy runs in eval mode)."""
+    for layer in model.model.language_model.layers:
+        layer.forward = functools.partial(checkpointed, layer.forward)
+
+
+def checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # sampling, pi_ref and pi_old: no backward, nothing to keep
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+# ------------------------------------------------------------------------- beam search ----
+
+
+@torch.no_grad()
+def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos_id: int,
+                suppress: torch.Tensor | None = None) -> list[list[int]]:
+    """Each prompt's best completion as transformers' generate(num_beams=K) finds it
+    (length_penalty 1, early_stopping False), but on lm_logits: transformers 5.24 skips
+    logits_scaling, which leaves greedy alone and changes beam scores. Each step the K beams
+    propose their 2K best continuations by summed log-prob; those ranked in the top K that end
+    (EOS or the last allowed token) become hypotheses, scored by sum / generated length, K kept
+    a prompt; the K best others run on. A prompt is done once its best running beam, so
+    normalised, cannot beat its worst hypothesis."""
+    B = batch.input_ids.shape[0]
+    K, T = num_beams, max_new_tokens
+    device = batch.input_ids.device
+    cache, attn, next_pos, logits, banned = prefill(model, batch, K, T, suppress)
+    V = logits.shape[-1]
+    running = torch.zeros(B, K, device=device)       # summed log-probs of the live beams
+    running[:, 1:] = -1e9                            # at first the K copies are one beam
+    seqs = torch.zeros(B, K, T, dtype=torch.long, device=device)
+    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]   # best first, <= K
+    done = [False] * B
+    for t in range(T):
+        logp = torch.log_softmax(logits, dim=-1).masked_fill(banned, -float("inf"))  # (B*K, V)
+        top, idx = (logp.view(B, K, V) + running[:, :, None]).view(B, K * V).topk(2 * K)
+        beam, token = idx // V, idx % V                                              # (B, 2K)
+        seqs = seqs.gather(1, beam[:, :, None].expand(-1, -1, T))
+        seqs[:, :, t] = token
+        ends = (token == eos_id) | (t == T - 1)
+        for b in range(B):
+            if not done[b]:
+                hyps[b] += [((top[b, r] / (t + 1)).item(), seqs[b, r, :t + 1].tolist())
+                            for r in range(K) if ends[b, r]]
+                hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:K]
+        keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
+        running, seqs = top.gather(1, keep), seqs.gather(1, keep[:, :, None].expand(-1, -1, T))
+        done = [d or (len(h) == K and (running[b, 0] / (t + 1)).item() <= h[-1][0])
+                for b, (d, h) in enumerate(zip(done, hyps))]
+        if all(done) or t == T - 1:
+            break
+        cache.reorder_cache((beam.gather(1, keep) + K * torch.arange(B, device=device)[:, None])
+                            .flatten())
+        out = model.model.language_model(input_ids=seqs[:, :, t].reshape(-1, 1),
+                                         attention_mask=attn, position_ids=next_pos, cache=cache,
+                                         use_cache=True)
+        logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
+    return [h[0][1] for h in hyps]
+
+
+# ------------------------------------------------------------------------ command line ----
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # no "(default: )" where the help text says what empty means
+    def _get_help_string(self, action):
+        return action.help if action.default in ("", None) else super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage, then exit code 2
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse from the dataclass, so --help lists every field with its default and meaning."""
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    types = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}
+    for f in dataclasses.fields(Config):
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else
+                dict(type=types[f.type], choices=f.metadata.get("choices")))
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default,  # help is %-formatted
+                       help=f.metadata["help"].replace("%", "%%"), **kind)
+    return p
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Defaults that depend on other fields; values the objective cannot use refused now."""
+    cfg = copy.copy(cfg)
+    cfg.data = cfg.data or str(HERE / "data" / cfg.task)
+    cfg.out = cfg.out or f"runs/{cfg.task}-{cfg.mode}"
+    if not Path(cfg.model).exists() and (HERE / cfg.model).exists():
+        cfg.model = str(HERE / cfg.model)
+    cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    if cfg.sft_batch_size is None:
+        cfg.sft_batch_size = cfg.batch_size * cfg.group_size
+    cfg.lora_targets = ",".join(sorted({t.strip() for t in cfg.lora_targets.split(",")} - {""}))
+    checks = [  # (holds, what the user is told)
+        (not cfg.grpo or cfg.group_size >= 2, f"--group-size {cfg.group_size}: a group needs "
+                                              "at least 2 completions to have an advantage"),
+        *[(getattr(cfg, k) >= 1, f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least 1")
+          for k in ("max_steps", "num_iterations", "max_new_tokens", "eval_every", "grad_accum",
+                    "eval_batch_size", "sft_batch_size", "num_beams")],
+        (cfg.lora >= 0 and (not cfg.lora or cfg.lora_alpha > 0),
+         f"--lora {cfg.lora} --lora-alpha {cfg.lora_alpha}: the rank must be >= 0 and alpha > 0"),
+        (cfg.batch_size >= 1 and cfg.batch_size % cfg.grad_accum == 0,
+         f"--batch-size {cfg.batch_size} must be a positive multiple of --grad-accum "
+         f"{cfg.grad_accum}"),
+        (not cfg.grpo or cfg.temperature > 0, f"--temperature {cfg.temperature}: GRPO samples its "
+         "groups, and the teacher-forced log-probs divide by the temperature; use a value > 0"),
+        (0 < cfg.top_p <= 1, f"--top-p {cfg.top_p} must be in (0, 1]"),
+        (min(cfg.beta, cfg.epsilon, cfg.epsilon_high) >= 0,
+         "--beta, --epsilon and --epsilon-high must be >= 0"),
+        (cfg.threads in ("auto", "torch") or cfg.threads.isdecimal() and int(cfg.threads) >= 1,
+         f"--threads {cfg.threads}: auto, torch or a number >= 1"),
+    ]
+    for holds, message in checks:
+        if not holds:
+            raise InputError(message)
+    return cfg
+
+
+def handle_signals(handler):
+    """SIGINT and SIGTERM go to handler(signum, frame); returns what puts the old ones back."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore_signals():
+        for s, h in old.items():
+            signal.signal(s, h)
+    return restore_signals
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(cfg: Config, model, device: torch.device) -> None:
+    """CPU threads (README: Speed). A narrow LM runs many small parallel regions; with a core
+    busy, each waits for a descheduled sibling thread, so it gets one. Wide layers get all."""
+    if device.type != "cpu" or cfg.threads == "torch" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    narrow = model.config.text_config.hidden_size < 512
+    torch.set_num_threads(int(cfg.threads) if cfg.threads.isdecimal() else 1 if narrow else cores)
+
+
 def run(cfg: Config) -> dict:
     """Everything `python grpo_speech.py` does; returns results.json's contents."""
     import huggingface_hub
@@ -1997,19 +2085,19 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     # one run per directory: the lock is held until run() returns and frees its file
     lock = dist.on_main(prepare_out, cfg)  # noqa: F841
-    say = print if dist.main else (lambda *a: None)
     # precision is decided here, once: bf16 autocast around forwards; fp32 weights and log-probs
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    say(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, device {device}, "
-        f"processes {dist.world}")
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                 enabled=cfg.bf16)
+    dist.print(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, "
+               f"device {device}, processes {dist.world}")
     if (system := system_turn(tokenizer, cfg.system_prompt)) is not None:
-        say(f"system turn: {system!r}")
+        dist.print(f"system turn: {system!r}")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}
     dist.on_main(write_json, out / "config.json", dataclasses.asdict(cfg))
     score_test(model, tokenizer, splits["test"], cfg, autocast, dist, "base", results, out)
-    say(f"sacrebleu: {results['base']['signature']}")
-    say(f"start model on test: {fmt(results, 'base')}")
+    dist.print(f"sacrebleu: {results['base']['signature']}")
+    dist.print(f"start model on test: {fmt(results, 'base')}")
     if cfg.mode == "eval":
         return results
     best = train(cfg, model, tokenizer, splits, out, autocast, device, dist)
@@ -2021,7 +2109,7 @@ def run(cfg: Config) -> dict:
                             f"utterances) among step 0 and every {cfg.eval_every} steps")
     best_model, _ = load_model(str(best), device, model_dtype)
     score_test(best_model, tokenizer, splits["test"], cfg, autocast, dist, "final", results, out)
-    say(f"best-on-dev model on test: {fmt(results, 'final')}")
+    dist.print(f"best-on-dev model on test: {fmt(results, 'final')}")
     return results
 
 
@@ -2036,8 +2124,8 @@ def score_test(model, tokenizer, test: SpeechData, cfg: Config, autocast, dist: 
         results[key], hyps = evaluate(model, tokenizer, test, cfg, cfg.eval_limit, autocast,
                                       f"test {key}", dist, decoding=decoding)
         results[key]["decoding"] = decoding
-        dist.on_main(lambda: (write_json(out / f"hyps_{key}.jsonl", hyps, lines=True),
-                              write_json(out / "results.json", results)))
+        dist.on_main(write_json, out / f"hyps_{key}.jsonl", hyps, True)   # hypotheses first
+        dist.on_main(write_json, out / "results.json", results)
 
 
 def fmt(results: dict, tag: str) -> str:
@@ -2050,19 +2138,6 @@ def fmt(results: dict, tag: str) -> str:
                                        ("beam: ", f"{tag}_beam")) if key in results)
 
 
-def write_json(path: Path, obj, lines: bool = False) -> None:
-    """obj as JSON (a list as JSON Lines), in place at once: never half a file, even on a full
-    disk (then an InputError, and the previous file stays)."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj) if lines
-                       else json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise cannot_write(path, e, kept=path.exists()) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = Config(**vars(build_parser().parse_args(argv)))
     ok = False
@@ -2071,7 +2146,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(cfg.out or f"runs/{cfg.task}-{cfg.mode}") / "checkpoint"
         raise Interrupted(f"stopped by {signal.Signals(signum).name}; " + (
             f"{ckpt} is kept: continue with --resume" if ckpt.exists() else "no checkpoint yet"))
-    old_handlers = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    restore_signals = handle_signals(interrupted)
     try:
         run(cfg)
         ok = True
@@ -2082,8 +2157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 130
     finally:  # normal end, InputError, SystemExit(130) after a signal, or any crash
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        restore_signals()
         close_distributed(ok)
     return 0
 
