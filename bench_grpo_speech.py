@@ -229,7 +229,8 @@ def compare(args) -> None:
     tasks = ("ast", "sqa")
     t0 = time.time()
     # two phases: the SFT -> X runs start from the best/ checkpoint of a finished SFT run
-    jobs = [(task, m, seed) for task in tasks for m in METHODS for seed in seeds]
+    methods = [m for m in METHODS if not (args.no_continued and m[2])]
+    jobs = [(task, m, seed) for task in tasks for m in methods for seed in seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def job(j):
@@ -249,14 +250,15 @@ def compare(args) -> None:
                      f"{sft[0]['base']['chrf']:.1f}",
                      mean_std([r["base_sample"]["bleu"] for r in sft]),
                      mean_std([r["base_sample"]["chrf"] for r in sft])))
-        for label, _, _ in METHODS:
+        for label, _, _ in methods:
             rs = [done[(task, label, s)] for s in seeds]
             rows.append((task, label, *(mean_std([r[k][m] for r in rs])
                                         for k in ("final", "final_sample")
                                         for m in ("bleu", "chrf"))))
     command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "") + \
         (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
-        (f" --steps {args.steps}" if args.steps else "")
+        (f" --steps {args.steps}" if args.steps else "") + \
+        (" --no-continued" if args.no_continued else "")
     table = "\n".join(["| task | method | greedy BLEU | greedy chrF | sampled BLEU | "
                        "sampled chrF |",
                        "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
@@ -268,14 +270,15 @@ def compare(args) -> None:
             f"utterance, step 0 and every {every} steps), corpus score on "
             f"the test split ({test}), mean ± std over seeds; greedy, and "
             f"sampled with the paper's decoding (temperature 0.9, top-p 0.9, utterance i drawn "
-            f"from seeds (run seed, i)). SFT → X starts from the same seed's SFT best checkpoint "
-            f"and runs {steps} more steps of X (fresh optimizer and schedule, reference model = "
-            f"that checkpoint).\n\n{table}\n")
+            f"from seeds (run seed, i))." + ("" if args.no_continued else
+            f" SFT → X starts from the same seed's SFT best checkpoint and runs {steps} more steps "
+            f"of X (fresh optimizer and schedule, reference model = that checkpoint).") +
+            f"\n\n{table}\n")
     (root / "table.md").write_text(text)
     print(text)
     if not args.out:
         replace_readme_block("compare-quick" if args.quick else "compare", text)
-    plot_curves(root, tasks, seeds, args.quick or bool(args.out))
+    plot_curves(root, tasks, seeds, args.quick or bool(args.out), methods)
 
 
 ABLATION_REWARDS = ("bleu", "rouge-1", "rouge-2", "rouge-l", "chrf")
@@ -339,7 +342,7 @@ def ablation(args) -> None:
         replace_readme_block("ablation-quick" if args.quick else "ablation", text)
 
 
-def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
+def plot_curves(root: Path, tasks, seeds, scratch: bool, methods=METHODS) -> None:
     """Sampled reward, policy entropy and greedy dev BLEU against step, each the mean over seeds."""
     try:
         import matplotlib
@@ -352,7 +355,7 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool) -> None:
     n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     smooth = lambda ys, k=20: [statistics.mean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
     for col, task in enumerate(tasks):
-        for label, mode, _ in METHODS:
+        for label, mode, _ in methods:
             runs = [[json.loads(l) for l in
                      (run_dir(root, task, label, s) / "metrics.jsonl").open()] for s in seeds]
             mean_of = lambda key: [statistics.mean(v) for v in
@@ -890,6 +893,8 @@ def main():
                    help="bytes per parameter measured on --model, scaled to the released 2B and 8B")
     p.add_argument("--quick", action="store_true",
                    help="with --compare / --ablation: one seed, 100 steps")
+    p.add_argument("--no-continued", action="store_true",
+                   help="with --compare: SFT, GRPO and MP-GRPO only (no SFT -> X runs)")
     p.add_argument("--steps", type=int, default=0,
                    help="steps per run: --compare, --ablation 300 (--quick 100), --full-size 3, "
                         "--contention 20")
