@@ -217,7 +217,9 @@ def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
     return root / f"{task}-{name}-s{seed}"
 
 
-def compare(args) -> None:
+def sweep_plan(args, name: str):
+    """--compare's and --ablation's seeds, steps, dev interval, grpo_speech.py options, run root
+    and the command line that names them."""
     seeds = [0] if args.quick else [0, 1, 2]
     steps = args.steps or (100 if args.quick else 300)
     # --quick is a smoke test of the whole pipeline in under 10 minutes: dev scored twice
@@ -225,7 +227,15 @@ def compare(args) -> None:
     every = max(1, steps // 2) if args.quick else min(30, max(1, steps // 4))
     options = ("--eval-every", str(every)) + (("--eval-limit", "100") if args.quick else ())
     root = (Path(args.out) if args.out else
-            gs.HERE / "runs" / ("compare-quick" if args.quick else "compare"))
+            gs.HERE / "runs" / (f"{name}-quick" if args.quick else name))
+    command = f"python bench_grpo_speech.py --{name}" + (" --quick" if args.quick else "") + \
+        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
+        (f" --steps {args.steps}" if args.steps else "")
+    return seeds, steps, every, options, root, command
+
+
+def compare(args) -> None:
+    seeds, steps, every, options, root, command = sweep_plan(args, "compare")
     tasks = ("ast", "sqa")
     t0 = time.time()
     # two phases: the SFT -> X runs start from the best/ checkpoint of a finished SFT run
@@ -255,10 +265,7 @@ def compare(args) -> None:
             rows.append((task, label, *(mean_std([r[k][m] for r in rs])
                                         for k in ("final", "final_sample")
                                         for m in ("bleu", "chrf"))))
-    command = "python bench_grpo_speech.py --compare" + (" --quick" if args.quick else "") + \
-        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
-        (f" --steps {args.steps}" if args.steps else "") + \
-        (" --no-continued" if args.no_continued else "")
+    command += " --no-continued" if args.no_continued else ""
     table = "\n".join(["| task | method | greedy BLEU | greedy chrF | sampled BLEU | "
                        "sampled chrF |",
                        "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
@@ -289,12 +296,7 @@ ABLATION_METRICS = (("BLEU", "bleu"), ("chrF", "chrf"), ("ROUGE-1", "rouge1"), (
 def ablation(args) -> None:
     """GRPO on sqa with each reward (the paper's reward ablation: BLEU, ROUGE-1/2/L and METEOR
     rewards on LibriSQA, 2B), scored on every metric and their average, greedy and sampled."""
-    seeds = [0] if args.quick else [0, 1, 2]
-    steps = args.steps or (100 if args.quick else 300)
-    every = max(1, steps // 2) if args.quick else min(30, max(1, steps // 4))   # as --compare
-    options = ("--eval-every", str(every)) + (("--eval-limit", "100") if args.quick else ())
-    root = (Path(args.out) if args.out else
-            gs.HERE / "runs" / ("ablation-quick" if args.quick else "ablation"))
+    seeds, steps, every, options, root, command = sweep_plan(args, "ablation")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(reward, seed) for reward in ABLATION_REWARDS for seed in seeds]
     t0 = time.time()
@@ -319,9 +321,6 @@ def ablation(args) -> None:
         rows += [(f"GRPO, `--reward {reward}`", decoding,
                   *cells([done[(reward, s)]["final" + suffix] for s in seeds]))
                  for reward in ABLATION_REWARDS]
-    command = "python bench_grpo_speech.py --ablation" + (" --quick" if args.quick else "") + \
-        (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
-        (f" --steps {args.steps}" if args.steps else "")
     names = " | ".join(name for name, _ in ABLATION_METRICS)
     table = "\n".join([f"| reward | decoding | {names} | average |", "|---|---|---|---|---|---|---|---|"]
                       + [f"| {' | '.join(r)} |" for r in rows])

@@ -464,9 +464,10 @@ def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Ten
     return torch.tensor(sorted(bad), dtype=torch.long)
 
 
-def encoder_states(model, batch: Batch) -> torch.Tensor:
-    """(B, F, H): the encoder on each utterance's own frames, zero-padded, without autograd."""
-    with torch.no_grad():
+def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
+    """(B, F, H): the encoder on each utterance's own frames, zero-padded. A frozen encoder runs
+    without autograd: none of its activations are kept."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
         return pad_sequence([model.model.encoder(feats[None, :n]).last_hidden_state[0]
                              for feats, n in zip(batch.features, batch.frames.tolist())],
                             batch_first=True)
@@ -474,16 +475,12 @@ def encoder_states(model, batch: Batch) -> torch.Tensor:
 
 def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
     """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
-    tokens. A frozen encoder runs without autograd (none of its activations are kept), or not at
-    all when the batch holds its states."""
-    audio = []
-    for b, (feats, n) in enumerate(zip(batch.features, batch.frames.tolist())):
-        if batch.encoded is not None:
-            encoded = batch.encoded[b:b + 1, :n]                                 # (1, F_b, H)
-        else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
-                encoded = model.model.encoder(feats[None, :n]).last_hidden_state
-        audio.append(model.model.projector(encoded)[0])                         # (A_b, D)
+    tokens. The encoder does not run when the batch holds its states (a frozen one's)."""
+    encoded = batch.encoded
+    if encoded is None:
+        encoded = encoder_states(model, batch, train_encoder)                  # (B, F, H)
+    audio = [model.model.projector(encoded[b:b + 1, :n])[0]                     # (A_b, D)
+             for b, n in enumerate(batch.frames.tolist())]
     audio = pad_sequence(audio, batch_first=True)                               # (B, A_b max, D)
     return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
 
@@ -1083,9 +1080,8 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             layer.__dict__.pop("forward", None)           # to its layer: a cycle, undone
     if state.step < cfg.max_steps:  # a process was asked to stop
         save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
-        if dist.main:
-            print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
-                  "(continue with --resume)")
+        dist.print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
+                   "(continue with --resume)")
         raise SystemExit(130)
     dist.on_main(save_model, policy, tokenizer, out / "final")
     return out / "best"
@@ -1865,7 +1861,8 @@ def prepare_out(cfg: Config):
     """The run directory, made only after every input was checked and locked for this process
     (the lock goes with it): one run per directory, --overwrite replaces runs only, and a run
     refused here leaves the directory as it was (no .lock, no directory it made)."""
-    out, lock_path = Path(cfg.out), Path(cfg.out) / ".lock"
+    out = Path(cfg.out)
+    lock_path = out / ".lock"
     made, had_lock = [d for d in (out, *out.parents) if not d.exists()], lock_path.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1879,7 +1876,7 @@ def prepare_out(cfg: Config):
     except OSError as e:
         raise InputError(f"{out}: cannot be the run directory ({e.strerror})") from None
     # what --overwrite replaces; a kill inside config.json's write leaves config.tmp: no run yet
-    held = [p for p in out.iterdir() if p.name not in (".lock", "config.tmp") and not cfg.resume]
+    held = [] if cfg.resume else [p for p in out.iterdir() if p.name not in (".lock", "config.tmp")]
     try:   # checked under the lock: another run may be writing here
         if held and not cfg.overwrite:
             raise InputError(f"{out}: holds another run; pass --resume to continue it or "

@@ -1996,6 +1996,7 @@ def test_grad_checkpointing_recomputes_each_layer_and_keeps_the_gradient(model_t
     """checkpoint_layers: a training forward keeps fewer activations for the backward and runs each
     decoder layer a second time there; loss and every gradient stay bit for bit; no-grad passes
     (sampling, pi_ref) run each layer once."""
+    import bench_grpo_speech as bench
     model, tok = model_tok
     batch = make_batch(model, tok, ast_test, [0, 1])
     completions = torch.randint(5, 50, (4, 6), generator=torch.Generator().manual_seed(0))
@@ -2006,23 +2007,17 @@ def test_grad_checkpointing_recomputes_each_layer_and_keeps_the_gradient(model_t
             torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(1))
 
     def run(m):
-        calls, kept = [], {}
+        calls, out = [], []
         hook = m.model.language_model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
-        weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
-
-        def pack(t):  # distinct activation storage kept for the backward
-            s = t.untyped_storage()
-            if s.data_ptr() not in weights:
-                kept[s.data_ptr()] = s.nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logp = gs.completion_logprobs(m, batch, completions, 2)
+        # distinct activation storage kept for the backward
+        kept = bench.saved_bytes(lambda: out.append(gs.completion_logprobs(m, batch, completions, 2)), m)
+        logp = out[0]
         (logp * torch.linspace(-1, 1, 6)).sum().backward()
         with torch.no_grad():
             gs.completion_logprobs(m, batch, completions, 2)
         hook.remove()
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-        return logp.detach(), grads, len(calls), sum(kept.values())
+        return logp.detach(), grads, len(calls), kept
 
     plain, ckpt = copy.deepcopy(start), copy.deepcopy(start)
     gs.checkpoint_layers(ckpt)
