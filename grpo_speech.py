@@ -20,7 +20,8 @@ Where this file departs from the paper (each is a flag or a stated default):
     running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
   * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
     conformer, which has no padding mask, hears the padding): an answer never depends on its
-    batch mates, so batch size, process count and resumption leave results unchanged.
+    batch mates, so on CPU batch size, process count and resumption leave results unchanged
+    (on CUDA, repeat_interleave's backward and cumsum are not deterministic: close, not equal).
   * MP-GRPO keeps the KL term on the reference answer's tokens too; the reference is cut to the
     completion budget like a sample and rewarded as cut; reward/* metrics are the samples'.
   * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
@@ -815,6 +816,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
 # SFT takes the same path with the reference answers as its completions.
 
 
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: CUDA runs asynchronously, and
+    a perf/*_s timer read without waiting would time the kernel launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class Rollout:
     """What one step trains on: N = B*G completions (SFT: the B references, G = 1)."""
@@ -844,14 +853,14 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
         n = G - 1 if mixed else G                                   # on-policy samples a prompt
         # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
         # diverse, or all its rewards tie and the advantages vanish
-        t0 = time.perf_counter()
+        t0 = clock(device)
         with autocast():
             samples = sample_groups(
                 policy, batch, n, max_new_tokens=cfg.max_new_tokens,
                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                 temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
                 uniforms=row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens))
-        t1 = time.perf_counter()
+        t1 = clock(device)
         groups = samples.token_lists()
         # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
         references = [t for t in batch.targets for _ in range(n)]
@@ -876,21 +885,21 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
         rewards = rewards.reshape(-1).to(device)                                     # (N,)
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         metrics.update({"perf/completion_len": samples.lengths.float().mean().item(),
-                        "perf/sample_s": t1 - t0, "perf/reward_s": time.perf_counter() - t1})
+                        "perf/sample_s": t1 - t0, "perf/reward_s": clock(device) - t1})
     else:
         groups = [encode_target(tokenizer, t) for t in batch.targets]
     lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
     completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
                                padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
     mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     old_logp = ref_logp = None
     with torch.no_grad(), autocast():
         if ref_model is not None:
             ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature)
         if cfg.grpo and cfg.num_iterations > 1:
             old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
-    metrics["perf/ref_logp_s"] = time.perf_counter() - t0
+    metrics["perf/ref_logp_s"] = clock(device) - t0
     return (Rollout(completions, mask, G, rewards, advantages, old_logp, ref_logp, off_policy),
             metrics)
 
@@ -1042,7 +1051,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             log(0, evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"], autocast, state,
                                           out, dist))
         while state.step < cfg.max_steps and not dist.sum(torch.tensor(float(stop.is_set()))):
-            t_step = time.perf_counter()
+            t_step = clock(device)
             first = dist.rank * B_local
             idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
@@ -1053,15 +1062,15 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             step_rollout, metrics = rollout(cfg, policy, ref_model, tokenizer, batch, state.step,
                                             list(range(first, first + B_local)), suppress,
                                             autocast)
-            t0 = time.perf_counter()
+            t0 = clock(device)
             update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, step_rollout,
                                               B, state, autocast, dist)
             metrics = over_processes(metrics, update, dist)
             if not cfg.grpo:
                 metrics["loss/sft"] = metrics.pop("loss/total")
-            metrics.update({"perf/update_s": time.perf_counter() - t0, "perf/grad_norm": grad_norm,
+            metrics.update({"perf/update_s": clock(device) - t0, "perf/grad_norm": grad_norm,
                             "lr": scheduler.get_last_lr()[0],
-                            "perf/step_s": time.perf_counter() - t_step})
+                            "perf/step_s": clock(device) - t_step})
             scheduler.step()
             state.step += 1
             saves = state.step % cfg.eval_every == 0 or state.step == cfg.max_steps
@@ -1576,15 +1585,22 @@ class Dist:
 
 
 def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
-    """gloo on CPU, nccl on GPU, one GPU per process (LOCAL_RANK); torchrun sets the variables."""
+    """gloo on CPU; on GPU nccl for CUDA tensors (gradients) and gloo for CPU ones (the stop flag,
+    bad_loss, metrics, objects): a pure "nccl" group maps only cuda and refuses a CPU tensor.
+    One GPU per process: LOCAL_RANK, or the one a launcher left visible. torchrun sets RANK."""
     device = pick_device(cfg.device)
     if "RANK" not in os.environ:
         return Dist(), device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))
+                              % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the others wait while rank 0 alone writes a checkpoint (2B full: ~33 GB) or best/:
+        # NCCL's default 10 minutes would abort every rank on a slow filesystem
+        torch.distributed.init_process_group(
+            "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(hours=2))
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
 
 
@@ -1598,7 +1614,7 @@ def close_distributed(ok: bool) -> None:
     try:
         if ok:
             torch.distributed.barrier()
-        elif torch.distributed.get_backend() == "gloo":
+        elif "gloo" in torch.distributed.get_backend():   # "gloo" or "cpu:gloo,cuda:nccl"
             torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
     except RuntimeError:  # a peer timed out or has gone: nothing left to wait for
         pass
@@ -1764,7 +1780,9 @@ def load_checkpoint(model, path: Path) -> dict:
         except RuntimeError as e:
             raise InputError(f"{path}: checkpoint does not match --model "
                              f"({str(e).splitlines()[1].strip()[:120]})") from None
-    return torch.load(path / "trainer_state.pt", weights_only=True)
+    # on the CPU: a GPU run's tensors would otherwise return to the device that saved them
+    # (rank 0's cuda:0, for every rank); load_state_dict moves AdamW's state to its parameters
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
 # What a run is: --resume with another of these would mix two runs in one results.json.
@@ -1794,9 +1812,10 @@ def check_resume(cfg: Config) -> None:
 
 def save_checkpoint(policy, tokenizer, optimizer, scheduler, state: TrainState, out: Path,
                     dist: Dist) -> None:
-    # sampling and data order are functions of (seed, step, index); any other draw resumes too
-    rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()}
-                                              if torch.cuda.is_available() else {})
+    # sampling and data order are functions of (seed, step, index); any other draw resumes too.
+    # Nothing draws from a CUDA generator (uniforms are drawn on the CPU), so none is saved: a
+    # resume with fewer visible GPUs would have no generator to restore it to
+    rng = {"torch": torch.get_rng_state()}
     dist.on_main(save_model, policy, tokenizer, out / "checkpoint",
                  {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                   "rng": rng, **dataclasses.asdict(state)})
@@ -1811,8 +1830,6 @@ def restore(cfg: Config, policy, optimizer, scheduler, out: Path, dist: Dist) ->
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     def trim_log():   # metrics.jsonl keeps the steps the checkpoint has seen: none lost or twice
         print(f"resumed from {ckpt} at step {saved['step']}")
         log, kept = out / "metrics.jsonl", []
@@ -1867,7 +1884,13 @@ def prepare_out(cfg: Config):
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(lock_path, "a+")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:   # Lustre without -o flock, some NFS: run unguarded, and say so
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            print(f"note: {out} cannot be locked ({e.strerror}): nothing stops a second run "
+                  "on it", file=sys.stderr)
         if not os.path.samestat(os.fstat(lock.fileno()), lock_path.stat()):
             raise BlockingIOError   # a refused run removed the file we locked: not the lock
     except BlockingIOError:   # the pid from our own handle: the path may be gone by now

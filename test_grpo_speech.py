@@ -1468,6 +1468,91 @@ def test_torchrun_two_processes_match_one_process(tiny_data, fixture_model_dir, 
     assert not best.exists() and not list((tmp_path / "full").glob("best.*"))
 
 
+GPU_GROUP_SCRIPT = """
+import datetime, sys, torch, torch.distributed as td
+sys.path.insert(0, {repo!r})
+import grpo_speech as gs
+# this CPU plays a GPU node whose launcher leaves each rank one visible GPU; the group keeps the
+# device map the file asks for, with gloo serving NCCL's part (NCCL itself needs GPUs)
+torch.cuda.device_count, torch.cuda.set_device = (lambda: 1), (lambda device: None)
+gs.pick_device = lambda name: torch.device("cuda")
+seen, real_init = {{}}, td.init_process_group
+def init(backend, **kw):
+    seen.update(kw)
+    return real_init("cuda:gloo" if backend == "nccl" else backend.replace("nccl", "gloo"), **kw)
+td.init_process_group = init
+dist, device = gs.init_distributed(gs.Config())
+# the CPU tensors the trainer all-reduces: the stop flag, bad_loss, the step's metrics
+assert dist.sum(torch.tensor(float(dist.rank))).item() == 1.0
+assert gs.over_processes({{"reward/mean": float(dist.rank)}}, {{"loss/total": 1.0}}, dist) == \\
+    {{"reward/mean": 0.5, "loss/total": 2.0}}
+p = torch.nn.Parameter(torch.ones(2))
+p.grad = torch.ones(2)
+loss = float("nan") if dist.rank else 0.0    # one rank's non-finite loss skips it on both
+_, skipped = gs.optimizer_step(gs.Config(), [p], torch.optim.SGD([p], lr=0.1), loss,
+                               gs.TrainState(), dist)
+assert skipped and p.tolist() == [1.0, 1.0]
+assert device == torch.device("cuda", 0), device              # the one visible GPU, not LOCAL_RANK
+assert seen.get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(hours=1), seen
+print("ok", dist.rank)
+gs.close_distributed(True)
+"""
+
+
+def test_gpu_process_group_serves_cpu_collectives_one_visible_gpu_and_slow_saves(tmp_path):
+    """torchrun on GPUs: the trainer all-reduces CPU tensors (stop flag, bad_loss, metrics), which a
+    pure "nccl" group refuses ("No backend type associated with device type cpu"); a launcher that
+    leaves each rank one GPU makes LOCAL_RANK 1 a device that does not exist; the others wait on
+    rank 0's checkpoint write past NCCL's 10-minute watchdog. Shown here on a CPU through gloo
+    given the same device map."""
+    script = tmp_path / "group.py"
+    script.write_text(GPU_GROUP_SCRIPT.format(repo=str(REPO)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    assert p.returncode == 0 and p.stdout.count("ok ") == 2, (p.stdout + p.stderr)[-3000:]
+
+
+def test_a_gpu_checkpoint_resumes_on_this_cpu(straight_fault_run, tmp_path):
+    """A checkpoint written on GPUs (its tensors tagged cuda:0, CUDA generator states of two GPUs) resumes
+    on a machine with fewer GPUs or none, exactly as the same checkpoint saved on the CPU does."""
+    args, straight = straight_fault_run
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    shutil.copytree(straight, cpu)
+    shutil.copytree(straight, gpu)
+    state_file = gpu / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["rng"]["cuda"] = [state["rng"]["torch"][:16]] * 2
+    entry = (0, lambda storage: "cuda:0", lambda storage, location: None)   # every storage says cuda:0
+    torch.serialization._package_registry.insert(0, entry)
+    try:
+        torch.save(state, state_file)
+    finally:
+        torch.serialization._package_registry.remove(entry)
+    with pytest.raises(RuntimeError, match="CUDA"):     # what a load without map_location meets here
+        torch.load(state_file, weights_only=True)
+    sizes = {f.name: f.stat().st_size for f in (gpu / "checkpoint").iterdir() if f.name != "complete.json"}
+    (gpu / "checkpoint" / "complete.json").write_text(json.dumps(sizes))
+    for out in (cpu, gpu):
+        _check_ok(run_cli(*args, "--out", out, "--resume", "--max-steps", "4", cwd=tmp_path))
+    assert _step_metrics(gpu) == _step_metrics(cpu) and sorted(_step_metrics(gpu)) == [0, 1, 2, 3, 4]
+    assert _same_weights(gpu / "final", cpu / "final")
+
+
+def test_a_filesystem_without_flock_runs_with_a_note(tiny_data, fixture_model_dir, tmp_path):
+    """flock raises ENOLCK on Lustre mounted without -o flock: the run goes on, unguarded, saying so."""
+    no_flock = ("import errno, fcntl\n"
+                "def flock(fd, op):\n"
+                "    raise OSError(errno.ENOLCK, 'No locks available')\n"
+                "fcntl.flock = flock")
+    p = _cli_with(no_flock, ["--task", "ast", "--mode", "eval", "--model", fixture_model_dir, "--data",
+                             tiny_data / "ast", "--eval-limit", "2", "--max-new-tokens", "4",
+                             "--out", tmp_path / "run"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "cannot be locked (No locks available)" in p.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["n"] == 2
+
+
 # ---------------------------------------- released checkpoints: adapter, scaling, prompt ----
 # Fixtures re-save the shipped model with the released checkpoints' kinds of settings (no hub
 # here): a LoRA adapter in peft's format with release-era names, logits_scaling 8, a Granite 3.x
