@@ -498,6 +498,19 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_mask(attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+    """The attention mask of a pass over P left-padded prompt positions: (B, K) as given when
+    no row is padded, else (B, 1, P, K), causal over the real keys, where each pad position also
+    sees itself. transformers 5.25 leaves a pad query with no key at all; some CUDA kernels give
+    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN)."""
+    if bool(attention_mask.all()):  # transformers' own causal path: kept, no mask made
+        return attention_mask
+    q = torch.arange(P, device=attention_mask.device)[:, None]                     # (P, 1)
+    k = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]  # (1, K)
+    real = attention_mask.bool()[:, None]                                          # (B, 1, K)
+    return ((k <= q) & (real | (k == q)))[:, None]                                 # (B, 1, P, K)
+
+
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token logits from the LM's last hidden states, the one place they are computed.
     Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5.24's
@@ -540,10 +553,10 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     attends to its prompt's keys and values. The loss is the same function of the same numbers;
     autograd sums the G completions' gradients into the prompt's one pass, which is the gradient
     running q G times would give (README: Speed)."""
-    T = completions.shape[1]
+    P, T = batch.attention_mask.shape[1], completions.shape[1]
     cache = PromptCache(config=model.config)
     prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
-                         attention_mask=batch.attention_mask,
+                         attention_mask=prompt_mask(batch.attention_mask, P),
                          position_ids=positions(batch.attention_mask), cache=cache,
                          use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
@@ -554,13 +567,14 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                                         use_cache=True).last_hidden_state      # (N, T, D)
     # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
     hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
-    logits = lm_logits(model, hidden).float() / temperature                    # (N, T, V)
-    logp_all = torch.log_softmax(logits, dim=-1)
+    # one fp32 (N, T, V) tensor outlives this line (log-softmax keeps its output for the
+    # backward); at paper scale each is N x 200 x 49,160 x 4 bytes: 315 MB a group
+    logp_all = torch.log_softmax(lm_logits(model, hidden).float() / temperature, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
         return logp
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (N, T)
+    with torch.no_grad():   # a completion at a time: exp and product are (T, V), not (N, T, V)
+        entropy = torch.stack([-(row.exp() * row).sum(-1) for row in logp_all])   # (N, T)
     return logp, entropy
 
 
@@ -593,7 +607,8 @@ def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None
     attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
                      dim=1)
     pos = positions(batch.attention_mask)
-    out = model.model(inputs_embeds=prompt_embeddings(model, batch), attention_mask=attn,
+    out = model.model(inputs_embeds=prompt_embeddings(model, batch),
+                      attention_mask=prompt_mask(attn, P),
                       position_ids=pos, cache=cache, use_cache=True)
     cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
     logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(copies, 0)

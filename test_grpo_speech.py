@@ -888,6 +888,38 @@ def test_shared_prompt_pass_under_bf16_is_as_close_as_bf16_itself(shipped, ast_t
 # ---------------------------------------------------------------- model: sampling ----
 
 
+def test_completion_logprobs_holds_at_most_two_vocabulary_sized_tensors_at_once(model_tok, ast_test):
+    """At paper scale an fp32 (N, T, V) tensor is 2.5 GB at N = 64 (315 MB a group): logits, log-softmax,
+    exp and their product for the entropy were all alive at once. Counted with a dispatch mode that tracks
+    which storages made inside completion_logprobs are alive after each op."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MostAlive(TorchDispatchMode):
+        def __init__(self, nbytes):
+            super().__init__()
+            self.nbytes, self.live, self.most = nbytes, {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.live = {k: ref for k, ref in self.live.items() if not ref.expired()}
+            for x in torch.utils._pytree.tree_leaves(out):
+                if isinstance(x, torch.Tensor) and x.untyped_storage().nbytes() == self.nbytes:
+                    self.live.setdefault(x.untyped_storage().data_ptr(), StorageWeakRef(x.untyped_storage()))
+            self.most = max(self.most, len(self.live))
+            return out
+
+    model, tok = model_tok
+    batch = make_batch(model, tok, ast_test, [0, 1])
+    G, T, V = 4, 12, model.config.text_config.vocab_size
+    completions = torch.randint(0, 200, (2 * G, T), generator=torch.Generator().manual_seed(0))
+    trained = copy.deepcopy(model).requires_grad_(True)
+    with MostAlive(2 * G * T * V * 4) as counter:
+        logp, entropy = gs.completion_logprobs(trained, batch, completions, G, with_entropy=True)
+    assert counter.most == 2                       # log-softmax's input and output, then its output alone
+    assert logp.shape == entropy.shape == (2 * G, T) and bool((entropy > 0).all())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_teacher_forced(model_tok, ast_test, temperature):
     model, tok = model_tok
@@ -950,6 +982,42 @@ def test_completion_does_not_depend_on_batch_mates(model_tok, ast_test):
         assert int(both.lengths[2 + k]) == n
         assert both.tokens[2 + k, :n].tolist() == alone.tokens[k, :n].tolist()
         torch.testing.assert_close(both.logps[2 + k, :n], alone.logps[k, :n], atol=1e-4, rtol=0)
+
+
+def _nan_on_rows_with_no_key(module, query, key, value, attention_mask, **kw):
+    """transformers' SDPA attention, but NaN on a query row that may attend to no key, as some CUDA kernels
+    give (CPU gives zeros there)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)   # (B, Q, H, d)
+    if attention_mask is not None:
+        empty = ~attention_mask[..., :key.shape[-2]].any(-1)                                # (B, 1, Q)
+        out = out.masked_fill(empty.transpose(1, 2)[..., None], float("nan"))
+    return out, weights
+
+
+def test_left_padded_prompts_have_no_query_without_keys(model_tok, ast_test):
+    """Under an attention kernel that gives NaN where a row has no key, a left-padded batch gives the same
+    finite log-probs and greedy completions as each prompt alone."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register("nan_rows", _nan_on_rows_with_no_key)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("nan_rows", sdpa_mask)
+    model, tok = model_tok
+    strict = copy.deepcopy(model)
+    strict.set_attn_implementation("nan_rows")
+    assert strict.model.language_model.config._attn_implementation == "nan_rows"
+    idx = [0, 3]
+    batch = make_batch(model, tok, ast_test, idx)
+    assert not batch.attention_mask.all()                              # one prompt is left-padded
+    completions = torch.randint(0, 200, (4, 6), generator=torch.Generator().manual_seed(0))
+    padded = gs.completion_logprobs(strict, batch, completions, 2)
+    kw = dict(max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+    greedy = gs.sample_groups(strict, batch, 1, **kw).token_lists()
+    for k, i in enumerate(idx):
+        one = make_batch(model, tok, ast_test, [i])
+        alone = gs.completion_logprobs(model, one, completions[2 * k:2 * k + 2], 2)
+        torch.testing.assert_close(padded[2 * k:2 * k + 2], alone, atol=1e-5, rtol=0)
+        assert greedy[k] == gs.sample_groups(model, one, 1, **kw).token_lists()[0]
 
 
 def test_sampler_inverse_cdf_follows_the_distribution(model_tok, ast_test):
