@@ -995,7 +995,7 @@ def setup_training(cfg: Config, policy, dist: Dist):
                                     if b is not None and b.is_floating_point()})
     ref_model = frozen_reference(policy, cfg) if cfg.grpo and cfg.beta != 0 else None
     if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward (Part II: memory)
-        checkpoint_layers(policy)
+        checkpoint_layers(policy, cfg.compile)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.99))
@@ -1005,8 +1005,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
         print(f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%); "
               f"AdamW state {adam / 2**20:.2f} MB")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
-    if cfg.compile:  # in place: state_dict names stay, and every caller gets the compiled LM
-        policy.model.language_model.compile(dynamic=True)
+    if cfg.compile:  # Part II (memory): with --grad-checkpointing, each layer is compiled instead
+        compile_lm(policy, whole=not cfg.grad_checkpointing)
     policy.eval()  # dropout off and BatchNorm frozen, so the on-policy ratio is exactly 1
     return params, optimizer, scheduler, ref_model
 
@@ -1942,11 +1942,27 @@ def prepare_out(cfg: Config):
 # ------------------------------------------------------------------------------ memory ----
 
 
-def checkpoint_layers(model) -> None:
+def checkpoint_layers(model, compile: bool = False) -> None:
     """--grad-checkpointing: each LM layer keeps only its input and runs again in the backward
-    (transformers' own switch acts in training mode only; the policy runs in eval mode)."""
+    (transformers' own switch acts in training mode only; the policy runs in eval mode). Under
+    --compile the checkpoint wraps the compiled layer: Dynamo cannot trace a checkpoint around
+    transformers' layer (a side effect inside it), so a compiled LM would run its layers eager."""
     for layer in model.model.language_model.layers:
-        layer.forward = functools.partial(checkpointed, layer.forward)
+        forward = torch.compile(layer.forward, dynamic=True) if compile else layer.forward
+        layer.forward = functools.partial(checkpointed, forward)
+
+
+def compile_lm(model, whole: bool = True) -> None:
+    """--compile: the LM compiled in place (state_dict names stay; every caller gets it), or its
+    layers only (checkpoint_layers). A code object gets a graph per grad mode, cache kind, mask
+    kind (the padded prompt's (B, 1, P, K), a decode step's (N, K)), batch of 1 and, per layer,
+    its index: more than Dynamo's default limit of 8, past which it runs eager without a word."""
+    layers = len(model.model.language_model.layers)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * layers)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 32 * layers)
+    if whole:
+        model.model.language_model.compile(dynamic=True)
 
 
 def checkpointed(forward, *args, **kwargs):
@@ -1985,14 +2001,19 @@ def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos
         seqs = seqs.gather(1, beam[:, :, None].expand(-1, -1, T))
         seqs[:, :, t] = token
         ends = (token == eos_id) | (t == T - 1)
-        for b in range(B):
-            if not done[b]:
-                hyps[b] += [((top[b, r] / (t + 1)).item(), seqs[b, r, :t + 1].tolist())
-                            for r in range(K) if ends[b, r]]
-                hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:K]
         keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
+        # the host reads the step in one transfer, not one per beam (each a GPU sync)
+        scores, ended, best = [x.tolist() for x in (top[:, :K] / (t + 1), ends[:, :K],
+                                                    top.gather(1, keep[:, :1])[:, 0] / (t + 1))]
+        new = [(b, r) for b in range(B) if not done[b] for r in range(K) if ended[b][r]]
+        if new:
+            b_new, r_new = torch.tensor(new, device=device).T
+            for (b, r), seq in zip(new, seqs[b_new, r_new, :t + 1].tolist()):
+                hyps[b].append((scores[b][r], seq))
+            for b in {b for b, _ in new}:
+                hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:K]
         running, seqs = top.gather(1, keep), seqs.gather(1, keep[:, :, None].expand(-1, -1, T))
-        done = [d or (len(h) == K and (running[b, 0] / (t + 1)).item() <= h[-1][0])
+        done = [d or (len(h) == K and best[b] <= h[-1][0])
                 for b, (d, h) in enumerate(zip(done, hyps))]
         if all(done) or t == T - 1:
             break

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import io
 import json
 import math
@@ -2182,6 +2183,42 @@ def test_grad_checkpointing_recomputes_each_layer_and_keeps_the_gradient(model_t
     assert torch.equal(lp0, lp1) and g0.keys() == g1.keys() and len(g0) > (10 if lora else 30)
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
     assert any("lora_A" in k for k in g0) == bool(lora)
+
+
+def test_compile_with_grad_checkpointing_traces_every_layer_without_a_graph_break(model_tok, ast_test, monkeypatch):
+    """--compile --grad-checkpointing: Dynamo cannot trace a checkpoint around transformers' layer (a side
+    effect inside it), so a compiled LM graph-broke at every layer and ran them eager; each layer is now
+    compiled inside its checkpoint. Dynamo's counters over one update (its eager backend: tracing, not
+    code generation), and the log-probs and gradients equal the uncompiled ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    model, tok = model_tok
+    batch = make_batch(model, tok, ast_test, [0, 1])
+    completions = torch.randint(5, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit",
+                        torch._dynamo.config.accumulated_recompile_limit)
+    results = []
+    for compiled in (False, True):
+        policy = copy.deepcopy(model)
+        cfg = gs.Config(mode="grpo", beta=0.0, grad_checkpointing=True, compile=compiled)
+        gs.setup_training(cfg, policy, gs.Dist())
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            logp = gs.completion_logprobs(policy, batch, completions, 2)
+            (logp * torch.linspace(-1, 1, 6)).sum().backward()
+            breaks, frames = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+        finally:
+            for layer in policy.model.language_model.layers:
+                layer.__dict__.pop("forward", None)
+            torch._dynamo.reset()
+        results.append((logp.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}))
+    assert breaks == 0 and frames >= 3, (dict(counters["graph_break"]), frames)   # a graph per layer at least
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(torch.allclose(results[0][1][k], results[1][1][k], atol=1e-6, rtol=1e-5) for k in results[0][1])
 
 
 def test_cli_grad_checkpointing_gives_the_same_run(mode_runs, tiny_data, fixture_model_dir, tmp_path):
