@@ -672,6 +672,216 @@ def full_size(args) -> None:
         sys.exit(rc)
 
 
+# --gpu-check: each configuration the README promises, once, on the GPU, at the smallest size that exercises it.
+# The shipped model's runs go through the real command line (several at a time: they are small); the 2B-shaped
+# model's run alone after them, in this process, for its peak memory and time.
+GPU_RUN = ["--task", "ast", "--mode", "grpo", "--model", str(SHIPPED), "--data", str(HERE / "data" / "ast"),
+           "--max-steps", "4", "--eval-every", "2", "--dev-limit", "4", "--eval-limit", "4", "--batch-size", "2",
+           "--group-size", "4", "--max-new-tokens", "16", "--overwrite"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+# two ranks on one GPU: NCCL refuses that, so gloo serves NCCL's part of the group's device map
+GLOO_AS_NCCL = ("import runpy, sys, torch.distributed as td\nreal = td.init_process_group\n"
+                "td.init_process_group = lambda b, **k: real(b.replace('nccl', 'gloo'), **k)\n"
+                "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def gpu_cli(root: Path, name: str, *extra, launcher=(), env=None, then=None) -> dict:
+    """grpo_speech.py GPU_RUN + extra into root/name (under launcher, e.g. torchrun); its test BLEU or why not."""
+    out = root / name.replace(" ", "_").replace("-", "")
+    cmd = [*(launcher or [sys.executable]), str(HERE / "grpo_speech.py"), *GPU_RUN, "--out", str(out), *extra]
+    if root.name == "dry-run":
+        return dict(run=shlex.join(cmd) + (f"; then {then.__doc__}" if then else ""))
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", **(env or {})))
+    row = dict(seconds=time.perf_counter() - t0, ok=p.returncode == 0)
+    (root / f"{out.name}.log").write_text(p.stdout + p.stderr)
+    if p.returncode:
+        return row | dict(note=f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or [""])[-1][:150])
+    res = json.loads((out / "results.json").read_text())
+    row["note"] = f"test BLEU {res.get('final', res['base'])['bleu']}" + "".join(
+        f", {k} {res[k]['bleu']}" for k in ("final_sample", "base_sample", "base_beam") if k in res)
+    if env and "TORCH_LOGS" in env:
+        row["note"] += (f"; {p.stderr.count('Graph break')} graph breaks, {p.stderr.count('Recompiling')} "
+                        f"recompiles, {p.stderr.count('recompile_limit')} hit the limit (log: {out.name}.log)")
+    return row | (then(out) if then else {})
+
+
+def gpu_resume(root: Path) -> dict:
+    """SIGINT after step 1, --resume, compared with the uninterrupted fp32 run"""
+    import signal
+    straight = root / "fp32"
+    if root.name == "dry-run":
+        return gpu_cli(root, "resumed", then=gpu_resume)
+    out = root / "resumed"
+    cmd = [sys.executable, str(HERE / "grpo_speech.py"), *GPU_RUN, "--out", str(out)]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not any('"step": 1' in l for l in
+                                       (out / "metrics.jsonl").read_text().splitlines()[1:] if
+                                       (out / "metrics.jsonl").exists()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stopped = p.wait()
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    if stopped != 130 or r.returncode:
+        return dict(ok=False, seconds=time.perf_counter() - t0, note=f"exit {stopped} then {r.returncode}: "
+                    + (r.stderr.strip().splitlines() or [""])[-1][:150])
+    rows = lambda d: {json.loads(l)["step"]: json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()}
+    a, b = rows(straight), rows(out)
+    diff = max(abs(a[k][m] - b[k][m]) for k in a for m in a[k] if not m.startswith("perf/")
+               and isinstance(a[k][m], float) and isinstance(b[k].get(m), float))
+    from safetensors.torch import load_file
+    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    wdiff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    return dict(ok=sorted(a) == sorted(b), seconds=time.perf_counter() - t0,
+                note=f"steps {sorted(b)}; vs uninterrupted: metrics max |diff| {diff:.2g}, final weights {wdiff:.2g}"
+                     " (CUDA kernels are not bit-deterministic)")
+
+
+def gpu_padding_probe(_root: Path) -> dict:
+    """the shipped model, a left-padded batch of 2 against each prompt alone: fp32 and bf16, each SDPA backend"""
+    if _root.name == "dry-run":
+        return dict(run=gpu_padding_probe.__doc__)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model, tok = gs.load_model(str(SHIPPED), torch.device("cuda"))
+    data = gs.SpeechData(gs.read_manifest(HERE / "data" / "ast" / "test.jsonl"))
+    batch = gs.collate(data, [0, 3], tok, model.config.audio_token_id).cuda()
+    comp = torch.randint(5, 200, (4, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    notes = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                        SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel([backend]), torch.autocast("cuda", dtype, enabled=dtype != torch.float32), \
+                        torch.no_grad():
+                    padded = gs.completion_logprobs(model, batch, comp, 2)
+                    alone = torch.cat([gs.completion_logprobs(model, batch.select(b, b + 1), comp[2 * b:2 * b + 2], 2)
+                                       for b in range(2)])
+                    # the unguarded case: a query row with no key, as transformers 5.25 leaves it
+                    q = torch.randn(1, 1, 2, 64, device="cuda", dtype=dtype)
+                    raw = torch.nn.functional.scaled_dot_product_attention(
+                        q, q, q, attn_mask=torch.tensor([[False, False], [True, True]], device="cuda"))
+                notes.append(f"{str(dtype)[6:]}/{backend.name}: padded finite {bool(padded.isfinite().all())}, "
+                             f"max |diff| {(padded - alone).abs().max().item():.1g}, "
+                             f"keyless row {'NaN' if raw[0, 0, 0].isnan().any() else 'finite'}")
+            except RuntimeError as e:
+                notes.append(f"{str(dtype)[6:]}/{backend.name}: unavailable ({str(e).splitlines()[0][:60]})")
+    ok = all("padded finite True" in n or "unavailable" in n for n in notes)
+    return dict(ok=ok, note="; ".join(notes))
+
+
+def gpu_2b(_root: Path, lora: bool, layers=(40, 16), device="cuda") -> dict:
+    """A random model of the released 2B's shape on the GPU (as --full-size 2b builds it), one GRPO step (rollout,
+    pi_ref, update) at the README's single-GPU setting: B 8, G 8, 200-token completions (EOS suppressed),
+    --grad-accum 8 (one group a micro-batch), --bf16, --lora 64 or full training; peak GPU memory and time."""
+    if _root.name == "dry-run":
+        return dict(run=f"{'--lora 64 --bf16' if lora else 'full training, --bf16'}: " + " ".join(
+            gpu_2b.__doc__.split()) + (" Then sample_groups against generate(num_return_sequences=8), B 2, 64 "
+                                       "tokens, tokens/s." if lora else ""))
+    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+    tok = AutoTokenizer.from_pretrained(SHIPPED)
+    ids = {k: v for k, v in json.loads((SHIPPED / "config.json").read_text())["text_config"].items()
+           if k.endswith("_token_id")}
+    config = granite_speech_config("2B", layers, tok.convert_tokens_to_ids(gs.AUDIO_TOKEN), **ids)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    with torch.device(device):   # as run() loads it: bf16 under --lora --bf16, else fp32 master weights
+        torch.set_default_dtype(torch.bfloat16 if lora else torch.float32)
+        try:
+            model = GraniteSpeechForConditionalGeneration(config).eval().requires_grad_(False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    cfg = gs.resolve_config(gs.Config(mode="grpo", bf16=True, batch_size=8, group_size=8, max_new_tokens=200,
+                                      grad_accum=8, lr=1e-6, **(dict(lora=64, lora_alpha=32.0) if lora else {})))
+    params, optimizer, _, ref_model = gs.setup_training(cfg, model, gs.Dist())
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+    data = gs.SpeechData(gs.read_manifest(HERE / "data" / "ast" / "train.jsonl")[:8])
+    batch = gs.collate(data, list(range(8)), tok, config.audio_token_id, config=config).to(device)
+    # EOS suppressed too: 200 tokens every completion, the worst case
+    suppress = torch.cat([gs.suppressed_ids(tok, config.text_config.vocab_size, config.audio_token_id),
+                          torch.tensor([tok.eos_token_id])])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with autocast():
+        batch.encoded = gs.encoder_states(model, batch)
+    rollout, metrics = gs.rollout(cfg, model, ref_model, tok, batch, 0, list(range(8)), suppress, autocast)
+    gs.policy_update(cfg, model, params, optimizer, batch, rollout, 8, gs.TrainState(), autocast, gs.Dist())
+    torch.cuda.synchronize()
+    row = dict(ok=True, seconds=time.perf_counter() - t0, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+               note=f"sampling {metrics['perf/sample_s']:.1f} s, pi_ref {metrics['perf/ref_logp_s']:.1f} s, "
+                    f"completion length {metrics['perf/completion_len']:.0f}")
+    if lora:   # sampling speed against transformers' generate on the same model and prompts
+        b2 = batch.select(0, 2)
+        ours = lambda: gs.sample_groups(model, b2, 8, max_new_tokens=64, eos_id=-1, pad_id=tok.pad_token_id)
+        hf = lambda: model.generate(input_ids=b2.input_ids, input_features=b2.features,
+                                    input_features_mask=b2.features_mask, attention_mask=b2.attention_mask,
+                                    do_sample=True, num_return_sequences=8, max_new_tokens=64, min_new_tokens=64,
+                                    pad_token_id=tok.pad_token_id, top_k=0)
+        with autocast(), torch.no_grad():
+            t_ours, t_hf = timed(ours, 2), timed(hf, 2)
+        row["note"] += f"; sampling B 2 x G 8 x 64: {16 * 64 / t_ours:.0f} tokens/s, generate {16 * 64 / t_hf:.0f}"
+    del model, ref_model, optimizer, params
+    torch.cuda.empty_cache()
+    return row
+
+
+GPU_CHECKS = [   # (configuration, function of the run root)
+    ("shipped model, fp32", lambda r: gpu_cli(r, "fp32")),
+    ("--bf16", lambda r: gpu_cli(r, "bf16", "--bf16")),
+    ("--lora 8 --bf16", lambda r: gpu_cli(r, "lora", "--lora", "8", "--bf16")),
+    ("--grad-checkpointing", lambda r: gpu_cli(r, "ckpt", "--grad-checkpointing")),
+    ("--compile", lambda r: gpu_cli(r, "compile", "--compile", env=dict(TORCH_LOGS="graph_breaks,recompiles"))),
+    ("--compile --grad-checkpointing", lambda r: gpu_cli(r, "compile-ckpt", "--compile", "--grad-checkpointing",
+                                                         env=dict(TORCH_LOGS="graph_breaks,recompiles"))),
+    ("eval: greedy, sampled, beam", lambda r: gpu_cli(r, "beam", "--mode", "eval", "--eval-decoding", "beam")),
+    ("torchrun --nproc_per_node 1 (NCCL)", lambda r: gpu_cli(r, "torchrun1", launcher=[*TORCHRUN, "1"])),
+    ("2 processes, 1 GPU, gloo with NCCL's device map",
+     lambda r: gpu_cli(r, "two", launcher=[*TORCHRUN, "2", str(r / "gloo_as_nccl.py")])),
+    ("interrupted at step 1, resumed", gpu_resume),     # after "fp32": it compares with that run
+    ("left-padding probe", gpu_padding_probe),
+    ("2B shape, --lora 64 --bf16 step; sampling vs generate", lambda r: gpu_2b(r, lora=True)),
+    ("2B shape, full training step (--bf16, --grad-accum 8)", lambda r: gpu_2b(r, lora=False)),
+]
+GPU_PARALLEL = 8   # the first GPU_PARALLEL run side by side (small processes); the rest alone, in order
+
+
+def gpu_check(args) -> None:
+    import transformers
+    if not args.dry_run and not torch.cuda.is_available():
+        print(f"error: --gpu-check needs a CUDA GPU; torch {torch.__version__} sees none (--dry-run prints what "
+              "it would run)", file=sys.stderr)
+        sys.exit(2)
+    root = HERE / "runs" / ("dry-run" if args.dry_run else "gpu-check")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, transformers {transformers.__version__}, "
+          f"python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "gloo_as_nccl.py").write_text(GLOO_AS_NCCL)
+    if args.dry_run:
+        for name, check in GPU_CHECKS:
+            print(f"- {name}: {check(root)['run']}")
+        return
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(GPU_PARALLEL) as pool:
+        rows = list(pool.map(lambda c: c[1](root), GPU_CHECKS[:GPU_PARALLEL]))
+    for name, check in GPU_CHECKS[GPU_PARALLEL:]:
+        try:
+            rows.append(check(root))
+        except Exception as e:   # one failed configuration is a row, not the end of the check
+            rows.append(dict(ok=False, note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+    lines = ["| configuration | ok | s | peak GPU GB | note |", "|---|---|---|---|---|"]
+    for (name, _), r in zip(GPU_CHECKS, rows):
+        peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else ""
+        lines.append(f"| {name} | {'yes' if r.get('ok') else '**no**'} | {r.get('seconds', 0):.0f} | {peak} | "
+                     f"{r.get('note', '')} |")
+    text = "\n".join(lines) + (f"\n\n{device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+                               f"{time.strftime('%Y-%m-%d', time.gmtime())}: {time.perf_counter() - t0:.0f} s\n")
+    (root / "table.md").write_text(text)
+    print(text)
+    sys.exit(0 if all(r.get("ok") for r in rows) else 1)
+
+
 def contention(args) -> None:
     """The README's default command, short, at the default (auto) threads and torch's own, alone and beside one
     busy-looping process: mean perf/step_s each."""
@@ -901,6 +1111,9 @@ def main():
     p.add_argument("--full-size-model", default="", help="with --full-size: this model instead (nothing built)")
     p.add_argument("--full-size-extra", default="", help="with --full-size: more grpo_speech.py arguments")
     p.add_argument("--tree", default=str(HERE), help="with --full-size: the directory to import grpo_speech from")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="every configuration the README promises, on one GPU (under 5 min on an H100); one table")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: print what it would run, run nothing")
     p.add_argument("--contention", action="store_true", help="default command alone and beside a busy core")
     p.add_argument("--contention-extra", default="", help="with --contention: a row with these arguments")
     p.add_argument("--kill-soak", type=int, nargs="?", const=20, default=0, metavar="N",
@@ -930,6 +1143,8 @@ def main():
         return memory(args)
     if args.full_size:
         return full_size(args)
+    if args.gpu_check:
+        return gpu_check(args)
     if args.contention:
         return contention(args)
     if args.kill_soak:
