@@ -9,6 +9,7 @@
   python bench_grpo_speech.py --full-size 2b      # 3 GRPO steps on a random model of the released 2B's shape
   python bench_grpo_speech.py --contention        # the default command, alone and beside a busy core
   python bench_grpo_speech.py --kill-soak 20      # SIGKILL a short run 20 times, resume, compare
+  python bench_grpo_speech.py --gpu-check         # every README configuration on one GPU (--dry-run: the plan)
 
 --compare runs the real command line once per (task, method, seed) into runs/compare/ (SFT,
 GRPO, MP-GRPO, then SFT -> GRPO and SFT -> SFT from each seed's SFT best/), writes
@@ -37,11 +38,20 @@ Each ratio is (baseline time) / (our time), median of --repeats runs after a war
 --full-size 2b builds runs/full-size-2b/ once (granite-speech-3.3-2b's shape from RELEASED.md, random bf16
 weights, the shipped tokenizer; ~3.0B parameters) and runs grpo_speech.main in a worker process (--lora 64 --bf16,
 B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances) with grpo_speech imported from --tree (default
-here). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included) and
-seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other (the rest);
+here). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included),
+on a GPU also the peak of torch.cuda.max_memory_allocated within each phase, and seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other (the rest);
 and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
 --full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the = form:
 ARGS start with --).
+
+--gpu-check runs GPU_CHECKS on one GPU, in under 5 minutes on an H100 (an estimate: no GPU has run it yet): the
+shipped model through the command line (fp32, --bf16, --lora 8 --bf16, --grad-checkpointing, --compile with and
+without it, its graph breaks and recompiles counted from TORCH_LOGS, greedy/sampled/beam evaluation, torchrun on
+NCCL, two processes on the one GPU through gloo given NCCL's device map, a run interrupted and resumed), the
+left-padding probe, and a random model of the released 2B's shape in this process: a --lora 64 --bf16 step and a
+full-training step at B 8, G 8, 200 tokens, --grad-accum 8, each with peak GPU memory and time, and sampling
+tokens/s against generate. One table, also in runs/gpu-check/table.md, with the device and the torch and
+transformers that ran. --dry-run prints the plan; without CUDA it stops in one line (exit 2).
 
 --contention runs the README's default command for 20 steps four times, OMP_* unset: default (auto) threads and
 `--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
@@ -597,15 +607,20 @@ def full_size_worker(argv: list[str], out: str) -> int:
         return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":") for line in open("/proc/self/status"))
                 if k in ("VmRSS", "VmHWM")}
     lock, now = threading.Lock(), dict(stage="before", phase=None, hwm=0)
-    peak, secs = dict.fromkeys(ORDER, 0), dict.fromkeys(ORDER, 0.0)
+    peak, secs, gpu = dict.fromkeys(ORDER, 0), dict.fromkeys(ORDER, 0.0), dict.fromkeys(ORDER, 0)
+    cuda = torch.cuda.is_available()   # on a GPU the memory that matters: the allocator's peak per phase
 
     def sample(*switch):   # the RSS so far goes to the current phase; then switch phase
         with lock:
             s, name = status(), now["phase"] or "other"
             peak[name] = max(peak[name], s["VmRSS"], s["VmHWM"] if s["VmHWM"] > now["hwm"] else 0)
             now["hwm"] = s["VmHWM"]
+            if cuda:
+                gpu[name] = max(gpu[name], torch.cuda.max_memory_allocated())
             if switch:
                 now["phase"] = switch[0]
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
 
     def wrap(name):
         fn = getattr(gs, name, None)
@@ -643,7 +658,8 @@ def full_size_worker(argv: list[str], out: str) -> int:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "memory.json").write_text(json.dumps(dict(
             argv=argv, grpo_speech=gs.__file__, rc=rc, whole_run_peak_gb=status()["VmHWM"] / 1e9,
-            phases={k: dict(peak_rss_gb=peak[k] / 1e9, seconds=secs[k]) for k in ORDER}), indent=1))
+            phases={k: dict(peak_rss_gb=peak[k] / 1e9, seconds=secs[k]) | (dict(peak_gpu_gb=gpu[k] / 1e9) if cuda
+                                                                            else {}) for k in ORDER}), indent=1))
     return rc
 
 
@@ -663,11 +679,14 @@ def full_size(args) -> None:
     rc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, TQDM_DISABLE="1")).returncode
     m = json.loads((out / "memory.json").read_text())
     print(f"\n{m['grpo_speech']}, exit status {m['rc']}\n")
-    print("| phase | peak RSS GB (1e9 bytes) | seconds |\n|---|---|---|")
+    on_gpu = "peak_gpu_gb" in m["phases"]["load"]   # torch.cuda.max_memory_allocated per phase
+    print("| phase | peak RSS GB (1e9 bytes) | seconds |" + (" peak GPU GB |" if on_gpu else "")
+          + "\n|---|---|---|" + ("---|" if on_gpu else ""))
     for k, v in m["phases"].items():
-        print(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.1f} |")
+        print(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.1f} |" + (f" {v['peak_gpu_gb']:.2f} |" if on_gpu else ""))
     seconds = sum(v["seconds"] for v in m["phases"].values())
-    print(f"| **whole run (VmHWM)** | **{m['whole_run_peak_gb']:.2f}** | {seconds:.1f} |")
+    top = f" **{max(v['peak_gpu_gb'] for v in m['phases'].values()):.2f}** |" if on_gpu else ""
+    print(f"| **whole run (VmHWM)** | **{m['whole_run_peak_gb']:.2f}** | {seconds:.1f} |" + top)
     if rc:
         sys.exit(rc)
 
@@ -714,11 +733,11 @@ def gpu_resume(root: Path) -> dict:
         return gpu_cli(root, "resumed", then=gpu_resume)
     out = root / "resumed"
     cmd = [sys.executable, str(HERE / "grpo_speech.py"), *GPU_RUN, "--out", str(out)]
+    shutil.rmtree(out, ignore_errors=True)   # an old metrics.jsonl would trigger the signal at once
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while p.poll() is None and not any('"step": 1' in l for l in
-                                       (out / "metrics.jsonl").read_text().splitlines()[1:] if
-                                       (out / "metrics.jsonl").exists()):
+    log = out / "metrics.jsonl"
+    while p.poll() is None and not (log.exists() and '"step": 1,' in log.read_text()):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     stopped = p.wait()
@@ -834,7 +853,7 @@ GPU_CHECKS = [   # (configuration, function of the run root)
     ("--compile", lambda r: gpu_cli(r, "compile", "--compile", env=dict(TORCH_LOGS="graph_breaks,recompiles"))),
     ("--compile --grad-checkpointing", lambda r: gpu_cli(r, "compile-ckpt", "--compile", "--grad-checkpointing",
                                                          env=dict(TORCH_LOGS="graph_breaks,recompiles"))),
-    ("eval: greedy, sampled, beam", lambda r: gpu_cli(r, "beam", "--mode", "eval", "--eval-decoding", "beam")),
+    ("eval, greedy + sampled + beam", lambda r: gpu_cli(r, "beam", "--mode", "eval", "--eval-decoding", "beam")),
     ("torchrun --nproc_per_node 1 (NCCL)", lambda r: gpu_cli(r, "torchrun1", launcher=[*TORCHRUN, "1"])),
     ("2 processes, 1 GPU, gloo with NCCL's device map",
      lambda r: gpu_cli(r, "two", launcher=[*TORCHRUN, "2", str(r / "gloo_as_nccl.py")])),

@@ -1622,6 +1622,21 @@ def test_a_filesystem_without_flock_runs_with_a_note(tiny_data, fixture_model_di
     assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["n"] == 2
 
 
+def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tmp_path):
+    import bench_grpo_speech as bench
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(REPO / "bench_grpo_speech.py"), "--gpu-check"]
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=HANG)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    listed = [line[2:].split(": ", 1)[0] for line in dry.stdout.splitlines() if line.startswith("- ")]
+    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 13
+    for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "--compile", "--eval-decoding beam",
+                  "--nproc_per_node 1", "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
+        assert flags in dry.stdout, flags
+    real = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG)
+    assert real.returncode == 2 and real.stderr.count("\n") == 1 and "needs a CUDA GPU" in real.stderr, real.stderr
+
+
 # ---------------------------------------- released checkpoints: adapter, scaling, prompt ----
 # Fixtures re-save the shipped model with the released checkpoints' kinds of settings (no hub
 # here): a LoRA adapter in peft's format with release-era names, logits_scaling 8, a Granite 3.x
