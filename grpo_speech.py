@@ -1957,10 +1957,10 @@ def compile_lm(model, whole: bool = True) -> None:
     layers only (checkpoint_layers). A code object gets a graph per grad mode, cache kind, mask
     kind (the padded prompt's (B, 1, P, K), a decode step's (N, K)), batch of 1 and, per layer,
     its index: more than Dynamo's default limit of 8, past which it runs eager without a word."""
-    layers = len(model.model.language_model.layers)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * layers)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 32 * layers)
+    layers, dynamo = len(model.model.language_model.layers), torch._dynamo.config
+    # the names torch 2.6 has too; later ones call them recompile_limit, accumulated_recompile_limit
+    dynamo.cache_size_limit = max(dynamo.cache_size_limit, 16 * layers)
+    dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 32 * layers)
     if whole:
         model.model.language_model.compile(dynamic=True)
 
