@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -102,9 +103,15 @@ def build(out: Path, seed: int = 0) -> None:
     tokenizer = train_tokenizer(project_texts())
     config = tiny_config(tokenizer)
     model = Qwen2AudioForConditionalGeneration(config).eval()
-    with torch.no_grad():   # clear greedy winners: logits spread over several units
-        model.lm_head.weight.normal_(0, 1.0)
+    with torch.no_grad():
+        # weights drawn wide enough that the answer depends on the audio and the prompt (at
+        # transformers' 0.02 every prompt gives the same tokens), and the head wider still:
+        # clear greedy winners, logits spread over several units
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "embed_positions" not in name:
+                p.normal_(0, 1.0 / math.sqrt(p.shape[-1]))
         model.model.audio_tower.embed_positions.weight.normal_(0, 0.5)
+        model.lm_head.weight.normal_(0, 1.0)
     features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16_000, hop_length=160,
                                        chunk_length=30, n_fft=400, padding_value=0.0,
                                        return_attention_mask=True)
