@@ -582,8 +582,8 @@ class Batch:
         return Batch(*(v if v is None else v[b0:b1] for v in vars(self).values()))
 
 
-def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
-            system: str | None = None, config=None) -> Batch:
+def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *, config,
+            system: str | None = None) -> Batch:
     """Features of each utterance alone (Granite's encoder has no padding mask: batch padding
     would make an answer depend on its batch mates); `config` is the model's, whose family
     makes the features and the user turn."""
