@@ -5,7 +5,9 @@ fine-tunes one, Granite Speech (conformer encoder, window Q-Former projector, Gr
 transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy Optimisation
 and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in Speech-Aware
 Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, MP-GRPO (the
-reference answer as an off-policy group member) and evaluation. Part I is the lesson, read top
+reference answer as an off-policy group member) and evaluation. The same code trains a second
+family, Qwen2-Audio (`Qwen2AudioForConditionalGeneration`, `--model Qwen/Qwen2-Audio-7B-Instruct`):
+what differs between families sits in one section, "model families". Part I is the lesson, read top
 to bottom in the order data flows: config, audio, text, data, model, sampling, rewards,
 advantages, losses, one step, the training loop, evaluation. Part II is the machinery that runs
 the same code in the paper's setting: LoRA, released checkpoints, data layouts and input
