@@ -437,12 +437,13 @@ class Qwen2Audio:
     card_system = None                       # the template writes its own default system turn
 
     def tokenizer(self, path: Path):
-        """The processor's chat template (chat_template.json): the tokenizer's own, if any, is
-        a text-only ChatML that does not place the audio."""
-        from transformers import AutoProcessor
-        processor = AutoProcessor.from_pretrained(path)
-        processor.tokenizer.chat_template = processor.chat_template
-        return processor.tokenizer
+        """With the processor's chat template where the checkpoint has it (chat_template.json):
+        the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (processor_template := Path(path) / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+        return tokenizer
 
     def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
         """(128, 3000) Whisper features, the real frames l, and 25 audio embeddings a second."""

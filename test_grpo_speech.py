@@ -2731,9 +2731,12 @@ def test_qwen2_audio_training_modes_save_a_final_that_runs_in_the_card_snippet(q
     hyps = [json.loads(l) for l in (out / "hyps_final.jsonl").read_text().splitlines()]
     rows = {r["id"]: r for r in gs.read_manifest(tiny_data / "ast" / "test.jsonl")}
     assert [h["hyp"] for h in hyps] == _card_generate(out / "best", [rows[h["id"]] for h in hyps])
-    if mode != "sft":
-        assert not _same_weights(out / "final", QWEN_MODEL)
-        assert _card_generate(out / "final", [rows[hyps[0]["id"]]])[0] != ""
+    # final/: the card's snippet decodes as this file decodes the trained weights
+    model, tok = gs.load_model(str(out / "final"), torch.device("cpu"))
+    data = gs.SpeechData([rows[h["id"]] for h in hyps])
+    _, ours = gs.evaluate(model, tok, data, gs.Config(task="ast", max_new_tokens=8), 0, nullamp)
+    assert [r["hyp"] for r in ours] == _card_generate(out / "final", data.rows)
+    assert mode == "sft" or not _same_weights(out / "final", QWEN_MODEL)
 
 
 def test_qwen2_audio_resume_is_bit_identical(qwen_runs):
@@ -2774,3 +2777,41 @@ def test_another_model_family_is_refused_in_one_line(tmp_path):
     code, err = run_main("--model", src, "--mode", "eval", "--out", tmp_path / "o", cwd=tmp_path)
     assert code == 2 and len(err) == 1
     assert "'whisper'" in err[0] and "'granite_speech'" in err[0] and "'qwen2_audio'" in err[0]
+
+
+def test_qwen2_audio_source_without_processor_files_gets_a_working_one(qwen, tmp_path):
+    """save_model writes processor_config.json of this file's Whisper front end where the source had
+    none: AutoProcessor loads it and makes our features and prompt."""
+    from transformers import AutoProcessor
+    model, tok = qwen
+    src = tmp_path / "src"
+    shutil.copytree(QWEN_MODEL, src)
+    (src / "processor_config.json").unlink()
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    gs.save_model(model, tok, tmp_path / "saved")
+    processor = AutoProcessor.from_pretrained(tmp_path / "saved")
+    assert type(processor).__name__ == "Qwen2AudioProcessor"
+    row = {"text": gs.PROMPTS["asr"], "audio": str(next((DATA / "audio" / "test").glob("*.ogg")))}
+    inputs = _card_inputs(processor, row)
+    feats, frames, n_audio = gs.Qwen2Audio().features(gs.load_audio(row["audio"]), model.config)
+    torch.testing.assert_close(inputs["input_features"][0], feats, atol=1e-5, rtol=0)
+    assert int(inputs["feature_attention_mask"].sum()) == frames
+    assert inputs["input_ids"][0].tolist().count(model.config.audio_token_id) == n_audio
+
+
+def test_qwen2_audio_prompt_uses_the_processors_chat_template_json(tmp_path):
+    """As released: chat_template.json (the processor's, which places the audio) beside a tokenizer
+    whose own template is text-only ChatML. The processor's writes the prompt and is saved verbatim."""
+    src = tmp_path / "src"
+    shutil.copytree(QWEN_MODEL, src)
+    template = (src / "chat_template.jinja").read_text()
+    (src / "chat_template.jinja").unlink()
+    (src / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    assert tok.chat_template == template
+    gs.save_model(model, tok, tmp_path / "saved")
+    assert (tmp_path / "saved" / "chat_template.json").read_bytes() == (src / "chat_template.json").read_bytes()
