@@ -2815,3 +2815,19 @@ def test_qwen2_audio_prompt_uses_the_processors_chat_template_json(tmp_path):
     assert tok.chat_template == template
     gs.save_model(model, tok, tmp_path / "saved")
     assert (tmp_path / "saved" / "chat_template.json").read_bytes() == (src / "chat_template.json").read_bytes()
+
+
+def test_qwen2_audio_completion_does_not_depend_on_batch_mates(qwen, ast_test):
+    """Each clip is padded to 30 s and encoded alone: a prompt's samples are the same beside a batch mate
+    (a longer prompt left-pads it) as alone."""
+    model, tok = qwen
+    kw = dict(max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0)
+    pair = make_batch(model, tok, ast_test, [3, 0])
+    assert (pair.attention_mask[0] == 0).any() or (pair.attention_mask[1] == 0).any()
+    both = gs.sample_groups(model, pair, 2, uniforms=gs.row_uniforms(0, 5, [3, 0], 2, 8), **kw)
+    alone = gs.sample_groups(model, make_batch(model, tok, ast_test, [0]), 2,
+                             uniforms=gs.row_uniforms(0, 5, [0], 2, 8), **kw)
+    for k in range(2):
+        n = int(alone.lengths[k])
+        assert both.tokens[2 + k, :n].tolist() == alone.tokens[k, :n].tolist()
+        torch.testing.assert_close(both.logps[2 + k, :n], alone.logps[k, :n], atol=1e-4, rtol=0)

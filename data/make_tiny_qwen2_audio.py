@@ -46,7 +46,8 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_
 def project_texts() -> list[str]:
     """Every instruction and reference of the shipped data, and the template's own words."""
     texts = ["You are a helpful assistant.", "system user assistant Audio 1: "]
-    for manifest in sorted(p for task in ("ast", "asr", "sqa") for p in HERE.glob(f"{task}/*.jsonl")):
+    manifests = sorted(p for task in ("ast", "asr", "sqa") for p in HERE.glob(f"{task}/*.jsonl"))
+    for manifest in manifests:
         for line in manifest.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             texts += [row["text"].replace("<|audio|>", " "), row["target"]]
