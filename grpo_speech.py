@@ -366,14 +366,14 @@ def encode_target(tokenizer, text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------- model families ----
-# What differs between speech LM families, and nothing else: how a clip becomes features and how
-# many audio embeddings it makes, the user turn that holds the audio, the encoder, the projector,
-# and the logits. A family is a class of these six methods (and four names), chosen by the
-# checkpoint's config `model_type`; the rest of the file asks `family(config)` and never which
-# one it has. Both families share the rest: a causal LM at model.model.language_model with its
-# head at model.lm_head, input embeddings at model.get_input_embeddings(), and an audio token
-# whose embedding the audio replaces (prompt_embeddings). A third family (Qwen2.5-Omni's thinker,
-# Voxtral) that loads as such a transformers class is one more class here and one FAMILIES entry.
+# What differs between speech LM families, and nothing else. A family is a class of seven methods
+# (the tokenizer with its chat template; a clip's features and audio-embedding count; the user
+# turn that holds the audio; encoder; projector; logits; the processor file it saves) and four
+# names, chosen by the checkpoint's config `model_type`: the rest of the file asks family(config)
+# and never which one it has. Both share the rest: a causal LM at model.model.language_model, its
+# head at model.lm_head, input embeddings at model.get_input_embeddings(), an audio token whose
+# embeddings the audio replaces (prompt_embeddings). A third family (Qwen2.5-Omni's thinker,
+# Voxtral) loading as such a transformers class is one more class and one FAMILIES entry here.
 
 
 class GraniteSpeech:
