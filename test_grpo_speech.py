@@ -1921,7 +1921,8 @@ def test_lora_bad_settings_exit_2_before_the_run_directory_is_touched(
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
     (run / "checkpoint" / "complete.json").write_text("{}")              # a whole (empty) checkpoint
-    cfg = gs.resolve_config(gs.Config(out=str(run), resume=True, lora=4))
+    # config.json as run() writes it: --lora-targets auto resolved to the family's (Granite's q_proj,v_proj)
+    cfg = gs.resolve_config(gs.Config(out=str(run), resume=True, lora=4, lora_targets=gs.GraniteSpeech.lora_targets))
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     gs.check_resume(cfg)
     gs.check_resume(gs.resolve_config(dataclasses.replace(cfg, lora_targets=" v_proj,q_proj")))
