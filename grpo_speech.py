@@ -458,14 +458,15 @@ class Qwen2Audio:
                 {"type": "text", "text": " ".join(text.replace(AUDIO_TOKEN, " ").split())}]
 
     def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
-        """(1, 1500 / 2, H): the encoder on all 3000 frames (it refuses fewer), its attention
-        kept off the padding after the stride-2 convolution, as Qwen2AudioModel builds it."""
+        """(1, 750, H): the encoder on all 3000 frames (it refuses fewer), its attention kept
+        off the padding after the stride-2 convolution, as Qwen2AudioModel builds the mask."""
         from transformers.masking_utils import create_bidirectional_mask
         tower = model.model.audio_tower
         positions = feats.shape[-1] // 2                                        # 1500
         keep = torch.arange(positions, device=feats.device) < (frames - 1) // 2 + 1
+        like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
         mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
-                                         inputs_embeds=feats.new_zeros(1, positions, 1))
+                                         inputs_embeds=like)
         return tower(feats[None], attention_mask=mask).last_hidden_state
 
     def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
