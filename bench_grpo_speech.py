@@ -5,7 +5,7 @@
   python bench_grpo_speech.py --ablation          # GRPO on sqa with 5 rewards; 3 seeds
   python bench_grpo_speech.py --speed             # same process, same model, same inputs
   python bench_grpo_speech.py --default-runs      # the README's first command, seeds 0-2
-  python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B memory table
+  python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B and Qwen2-Audio-7B memory table
   python bench_grpo_speech.py --full-size 2b      # 3 GRPO steps on a random model of the released 2B's shape
   python bench_grpo_speech.py --contention        # the default command, alone and beside a busy core
   python bench_grpo_speech.py --kill-soak 20      # SIGKILL a short run 20 times, resume, compare
@@ -452,6 +452,18 @@ def granite_speech_meta(size: str):
         return GraniteSpeechForConditionalGeneration(granite_speech_config(size))
 
 
+def qwen2_audio_meta():
+    """Qwen2-Audio-7B(-Instruct) as shapes only: its config.json (the audio encoder's values are transformers'
+    defaults, which equal it; the text config's unwritten ones filled as transformers' Qwen2Config would not:
+    hidden 4096, 32 layers, 32 heads, 32 KV heads, untied head)."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    text = dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, intermediate_size=11008,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1e4))
+    with torch.device("meta"):
+        return Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(text_config=text, audio_token_index=151646))
+
+
 def state_bytes(model, params, optimizer, ref_model) -> dict:
     """Bytes held after an optimizer step: policy weights, gradients, AdamW moments, and the
     reference's tensors that the policy does not share (found by data_ptr)."""
@@ -507,12 +519,24 @@ def memory(args) -> None:
         counts[size] = c
         print(f"counted, {size}: {c['total'] / 1e9:.3f}B parameters = encoder {c['encoder'] / 1e6:.1f}M + projector "
               f"{c['projector'] / 1e6:.1f}M + LM {c['lm'] / 1e9:.3f}B (tied head); LoRA r64 q/v {c['lora'] / 1e6:.1f}M")
+    m = qwen2_audio_meta()         # the second family: its LoRA default is every Linear of the LM's layers
+    n = lambda mod: sum(p.numel() for p in mod.parameters())
+    lm = m.model.language_model
+    targets = gs.Qwen2Audio.lora_targets.split(",")
+    lora = 64 * sum(mod.in_features + mod.out_features for name, mod in lm.layers[0].named_modules()
+                    if name.split(".")[-1] in targets) * len(lm.layers)
+    counts["Qwen2-Audio-7B"] = c = dict(total=n(m), encoder=n(m.model.audio_tower),
+                                        projector=n(m.model.multi_modal_projector), lm=n(lm) + n(m.lm_head), lora=lora)
+    print(f"counted, Qwen2-Audio-7B: {c['total'] / 1e9:.3f}B parameters = encoder {c['encoder'] / 1e6:.1f}M + "
+          f"projector {c['projector'] / 1e6:.1f}M + LM {c['lm'] / 1e9:.3f}B (untied head); LoRA r64 on all seven "
+          f"Linears of its layers {c['lora'] / 1e6:.1f}M")
     GB = 1e9
-    for size in ("2B", "8B"):      # full training under --bf16: fp32 weights, bf16-stored reference
+    sizes = ("2B", "8B", "Qwen2-Audio-7B")
+    for size in sizes:             # full training under --bf16: fp32 weights, bf16-stored reference
         c = counts[size]
         trained = c["total"] - c["encoder"]
         cols.append((f"full, 1 GPU, {size}", [w * c["total"], g * trained, a * trained, ref16 * c["total"]]))
-    for size in ("2B", "8B"):      # --lora 64 --bf16: frozen bf16 weights, the reference copies the projector
+    for size in sizes:             # --lora 64 --bf16: frozen bf16 weights, the reference copies the projector
         c = counts[size]
         trained = c["lora"] + c["projector"]
         cols.append((f"`--lora 64 --bf16`, 1 GPU, {size}",
@@ -532,16 +556,16 @@ def memory(args) -> None:
     print("full columns are --bf16 runs (reference stored in bf16; without --bf16 it is fp32, twice that); the "
           "encoder is frozen, so it has no gradients or AdamW moments.")
     tokens = 8 * 450
-    for size in ("2B", "8B"):
-        h = GRANITE_LM[size]["hidden_size"]
+    lm_shape = {"2B": (2048, 40, 49160), "8B": (4096, 40, 49160), "Qwen2-Audio-7B": (4096, 32, 156032)}
+    act = {}
+    for size, (h, layers, vocab) in lm_shape.items():
+        act[size] = (34 * tokens * h * layers + 2 * 4 * 8 * 200 * vocab) / GB
         print(f"activations, NOT measured (an estimate): one group, G = 8 x ~450 tokens, {size}: "
-              f"~{34 * tokens * h * 40 / GB:.0f} GB (34 bytes x tokens x hidden x 40 layers, 16-bit activations "
-              f"without recomputation, Korthikanti et al. 2022) plus fp32 logits and log-softmax "
-              f"{2 * 4 * 8 * 200 * 49160 / GB:.1f} GB")
-    act = {size: (34 * tokens * GRANITE_LM[size]["hidden_size"] * 40 + 2 * 4 * 8 * 200 * 49160) / GB
-           for size in ("2B", "8B")}
+              f"~{34 * tokens * h * layers / GB:.0f} GB (34 bytes x tokens x hidden x {layers} layers, 16-bit "
+              f"activations without recomputation, Korthikanti et al. 2022) plus fp32 logits and log-softmax "
+              f"{2 * 4 * 8 * 200 * vocab / GB:.1f} GB")
     print("total with that estimate (an estimate): " + "; ".join(
-        f"{h.replace('`', '')} ~{sum(v) / GB + act[h[-2:]]:.0f} GB" for h, v in cols))
+        f"{h.replace('`', '')} ~{sum(v) / GB + act[h.rsplit(', ', 1)[-1]]:.0f} GB" for h, v in cols))
     B, G, world = 8, 8, 4
     print(f"--grad-accum: policy_update splits each process's B / processes prompts into --grad-accum micro-batches "
           f"of whole groups, so one group (G = {G}) a micro-batch at --batch-size {B} needs --grad-accum {B} on one "

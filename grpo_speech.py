@@ -5,7 +5,9 @@ fine-tunes one, Granite Speech (conformer encoder, window Q-Former projector, Gr
 transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy Optimisation
 and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in Speech-Aware
 Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, MP-GRPO (the
-reference answer as an off-policy group member) and evaluation. Part I is the lesson, read top
+reference answer as an off-policy group member) and evaluation. The same code trains a second
+family, Qwen2-Audio (`Qwen2AudioForConditionalGeneration`, `--model Qwen/Qwen2-Audio-7B-Instruct`):
+what differs between families sits in one section, "model families". Part I is the lesson, read top
 to bottom in the order data flows: config, audio, text, data, model, sampling, rewards,
 advantages, losses, one step, the training loop, evaluation. Part II is the machinery that runs
 the same code in the paper's setting: LoRA, released checkpoints, data layouts and input
@@ -111,8 +113,8 @@ class Config:
                            "(spoken QA)", choices=TASKS)
     mode: str = opt("grpo", "eval, sft, grpo or mp-grpo (GRPO + reference as off-policy sample)",
                     choices=MODES)
-    model: str = opt("data/tiny-granite-speech", "local Granite Speech directory or hub id "
-                                                 "(hub needs HF_HUB_OFFLINE=0)")
+    model: str = opt("data/tiny-granite-speech", "local directory or hub id of a Granite Speech "
+                     "or Qwen2-Audio checkpoint (hub needs HF_HUB_OFFLINE=0)")
     data: str = opt("", "data directory (default: data/<task>) holding {train,dev,test}.jsonl, "
                         "CoVoST2 TSVs or LibriSQA JSON")
     out: str = opt("", "run directory (default: runs/<task>-<mode>)")
@@ -148,8 +150,9 @@ class Config:
     lora: int = opt(0, "R: train a rank-R LoRA on the LM's --lora-targets and the whole projector, "
                        "the LM frozen (0: every LM weight trains)")
     lora_alpha: float = opt(32.0, "LoRA scale alpha / R (the released adapter: R 64, alpha 32)")
-    lora_targets: str = opt("q_proj,v_proj", "comma list of Linear names in the LM's decoder "
-                                             "layers (the released adapter's)")
+    lora_targets: str = opt("auto", "comma list of Linear names in the LM's decoder layers. auto: "
+                            "Granite Speech q_proj,v_proj (the released adapter's); Qwen2-Audio "
+                            "all seven (q,k,v,o,gate,up,down_proj: ms-swift's all-linear)")
     sft_batch_size: int | None = opt(None, "SFT: references per step (default B x G, the "
                                            "sequences of a GRPO update)")
     # evaluation
@@ -274,6 +277,43 @@ def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: i
     return math.ceil(encoder_frames / window_size) * (window_size // downsample_rate)
 
 
+# Qwen2-Audio hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded
+# with silence to 30 s (3000 frames) and a mask of its real frames. The encoder halves the frames
+# twice (a stride-2 convolution, then average pooling): 25 LM embeddings a second.
+WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padded to 30 s
+
+
+@functools.cache
+def whisper_mel_filters() -> torch.Tensor:
+    """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
+    mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
+    from transformers.audio_utils import mel_filter_bank
+    return torch.from_numpy(mel_filter_bank(
+        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
+
+
+def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Qwen2-Audio features of one utterance, (128, 3000), and its real frames l: exactly
+    WhisperFeatureExtractor (128 mels). The clip zero-padded to 30 s, power spectrogram (n_fft
+    400, Hann window, hop 160, centred, the last frame dropped), log10 floored at (max - 8),
+    (+4) / 4. The max is the padded clip's: the silence counts, so features of a clip never
+    depend on anything but the clip."""
+    wave = wave[:WHISPER_SAMPLES]
+    x = F.pad(wave, (0, WHISPER_SAMPLES - wave.numel()))                     # (480000,)
+    spec = torch.stft(x, n_fft=400, hop_length=160, window=torch.hann_window(400),
+                      return_complex=True)[:, :-1].abs() ** 2                  # (201, 3000)
+    logmel = (whisper_mel_filters().T @ spec).clamp(min=1e-10).log10()         # (128, 3000)
+    logmel = (torch.maximum(logmel, logmel.max() - 8.0) + 4.0) / 4.0
+    return logmel, math.ceil(wave.numel() / 160)    # the feature mask's sum: frames with audio
+
+
+def whisper_audio_tokens(frames: int) -> int:
+    """<|AUDIO|> embeddings Qwen2-Audio makes from l real frames (Qwen2AudioProcessor's count)."""
+    conv = (frames - 1) // 2 + 1                    # the stride-2 convolution
+    return (conv - 2) // 2 + 1                      # the stride-2 average pooling
+
+
 # -------------------------------------------------------------------------------- text ----
 # Prompts are the task instruction in the model's chat template; the one <|audio|> in it is
 # expanded to as many copies as the projector makes embeddings, which replace them in the LM.
@@ -285,12 +325,17 @@ CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.
                "You are Granite, developed by IBM. You are a helpful AI assistant")
 
 
-def system_turn(tokenizer, system_prompt: str = "auto") -> str | None:
+def system_turn(tokenizer, system_prompt: str = "auto",
+                card: str | None = CARD_SYSTEM) -> str | None:
     """The system turn text for --system-prompt (None: none). auto asks the chat template: one
     that writes a system turn of its own for a user turn alone (released Granite 3.x, dated
-    today) gets the card's, dated; one that writes none (the shipped model's) gets none."""
+    today) gets the model card's (`card`, the family's), dated; one that writes none (the
+    shipped model's) gets none. A family with no card system turn (Qwen2-Audio: its template's
+    own, undated) gets none: the template writes its default."""
     if system_prompt != "auto":
         return None if system_prompt in ("", "none") else system_prompt
+    if card is None:
+        return None
     mark = "\x00system\x00"
     try:
         turns = [{"role": "system", "content": mark}, {"role": "user", "content": "u"}]
@@ -302,15 +347,16 @@ def system_turn(tokenizer, system_prompt: str = "auto") -> str | None:
     return CARD_SYSTEM if mark in with_system and header.strip() and header in user_only else None
 
 
-def encode_prompt(tokenizer, text: str, n_audio: int, audio_token_id: int,
+def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id: int,
                   system: str | None = None) -> list[int]:
-    """`text` as the chat's user turn, its <|audio|> token expanded to n_audio copies."""
+    """The chat's user turn (the family's: the instruction holding <|audio|>, or a list of
+    audio and text parts), its one audio token expanded to n_audio copies."""
     turns = [{"role": "system", "content": system}] if system is not None else []
-    turns.append({"role": "user", "content": text})
+    turns.append({"role": "user", "content": user_turn})
     chat = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(chat, add_special_tokens=False).input_ids
     if ids.count(audio_token_id) != 1:
-        raise InputError(f"prompt {text!r} must contain {AUDIO_TOKEN} exactly once")
+        raise InputError(f"prompt {user_turn!r} must contain {AUDIO_TOKEN} exactly once")
     k = ids.index(audio_token_id)
     return ids[:k] + [audio_token_id] * n_audio + ids[k + 1:]
 
@@ -318,6 +364,134 @@ def encode_prompt(tokenizer, text: str, n_audio: int, audio_token_id: int,
 def encode_target(tokenizer, text: str) -> list[int]:
     """A reference completion: its tokens and the end-of-text token, which is an action too."""
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------------- model families ----
+# What differs between speech LM families, and nothing else. A family is a class of seven methods
+# (the tokenizer with its chat template; a clip's features and audio-embedding count; the user
+# turn that holds the audio; encoder; projector; logits; the processor file it saves) and four
+# names, chosen by the checkpoint's config `model_type`: the rest of the file asks family(config)
+# and never which one it has. Both share the rest: a causal LM at model.model.language_model, its
+# head at model.lm_head, input embeddings at model.get_input_embeddings(), an audio token whose
+# embeddings the audio replaces (prompt_embeddings). A third family (Qwen2.5-Omni's thinker,
+# Voxtral) loading as such a transformers class is one more class and one FAMILIES entry here.
+
+
+class GraniteSpeech:
+    """Granite Speech 3.x (GraniteSpeechForConditionalGeneration): conformer encoder, window
+    Q-Former projector, Granite LM whose logits are divided by logits_scaling."""
+    model_class = "GraniteSpeechForConditionalGeneration"     # a transformers class
+    encoder_prefix = "model.encoder."        # parameter names frozen unless --train-encoder
+    lora_targets = "q_proj,v_proj"           # the released adapter's
+    card_system = CARD_SYSTEM                # --system-prompt auto, when the template dates one
+
+    def tokenizer(self, path: Path):
+        """The tokenizer whose chat template writes the prompt."""
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(path)
+
+    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
+        """One clip's features (F, 160), its frames F, and its audio embeddings A."""
+        feats = log_mel(wave)
+        n_audio = num_audio_tokens(wave.numel(), config.window_size, config.downsample_rate)
+        return feats, feats.shape[0], n_audio
+
+    def user_turn(self, text: str) -> str:
+        """The instruction as written: <|audio|> stands where the manifest puts it."""
+        return text
+
+    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, F, H): the encoder on the clip's own frames (the conformer has no padding mask)."""
+        return model.model.encoder(feats[None, :frames]).last_hidden_state
+
+    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, A, D): the clip's audio embeddings, one Q-Former window of 15 frames -> 3."""
+        return model.model.projector(states[:, :frames])
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5's
+        GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1
+        nearly greedy, a wrong KL), so callers never read model(...).logits."""
+        return model.lm_head(hidden) / model.config.text_config.logits_scaling
+
+    def processor_config(self, config) -> dict:
+        """processor_config.json as transformers' GraniteSpeechProcessor.save_pretrained writes it
+        for the front end of log_mel_batch and num_audio_tokens (no torchaudio needed)."""
+        mel = {"hop_length": 160, "n_fft": 512, "n_mels": 80, "sample_rate": SAMPLE_RATE,
+               "win_length": 400}
+        return {"audio_processor": {
+            "feature_extractor_type": "GraniteSpeechFeatureExtractor", "feature_size": 80,
+            "melspec_kwargs": mel, "padding_side": "right", "padding_value": 0.0,
+            "projector_downsample_rate": config.downsample_rate,
+            "projector_window_size": config.window_size, "return_attention_mask": True,
+            "sampling_rate": SAMPLE_RATE}, "audio_token": AUDIO_TOKEN,
+            "processor_class": "GraniteSpeechProcessor"}
+
+
+class Qwen2Audio:
+    """Qwen2-Audio (Qwen2AudioForConditionalGeneration): a Whisper-large encoder on 30 s of
+    log-mel, one Linear projector, a Qwen2 LM; no adapter, no logits scaling."""
+    model_class = "Qwen2AudioForConditionalGeneration"
+    encoder_prefix = "model.audio_tower."
+    # no released adapter: every Linear of the LM's layers (ms-swift's all-linear default)
+    lora_targets = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+    card_system = None                       # the template writes its own default system turn
+
+    def tokenizer(self, path: Path):
+        """With the processor's chat template where the checkpoint has it (chat_template.json):
+        the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (processor_template := Path(path) / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+        return tokenizer
+
+    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
+        """(128, 3000) Whisper features, the real frames l, and 25 audio embeddings a second."""
+        feats, frames = whisper_log_mel(wave)
+        return feats, frames, whisper_audio_tokens(frames)
+
+    def user_turn(self, text: str) -> list[dict]:
+        """The audio, then the instruction without its <|audio|>: the template writes
+        'Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>' before the text, as the model card."""
+        # the template asks for an 'audio' (or 'audio_url') key; it never reads its value
+        return [{"type": "audio", "audio": "clip"},
+                {"type": "text", "text": " ".join(text.replace(AUDIO_TOKEN, " ").split())}]
+
+    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, 750, H): the encoder on all 3000 frames (it refuses fewer), its attention kept
+        off the padding after the stride-2 convolution, as Qwen2AudioModel builds the mask."""
+        from transformers.masking_utils import create_bidirectional_mask
+        tower = model.model.audio_tower
+        positions = feats.shape[-1] // 2                                        # 1500
+        keep = torch.arange(positions, device=feats.device) < (frames - 1) // 2 + 1
+        like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
+        mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
+                                         inputs_embeds=like)
+        return tower(feats[None], attention_mask=mask).last_hidden_state
+
+    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, A, D): the first A = whisper_audio_tokens(l) states, projected."""
+        return model.model.multi_modal_projector(states[:, :whisper_audio_tokens(frames)])
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(hidden)                        # Qwen has no logits scaling
+
+    def processor_config(self, config) -> dict:
+        """processor_config.json as Qwen2AudioProcessor.save_pretrained writes it (5.x)."""
+        from transformers import WhisperFeatureExtractor
+        whisper = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+        return {"audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+                "audio_token": "<|AUDIO|>", "feature_extractor": whisper.to_dict(),
+                "processor_class": "Qwen2AudioProcessor"}
+
+
+FAMILIES = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}   # by model_type
+
+
+def family(config) -> GraniteSpeech | Qwen2Audio:
+    """The family of a model's config (load_model has refused any other model_type)."""
+    return FAMILIES[config.model_type]
 
 
 # -------------------------------------------------------------------------------- data ----
@@ -393,8 +567,9 @@ class SpeechData:
 @dataclass
 class Batch:
     """B prompts ready for the model. Prompts are left-padded so that completions line up."""
-    features: torch.Tensor        # (B, F, 160) each utterance's log-mel frame pairs, zero-padded
-    frames: torch.Tensor          # (B,) frame pairs of each utterance
+    features: torch.Tensor        # (B, F, 160) Granite's log-mel frame pairs, zero-padded;
+    #                               (B, 128, 3000) Qwen2-Audio's 30 s of Whisper log-mel
+    frames: torch.Tensor          # (B,) real frames of each utterance
     features_mask: torch.Tensor   # (B, A) which projector outputs are real audio
     input_ids: torch.Tensor       # (B, P) chat-templated prompts, <|audio|> expanded
     attention_mask: torch.Tensor  # (B, P) 0 on left padding
@@ -412,17 +587,16 @@ class Batch:
         return Batch(*(v if v is None else v[b0:b1] for v in vars(self).values()))
 
 
-def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
-            system: str | None = None, config=None) -> Batch:
-    """Features of each utterance alone (the encoder has no padding mask: batch padding would
-    make an answer depend on its batch mates); `config` is the model's."""
-    waves = [data.wave(i) for i in idx]
-    feats = [log_mel(w) for w in waves]
-    frames = torch.tensor([f.shape[0] for f in feats])
-    window = {k: getattr(config, k) for k in ("window_size", "downsample_rate")} if config else {}
-    n_audio = torch.tensor([num_audio_tokens(w.numel(), **window) for w in waves])
-    prompts = [encode_prompt(tokenizer, data.rows[i]["text"], int(n), audio_token_id, system)
-               for i, n in zip(idx, n_audio)]
+def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *, config,
+            system: str | None = None) -> Batch:
+    """Features of each utterance alone (Granite's encoder has no padding mask: batch padding
+    would make an answer depend on its batch mates); `config` is the model's, whose family
+    makes the features and the user turn."""
+    fam = family(config)
+    feats, frames, n_audio = zip(*(fam.features(data.wave(i), config) for i in idx))
+    frames, n_audio = torch.tensor(frames), torch.tensor(n_audio)
+    prompts = [encode_prompt(tokenizer, fam.user_turn(data.rows[i]["text"]), int(n),
+                             audio_token_id, system) for i, n in zip(idx, n_audio)]
     input_ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
                              padding_value=tokenizer.pad_token_id, padding_side="left")
     attention_mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts],
@@ -437,16 +611,17 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Granite Speech and its tokenizer by local path or hub id, frozen (setup_training says what
-    trains: frozen weights need no autocast copies). Part II finds and checks the files, and
-    merges the released 3.3 checkpoints' LoRA adapter into the LM weights, peft or not:
-    transformers gets the weights, not the directory, so it never sees the adapter."""
-    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+    """A speech LM of a known family and its tokenizer by local path or hub id, frozen
+    (setup_training says what trains: frozen weights need no autocast copies). Part II finds and
+    checks the files, and merges the released Granite 3.3 checkpoints' LoRA adapter into the LM
+    weights, peft or not: transformers gets the weights, not the directory, so it never sees it."""
+    import transformers
     path, config, weights = model_files(name)                 # Part II: checks, hub, shards
+    fam = family(config)
     try:
-        model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+        model, info = getattr(transformers, fam.model_class).from_pretrained(
             None, config=config, state_dict=weights, dtype=dtype, output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = fam.tokenizer(path)
     except OSError as e:
         raise cannot_load(name, e) from None
     del weights
@@ -468,8 +643,9 @@ def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Ten
 def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
     """(B, F, H): the encoder on each utterance's own frames, zero-padded. A frozen encoder runs
     without autograd: none of its activations are kept."""
+    fam = family(model.config)
     with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
-        return pad_sequence([model.model.encoder(feats[None, :n]).last_hidden_state[0]
+        return pad_sequence([fam.encode(model, feats, n)[0]
                              for feats, n in zip(batch.features, batch.frames.tolist())],
                             batch_first=True)
 
@@ -480,17 +656,22 @@ def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.
     encoded = batch.encoded
     if encoded is None:
         encoded = encoder_states(model, batch, train_encoder)                  # (B, F, H)
-    audio = [model.model.projector(encoded[b:b + 1, :n])[0]                     # (A_b, D)
+    fam = family(model.config)
+    audio = [fam.project(model, encoded[b:b + 1], n)[0]                        # (A_b, D)
              for b, n in enumerate(batch.frames.tolist())]
     audio = pad_sequence(audio, batch_first=True)                               # (B, A_b max, D)
     return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
 
 
 def prompt_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """The LM's input embeddings for B prompts, the audio spliced in at the <|audio|> ids:
-    (B, P, D). The G completions of a group repeat the result, not the encoder."""
-    audio = audio_embeddings(model, batch, train_encoder)
-    return model.model.get_merged_audio_embeddings(batch.input_ids, audio, batch.features_mask)
+    """The LM's input embeddings for B prompts, the audio spliced in at the audio token's ids:
+    (B, P, D), as both families' transformers classes do it. The G completions of a group repeat
+    the result, not the encoder."""
+    audio = audio_embeddings(model, batch, train_encoder)                     # (B, A, D)
+    is_audio = batch.input_ids == model.config.audio_token_id                  # (B, P)
+    embeds = model.get_input_embeddings()(torch.where(is_audio, 0, batch.input_ids))
+    # row-major: utterance b's A_b real embeddings fill its A_b audio positions in order
+    return embeds.masked_scatter(is_audio[..., None], audio.to(embeds.dtype)[batch.features_mask])
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -512,13 +693,11 @@ def prompt_mask(attention_mask: torch.Tensor, P: int) -> torch.Tensor:
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from the LM's last hidden states, the one place they are computed.
-    Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5.24's
-    GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1 nearly
-    greedy, a wrong KL), so callers run model.model and never read model(...).logits."""
+    """Next-token logits from the LM's last hidden states, the one place they are computed, by
+    the family (Granite scales them): callers run model.model and never read model(...).logits."""
     # contiguous: a strided (N, T, D) slice sends the bf16 head to a batched matmul that expands
     # the (V, D) weight N times (README: memory)
-    return model.lm_head(hidden.contiguous()) / model.config.text_config.logits_scaling
+    return family(model.config).logits(model, hidden.contiguous())
 
 
 class PromptCache(DynamicCache):
@@ -981,7 +1160,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
     """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
     the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
     for name, p in policy.named_parameters():
-        p.requires_grad_(cfg.train_encoder or not name.startswith("model.encoder."))
+        p.requires_grad_(cfg.train_encoder
+                         or not name.startswith(family(policy.config).encoder_prefix))
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
     # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
@@ -1054,7 +1234,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
     audio_id = policy.config.audio_token_id
     suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id)
-    system = system_turn(tokenizer, cfg.system_prompt)
+    system = system_turn(tokenizer, cfg.system_prompt, family(policy.config).card_system)
     state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II: --resume
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
     log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # rank 0 writes
@@ -1184,7 +1364,7 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
     suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
     decoding = decoding or cfg.eval_decoding
     greedy = decoding == "greedy"
-    system = system_turn(tokenizer, cfg.system_prompt)
+    system = system_turn(tokenizer, cfg.system_prompt, family(model.config).card_system)
     hyps: dict[int, str] = {}
     batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
     for b_idx in tqdm(batches, desc=desc, leave=False, disable=None if dist.main else True):
@@ -1255,7 +1435,9 @@ class LoRALinear(torch.nn.Module):
 
 
 def lora_sites(model, targets: str) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of every Linear named in `targets` inside the LM's decoder layers."""
+    """(parent, attribute) of every Linear named in `targets` inside the LM's decoder layers
+    (auto: the family's)."""
+    targets = family(model.config).lora_targets if targets == "auto" else targets
     names = [t.strip() for t in targets.split(",") if t.strip()]
     sites, found = [], set()
     for layer in model.model.language_model.layers:
@@ -1319,10 +1501,10 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def model_files(name: str):
-    """(directory, config, weights) of a Granite Speech checkpoint: a local directory, or a hub
-    id's files from the cache or (HF_HUB_OFFLINE=0) the hub. Refused in one line: no directory,
-    another model_type, an adapter that config.json does not announce or one we cannot merge
-    (before any weight is read), no weights."""
+    """(directory, config, weights) of a checkpoint of a known family: a local directory, or a
+    hub id's files from the cache or (HF_HUB_OFFLINE=0) the hub. Refused in one line: no
+    directory, another model_type, an adapter that config.json does not announce or one we
+    cannot merge (before any weight is read), no weights."""
     from transformers import AutoConfig
     from safetensors.torch import load_file
     path = Path(name)
@@ -1330,10 +1512,7 @@ def model_files(name: str):
         config = path / "config.json"
         if not config.is_file():
             raise InputError(f"{path}: not a model directory (no config.json)")
-        kind = json.loads(config.read_text()).get("model_type")
-        if kind != "granite_speech":
-            raise InputError(f"{path}: model_type is {kind!r}, not a Granite Speech checkpoint "
-                             "('granite_speech')")
+        unknown_family(path, json.loads(config.read_text()).get("model_type"))
     elif name.startswith((".", "/")) or name.count("/") != 1:
         raise InputError(f"{name}: model directory not found")
     try:
@@ -1342,14 +1521,17 @@ def model_files(name: str):
             files = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
             path = Path(snapshot_download(name, allow_patterns=files))
         config = AutoConfig.from_pretrained(path)
+        unknown_family(path, config.model_type)
         adapter = path / "adapter_config.json"
-        if config.has_lora_adapter != adapter.is_file():
-            has, state = ("true", "missing") if config.has_lora_adapter else ("false", "there")
+        announced = getattr(config, "has_lora_adapter", False)     # Granite's field
+        if announced != adapter.is_file():
+            has, state = ("true", "missing") if announced else ("false", "there")
             raise InputError(f"{path}: has_lora_adapter is {has} in config.json but "
                              f"adapter_config.json is {state}")
         if adapter.is_file():
             adapter_scale(path)
-        config.has_lora_adapter = False   # merged at load: what is loaded and saved is plain
+        if announced:
+            config.has_lora_adapter = False   # merged at load: what is loaded and saved is plain
         index = path / "model.safetensors.index.json"
         shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
                   if index.is_file() else
@@ -1360,6 +1542,12 @@ def model_files(name: str):
         return path, config, {k: v for f in shards for k, v in load_file(f).items()}
     except OSError as e:
         raise cannot_load(name, e) from None
+
+
+def unknown_family(path: Path, model_type) -> None:
+    if model_type not in FAMILIES:
+        raise InputError(f"{path}: model_type is {model_type!r}; supported: Granite Speech "
+                         "('granite_speech') and Qwen2-Audio ('qwen2_audio')")
 
 
 def cannot_load(name: str, e: OSError) -> InputError:
@@ -1716,8 +1904,9 @@ def save_model(model, tokenizer, path: Path, extra: dict | None = None) -> None:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         if not any((src / name).is_file() for name in PROCESSOR_FILES[:2]):
+            front_end = family(model.config).processor_config(model.config)
             (tmp / "processor_config.json").write_text(
-                json.dumps(processor_config(model.config), indent=2, sort_keys=True) + "\n")
+                json.dumps(front_end, indent=2, sort_keys=True) + "\n")
         if extra is not None:
             try:
                 torch.save(extra, tmp / "trainer_state.pt")
@@ -1759,21 +1948,9 @@ def check_checkpoint(path: Path) -> None:
                          "--overwrite") from None
 
 
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "generation_config.json")
-
-
-def processor_config(config) -> dict:
-    """processor_config.json as transformers' GraniteSpeechProcessor.save_pretrained writes it
-    for the front end of log_mel_batch and num_audio_tokens (no torchaudio needed to write it)."""
-    mel = {"hop_length": 160, "n_fft": 512, "n_mels": 80, "sample_rate": SAMPLE_RATE,
-           "win_length": 400}
-    return {"audio_processor": {
-        "feature_extractor_type": "GraniteSpeechFeatureExtractor", "feature_size": 80,
-        "melspec_kwargs": mel, "padding_side": "right", "padding_value": 0.0,
-        "projector_downsample_rate": config.downsample_rate,
-        "projector_window_size": config.window_size, "return_attention_mask": True,
-        "sampling_rate": SAMPLE_RATE}, "audio_token": AUDIO_TOKEN,
-        "processor_class": "GraniteSpeechProcessor"}
+# the model card's AutoProcessor reads these (Qwen2-Audio's chat template is the processor's)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "generation_config.json",
+                   "chat_template.json")
 
 
 def load_checkpoint(model, path: Path) -> dict:
@@ -2136,6 +2313,8 @@ def run(cfg: Config) -> dict:
     model_dtype = torch.bfloat16 if cfg.lora and cfg.bf16 else torch.float32
     model, tokenizer = load_model(cfg.model, device, model_dtype)
     set_threads(cfg, model, device)
+    if cfg.lora_targets == "auto":   # the family's, written out in config.json
+        cfg.lora_targets = family(model.config).lora_targets
     if cfg.lora:
         lora_sites(model, cfg.lora_targets)   # the targets exist
     out = Path(cfg.out)
@@ -2146,7 +2325,8 @@ def run(cfg: Config) -> dict:
                                  enabled=cfg.bf16)
     dist.print(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, "
                f"device {device}, processes {dist.world}")
-    if (system := system_turn(tokenizer, cfg.system_prompt)) is not None:
+    if (system := system_turn(tokenizer, cfg.system_prompt,
+                              family(model.config).card_system)) is not None:
         dist.print(f"system turn: {system!r}")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}

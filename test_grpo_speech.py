@@ -46,6 +46,7 @@ import grpo_speech as gs  # noqa: E402
 nullamp = contextlib.nullcontext    # evaluate's autocast factory, for fp32 runs
 DATA = REPO / "data"
 SHIPPED_MODEL = DATA / "tiny-granite-speech"
+QWEN_MODEL = DATA / "tiny-qwen2-audio"
 # Subprocess timeouts only catch hangs: generous, because a loaded 2-core machine runs a CLI test
 # several times slower than an idle one.
 HANG = 600
@@ -205,7 +206,7 @@ def ast_test(tiny_data) -> gs.SpeechData:
 
 
 def make_batch(model, tok, data: gs.SpeechData, idx) -> gs.Batch:
-    return gs.collate(data, list(idx), tok, model.config.audio_token_id)
+    return gs.collate(data, list(idx), tok, model.config.audio_token_id, config=model.config)
 
 
 # --------------------------------------------------------------------------- audio ----
@@ -775,6 +776,13 @@ def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model
 
 
 @pytest.fixture(scope="session")
+def qwen():
+    """The shipped tiny Qwen2-Audio (random weights, the released structure)."""
+    model, tok = gs.load_model(str(QWEN_MODEL), torch.device("cpu"))
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
 def shipped():
     model, tok = gs.load_model(str(SHIPPED_MODEL), torch.device("cpu"))
     return model.eval(), tok
@@ -808,17 +816,18 @@ def _grads_of(model, fn, batch, completions, G, mask, **kw):
     return logp.detach(), grads
 
 
-@pytest.mark.parametrize("variant", ["shipped", "released", "checkpointing", "lora"])
-def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, ast_test, variant):
+@pytest.mark.parametrize("variant", ["shipped", "released", "checkpointing", "lora", "qwen2-audio",
+                                     "qwen2-audio-lora"])
+def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, qwen, ast_test, variant):
     """completion_logprobs runs each prompt once for its G completions: log-probs equal running
     every [prompt + completion] (bench's per_completion_logprobs) within 1e-5 in fp32, and in fp64
     every gradient that is not zero in exact arithmetic within 1e-4 relative; left-padded prompts
-    of different lengths, completions of different lengths."""
+    of different lengths, completions of different lengths. Granite Speech and Qwen2-Audio."""
     import bench_grpo_speech as bench
-    model, tok = shipped
+    model, tok = qwen if variant.startswith("qwen") else shipped
     model = _released_kind(model) if variant == "released" else copy.deepcopy(model)
     model.requires_grad_(True)
-    if variant == "lora":
+    if variant.endswith("lora"):
         gs.add_lora(model, gs.Config(lora=4))
         for _, layer in gs.lora_layers(model):
             torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(1))
@@ -1919,7 +1928,7 @@ def test_audio_token_count_follows_the_model_config(model_tok, ast_test):
     cfg = model.config.__class__.from_dict({**model.config.to_dict(), "window_size": 10, "downsample_rate": 5})
     other = type(model)(cfg).eval()
     batch = gs.collate(ast_test, [0, 1], tok, cfg.audio_token_id, config=cfg)
-    default = gs.collate(ast_test, [0, 1], tok, cfg.audio_token_id)
+    default = gs.collate(ast_test, [0, 1], tok, cfg.audio_token_id, config=model.config)
     assert not torch.equal(batch.features_mask.sum(1), default.features_mask.sum(1))
     with torch.no_grad():
         for b, n in enumerate(batch.frames.tolist()):
@@ -2081,7 +2090,8 @@ def test_lora_bad_settings_exit_2_before_the_run_directory_is_touched(
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
     (run / "checkpoint" / "complete.json").write_text("{}")              # a whole (empty) checkpoint
-    cfg = gs.resolve_config(gs.Config(out=str(run), resume=True, lora=4))
+    # config.json as run() writes it: --lora-targets auto resolved to the family's (Granite's q_proj,v_proj)
+    cfg = gs.resolve_config(gs.Config(out=str(run), resume=True, lora=4, lora_targets=gs.GraniteSpeech.lora_targets))
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     gs.check_resume(cfg)
     gs.check_resume(gs.resolve_config(dataclasses.replace(cfg, lora_targets=" v_proj,q_proj")))
@@ -2254,7 +2264,8 @@ def test_checkpoints_carry_the_source_processor_files_verbatim(fixture_model_dir
     src = tmp_path / "src"
     shutil.copytree(fixture_model_dir, src)
     written = json.loads((src / "processor_config.json").read_text())   # make_model's save_model wrote it
-    assert written == gs.processor_config(gs.load_model(str(src), torch.device("cpu"))[0].config)
+    config = gs.load_model(str(src), torch.device("cpu"))[0].config
+    assert written == gs.family(config).processor_config(config)
     assert written["audio_processor"]["projector_window_size"] == 15 and written["audio_token"] == "<|audio|>"
     files = {"preprocessor_config.json": '{"feature_extractor_type": "GraniteSpeechFeatureExtractor", "x": 1}\n',
              "processor_config.json": '{"processor_class": "GraniteSpeechProcessor",  "y": [1, 2]}\n',
@@ -2774,3 +2785,255 @@ def test_a_signal_during_the_start_model_scoring_exits_130_with_one_line(tiny_da
     for f in out.glob("*.json"):
         json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f}: {c}"))
 
+
+
+# ------------------------------------------------------------------- Qwen2-Audio ----
+# The second family, on data/tiny-qwen2-audio (random weights, the released structure), held to
+# transformers' own WhisperFeatureExtractor, Qwen2AudioProcessor and Qwen2AudioForConditionalGeneration.
+
+QWEN_TINY = ["--eval-limit", "3", "--dev-limit", "2", "--batch-size", "2", "--group-size", "3",
+             "--sft-batch-size", "4", "--max-new-tokens", "8", "--max-steps", "2", "--eval-every", "1",
+             "--reward", "chrf"]   # random weights write no BLEU-scoring 4-gram: chrF spreads a group
+
+
+def _card_inputs(processor, row: dict):
+    """The model card's snippet up to generate: chat template on audio then instruction, processor."""
+    text = " ".join(row["text"].replace("<|audio|>", " ").split())
+    chat = [{"role": "user", "content": [{"type": "audio", "audio_url": row["audio"]},
+                                         {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    wave = gs.load_audio(row["audio"]).numpy()
+    return processor(text=prompt, audio=[wave], return_tensors="pt", padding=True, sampling_rate=16_000)
+
+
+def _card_generate(path: Path, rows: list[dict], max_new_tokens: int = 8, **kw) -> list[str]:
+    """The card's snippet on a checkpoint directory: AutoProcessor, the model, generate, decode;
+    greedy with the project's suppressed tokens (the ids no completion may hold)."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    processor = AutoProcessor.from_pretrained(path)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(path).eval()
+    tok = processor.tokenizer
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    texts = []
+    for row in rows:
+        inputs = _card_inputs(processor, row)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 suppress_tokens=suppress.tolist(), eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, **kw)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts.append(processor.batch_decode(new, skip_special_tokens=True)[0].strip())
+    return texts
+
+
+def test_tiny_qwen2_audio_has_the_released_structure(qwen):
+    model, tok = qwen
+    c = model.config
+    assert c.model_type == "qwen2_audio" and type(model).__name__ == "Qwen2AudioForConditionalGeneration"
+    assert (c.audio_config.num_mel_bins, c.audio_config.max_source_positions) == (128, 1500)
+    assert c.text_config.tie_word_embeddings is False and model.lm_head.weight is not model.get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
+                                     "<|audio_eos|>"])
+    assert ids == list(range(ids[0], ids[0] + 6)) and ids[3] == c.audio_token_id and tok.eos_token_id == ids[2]
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    template = json.loads((DATA / "tiny-qwen2-audio" / "processor_config.json").read_text())
+    assert template["audio_token"] == "<|AUDIO|>"
+    assert tok.chat_template.startswith("{% set audio_count = namespace(value=0) %}")
+    assert sum(f.stat().st_size for f in QWEN_MODEL.iterdir()) < 2e6
+
+
+@pytest.mark.parametrize("seconds", [0.025, 1.0, 3.7, 31.0])   # 0.025: the shortest accepted
+def test_whisper_log_mel_equals_the_whisper_feature_extractor(seconds):
+    """(128, 3000) features within 1e-5 of transformers' WhisperFeatureExtractor (128 mels), its
+    attention mask's sum l, and the processor's audio-token count; a clip over 30 s is cut."""
+    from transformers import WhisperFeatureExtractor
+    fe = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+    wave = (np.random.default_rng(1).standard_normal(int(seconds * 16_000)) * 0.1).astype(np.float32)
+    ref = fe(wave, sampling_rate=16_000, return_attention_mask=True, return_tensors="np")
+    feats, frames = gs.whisper_log_mel(torch.from_numpy(wave))
+    assert tuple(feats.shape) == (128, 3000) == ref["input_features"].shape[1:]
+    np.testing.assert_allclose(feats.numpy(), ref["input_features"][0], atol=1e-5, rtol=0)
+    l = int(ref["attention_mask"].sum())
+    assert frames == l and gs.whisper_audio_tokens(frames) == (((l - 1) // 2 + 1) - 2) // 2 + 1
+    assert gs.whisper_audio_tokens(frames) == {0.025: 1, 1.0: 25, 3.7: 92, 31.0: 750}[seconds]   # 25 a second
+
+
+def test_whisper_log_mel_on_speech_and_the_filters_are_transformers(tiny_data):
+    from transformers import WhisperFeatureExtractor
+    fe = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+    assert np.array_equal(gs.whisper_mel_filters().numpy(), fe.mel_filters.astype(np.float32))
+    wave = gs.load_audio(tiny_data / "audio" / "test" / sorted(os.listdir(tiny_data / "audio" / "test"))[0])
+    ref = fe(wave.numpy(), sampling_rate=16_000, return_tensors="np")["input_features"][0]
+    assert ref.std() > 0.1
+    np.testing.assert_allclose(gs.whisper_log_mel(wave)[0].numpy(), ref, atol=1e-5, rtol=0)
+
+
+def test_qwen2_audio_prompt_and_logits_equal_transformers_processor_and_forward(qwen, ast_test):
+    """Our prompt ids are the processor's (the checkpoint's template on audio then instruction, each
+    <|AUDIO|> expanded), and the LM logits over the prompt equal Qwen2AudioForConditionalGeneration's
+    own forward on the processor's inputs within 1e-5: features, encoder mask, splice, no scaling."""
+    from transformers import AutoProcessor
+    model, tok = qwen
+    processor = AutoProcessor.from_pretrained(QWEN_MODEL)
+    batch = make_batch(model, tok, ast_test, [0, 1, 2])
+    assert (batch.attention_mask == 0).any()               # left padding exercised
+    with torch.no_grad():
+        hidden = model.model(inputs_embeds=gs.prompt_embeddings(model, batch), attention_mask=batch.attention_mask,
+                             position_ids=gs.positions(batch.attention_mask)).last_hidden_state
+        ours = gs.lm_logits(model, hidden)
+    for b in range(3):
+        inputs = _card_inputs(processor, ast_test.rows[b])
+        real = batch.attention_mask[b].bool()
+        assert batch.input_ids[b, real].tolist() == inputs["input_ids"][0].tolist()
+        with torch.no_grad():
+            theirs = model(**inputs).logits[0]
+        torch.testing.assert_close(ours[b, real], theirs, atol=1e-5, rtol=0)
+
+
+def test_qwen2_audio_eval_greedy_and_beam_equal_transformers_generate(qwen, tiny_data, tmp_path):
+    """`--mode eval` on the tiny Qwen2-Audio: greedy hypotheses are transformers' processor + generate
+    (greedy, the same suppressed tokens), every test utterance, exactly; beam (K = 3) too."""
+    p = run_cli("--model", QWEN_MODEL, "--task", "ast", "--mode", "eval", "--data", tiny_data / "ast",
+                "--out", tmp_path / "ev", "--eval-limit", "4", "--max-new-tokens", "8", "--eval-decoding", "beam",
+                "--num-beams", "3", cwd=tmp_path)
+    _check_ok(p)
+    assert "system turn" not in p.stdout                   # the template's own default, no card
+    rows = {r["id"]: r for r in gs.read_manifest(tiny_data / "ast" / "test.jsonl")}
+    for key, kw in (("base", {}), ("base_beam", dict(num_beams=3))):
+        hyps = [json.loads(l) for l in (tmp_path / "ev" / f"hyps_{key}.jsonl").read_text().splitlines()]
+        assert len(hyps) == 4 and len({h["hyp"] for h in hyps}) > 1
+        assert [h["hyp"] for h in hyps] == _card_generate(QWEN_MODEL, [rows[h["id"]] for h in hyps], **kw), key
+
+
+@pytest.fixture(scope="module")
+def qwen_runs(tiny_data, tmp_path_factory):
+    """grpo, mp-grpo, sft and grpo --lora 4 on the tiny Qwen2-Audio; grpo also cut after step 1 and
+    resumed."""
+    work = tmp_path_factory.mktemp("qwen")
+    runs = {}
+    for name, mode, *extra in (("grpo", "grpo"), ("mp-grpo", "mp-grpo"), ("sft", "sft"),
+                               ("lora", "grpo", "--lora", "4", "--lr", "1e-2")):
+        out = work / name
+        p = run_cli("--model", QWEN_MODEL, "--task", "ast", "--mode", mode, "--data", tiny_data / "ast",
+                    "--out", out, *QWEN_TINY, *extra, cwd=work)
+        runs[name] = (p, out)
+    args = ["--model", QWEN_MODEL, "--task", "ast", "--mode", "grpo", "--data", tiny_data / "ast", "--out",
+            work / "cut", *QWEN_TINY]
+    runs["cut"] = (run_cli(*args, "--max-steps", "1", cwd=work), work / "cut")
+    runs["resumed"] = (run_cli(*args, "--resume", cwd=work), work / "cut")
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["grpo", "mp-grpo", "sft"])
+def test_qwen2_audio_training_modes_save_a_final_that_runs_in_the_card_snippet(qwen_runs, tiny_data, mode):
+    p, out = qwen_runs[mode]
+    _check_ok(p)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    assert all(math.isfinite(m["loss/sft" if mode == "sft" else "loss/total"]) for m in lines[1:])
+    for d in ("best", "final", "checkpoint"):             # the source's processor files, verbatim
+        for name in ("processor_config.json", "chat_template.jinja"):
+            assert (out / d / name).read_bytes() == (QWEN_MODEL / name).read_bytes(), (d, name)
+    hyps = [json.loads(l) for l in (out / "hyps_final.jsonl").read_text().splitlines()]
+    rows = {r["id"]: r for r in gs.read_manifest(tiny_data / "ast" / "test.jsonl")}
+    assert [h["hyp"] for h in hyps] == _card_generate(out / "best", [rows[h["id"]] for h in hyps])
+    # final/: the card's snippet decodes as this file decodes the trained weights
+    model, tok = gs.load_model(str(out / "final"), torch.device("cpu"))
+    data = gs.SpeechData([rows[h["id"]] for h in hyps])
+    _, ours = gs.evaluate(model, tok, data, gs.Config(task="ast", max_new_tokens=8), 0, nullamp)
+    assert [r["hyp"] for r in ours] == _card_generate(out / "final", data.rows)
+    assert mode == "sft" or not _same_weights(out / "final", QWEN_MODEL)
+
+
+def test_qwen2_audio_resume_is_bit_identical(qwen_runs):
+    for name in ("grpo", "cut", "resumed"):
+        _check_ok(qwen_runs[name][0])
+    (_, straight), (_, cut) = qwen_runs["grpo"], qwen_runs["cut"]
+    assert _step_metrics(cut) == _step_metrics(straight) and sorted(_step_metrics(cut)) == [0, 1, 2]
+    assert _same_weights(straight / "final", cut / "final")
+
+
+def test_qwen2_audio_lora_trains_its_targets_and_the_projector_only(qwen_runs):
+    p, out = qwen_runs["lora"]
+    _check_ok(p)
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora_targets"] == gs.Qwen2Audio.lora_targets
+    start, final = _weights(QWEN_MODEL), _weights(out / "final")
+    changed = {k for k in start if not torch.equal(start[k], final[k])}
+    targets = set(gs.Qwen2Audio.lora_targets.split(","))
+    # the checkpoint's own (release) names: language_model.model.layers..., multi_modal_projector...
+    assert changed and all(k.startswith("multi_modal_projector.")
+                           or (k.startswith("language_model.model.layers.") and k.split(".")[-2] in targets)
+                           for k in changed)
+    assert {k.split(".")[-2] for k in changed if ".layers." in k} == targets      # every target moved
+    saved = _weights_file(out / "checkpoint" / "trainable.safetensors")
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {"lora_A", "lora_B", "weight", "bias"}
+    assert all(k.startswith("model.multi_modal_projector.") for k in saved if not k.endswith(("lora_A", "lora_B")))
+
+
+def _weights_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_another_model_family_is_refused_in_one_line(tmp_path):
+    src = tmp_path / "whisper"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    code, err = run_main("--model", src, "--mode", "eval", "--out", tmp_path / "o", cwd=tmp_path)
+    assert code == 2 and len(err) == 1
+    assert "'whisper'" in err[0] and "'granite_speech'" in err[0] and "'qwen2_audio'" in err[0]
+
+
+def test_qwen2_audio_source_without_processor_files_gets_a_working_one(qwen, tmp_path):
+    """save_model writes processor_config.json of this file's Whisper front end where the source had
+    none: AutoProcessor loads it and makes our features and prompt."""
+    from transformers import AutoProcessor
+    model, tok = qwen
+    src = tmp_path / "src"
+    shutil.copytree(QWEN_MODEL, src)
+    (src / "processor_config.json").unlink()
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    gs.save_model(model, tok, tmp_path / "saved")
+    processor = AutoProcessor.from_pretrained(tmp_path / "saved")
+    assert type(processor).__name__ == "Qwen2AudioProcessor"
+    row = {"text": gs.PROMPTS["asr"], "audio": str(next((DATA / "audio" / "test").glob("*.ogg")))}
+    inputs = _card_inputs(processor, row)
+    feats, frames, n_audio = gs.Qwen2Audio().features(gs.load_audio(row["audio"]), model.config)
+    torch.testing.assert_close(inputs["input_features"][0], feats, atol=1e-5, rtol=0)
+    assert int(inputs["feature_attention_mask"].sum()) == frames
+    assert inputs["input_ids"][0].tolist().count(model.config.audio_token_id) == n_audio
+
+
+def test_qwen2_audio_prompt_uses_the_processors_chat_template_json(tmp_path):
+    """As released: chat_template.json (the processor's, which places the audio) beside a tokenizer
+    whose own template is text-only ChatML. The processor's writes the prompt and is saved verbatim."""
+    src = tmp_path / "src"
+    shutil.copytree(QWEN_MODEL, src)
+    template = (src / "chat_template.jinja").read_text()
+    (src / "chat_template.jinja").unlink()
+    (src / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    assert tok.chat_template == template
+    gs.save_model(model, tok, tmp_path / "saved")
+    assert (tmp_path / "saved" / "chat_template.json").read_bytes() == (src / "chat_template.json").read_bytes()
+
+
+def test_qwen2_audio_completion_does_not_depend_on_batch_mates(qwen, ast_test):
+    """Each clip is padded to 30 s and encoded alone: a prompt's samples are the same beside a batch mate
+    (a longer prompt left-pads it) as alone."""
+    model, tok = qwen
+    kw = dict(max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0)
+    pair = make_batch(model, tok, ast_test, [3, 0])
+    assert (pair.attention_mask[0] == 0).any() or (pair.attention_mask[1] == 0).any()
+    both = gs.sample_groups(model, pair, 2, uniforms=gs.row_uniforms(0, 5, [3, 0], 2, 8), **kw)
+    alone = gs.sample_groups(model, make_batch(model, tok, ast_test, [0]), 2,
+                             uniforms=gs.row_uniforms(0, 5, [0], 2, 8), **kw)
+    for k in range(2):
+        n = int(alone.lengths[k])
+        assert both.tokens[2 + k, :n].tolist() == alone.tokens[k, :n].tolist()
+        torch.testing.assert_close(both.logps[2 + k, :n], alone.logps[k, :n], atol=1e-4, rtol=0)

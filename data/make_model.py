@@ -238,12 +238,12 @@ def pretrain(data: str | Path, out: str | Path, steps: list[int], *, seed: int =
     # stage 4: projector + LM on asr + ast, with word CTC on the projector outputs
     embed = model.get_input_embeddings()
     with torch.no_grad():  # audio embeddings start ~10x the norm of text ones: scale them down
-        b = gs.collate(both, list(range(8)), tokenizer, audio_id).to(device)
+        b = gs.collate(both, list(range(8)), tokenizer, audio_id, config=model.config).to(device)
         audio = gs.audio_embeddings(model, b)
         scale = embed.weight.norm(dim=-1).mean() / audio.norm(dim=-1).mean()
         model.model.projector.linear.weight *= scale
     def joint_loss(idx):
-        batch = gs.collate(both, idx, tokenizer, audio_id).to(device)
+        batch = gs.collate(both, idx, tokenizer, audio_id, config=model.config).to(device)
         refs = [gs.encode_target(tokenizer, t) for t in batch.targets]
         lengths = torch.tensor([len(r) for r in refs], device=device)
         width = int(lengths.max())
