@@ -490,7 +490,7 @@ def memory(args) -> None:
         cfg = gs.resolve_config(gs.Config(model=args.model, mode="grpo", **extra))
         params, optimizer, _, ref_model = gs.setup_training(cfg, model, gs.Dist())
         batch = gs.collate(gs.SpeechData(rows), [0, 1], tok, model.config.audio_token_id,
-                           system=gs.system_turn(tok), config=model.config)
+                           system=gs.system_turn(tok, "auto", model.config), config=model.config)
         completions = torch.randint(0, model.config.text_config.vocab_size, (2 * 2, 8))   # B=2, G=2, T=8
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             gs.completion_logprobs(model, batch, completions, 2).mean().backward()
@@ -842,8 +842,9 @@ def gpu_2b(_root: Path, lora: bool, layers=(40, 16), device="cuda") -> dict:
     data = gs.SpeechData(gs.read_manifest(HERE / "data" / "ast" / "train.jsonl")[:8])
     batch = gs.collate(data, list(range(8)), tok, config.audio_token_id, config=config).to(device)
     # EOS suppressed too: 200 tokens every completion, the worst case
-    suppress = torch.cat([gs.suppressed_ids(tok, config.text_config.vocab_size, config.audio_token_id),
-                          torch.tensor([tok.eos_token_id])])
+    eos_id = gs.family(config).stop_id(config)
+    suppress = torch.cat([gs.suppressed_ids(tok, config.text_config.vocab_size, config.audio_token_id, eos_id),
+                          torch.tensor([eos_id])])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with autocast():
@@ -1202,7 +1203,7 @@ def main():
     B, G, T = args.batch_size, args.group_size, args.new_tokens
     data = gs.SpeechData(gs.read_manifest(args.data)[:B])
     batch = gs.collate(data, list(range(B)), tok, model.config.audio_token_id,
-                       system=gs.system_turn(tok), config=model.config).to(device)
+                       system=gs.system_turn(tok, "auto", model.config), config=model.config).to(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, B={B} "
           f"G={G} T={T}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
 
@@ -1215,7 +1216,8 @@ def main():
                            input_features_mask=batch.features_mask,
                            attention_mask=batch.attention_mask, do_sample=True,
                            num_return_sequences=G, max_new_tokens=T, min_new_tokens=T,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=0)
+                           pad_token_id=tok.pad_token_id, eos_token_id=gs.family(model.config).stop_id(model.config),
+                           top_k=0)
     t_ours, t_hf = timed(ours, args.repeats), timed(hf, args.repeats)
     s = ours()
 

@@ -69,6 +69,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 # No network at run time unless the user opts in (HF_HUB_OFFLINE=0) to fetch a hub id.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,7 +140,9 @@ class Config:
     max_new_tokens: int = opt(48, "longest completion in tokens (the paper: 200)")
     system_prompt: str = opt("auto", "system turn before each prompt. auto: the model card's, "
                              "dated April 9, 2025, when the chat template writes a system turn "
-                             "of its own (released Granite 3.x), else none; none; or the text")
+                             "of its own (released Granite 3.x), else none; none; or the text. "
+                             "Qwen2-Audio's template writes 'You are a helpful assistant.' "
+                             "wherever no system turn is given (auto and none alike)")
     # optimisation
     lr: float = opt(1e-4, "peak learning rate (AdamW)")
     warmup_ratio: float = opt(0.1, "share of steps with linear warm-up; cosine decay to 10% after")
@@ -325,15 +328,15 @@ CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.
                "You are Granite, developed by IBM. You are a helpful AI assistant")
 
 
-def system_turn(tokenizer, system_prompt: str = "auto",
-                card: str | None = CARD_SYSTEM) -> str | None:
+def system_turn(tokenizer, system_prompt: str, config) -> str | None:
     """The system turn text for --system-prompt (None: none). auto asks the chat template: one
     that writes a system turn of its own for a user turn alone (released Granite 3.x, dated
-    today) gets the model card's (`card`, the family's), dated; one that writes none (the
+    today) gets the model card's (the family's card_system), dated; one that writes none (the
     shipped model's) gets none. A family with no card system turn (Qwen2-Audio: its template's
     own, undated) gets none: the template writes its default."""
     if system_prompt != "auto":
         return None if system_prompt in ("", "none") else system_prompt
+    card = family(config).card_system
     if card is None:
         return None
     mark = "\x00system\x00"
@@ -344,7 +347,7 @@ def system_turn(tokenizer, system_prompt: str = "auto",
         return None
     header = with_system[:with_system.find(mark)]     # <|start_of_role|>system<|end_of_role|>
     user_only = tokenizer.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False)
-    return CARD_SYSTEM if mark in with_system and header.strip() and header in user_only else None
+    return card if mark in with_system and header.strip() and header in user_only else None
 
 
 def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id: int,
@@ -361,29 +364,71 @@ def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id
     return ids[:k] + [audio_token_id] * n_audio + ids[k + 1:]
 
 
-def encode_target(tokenizer, text: str) -> list[int]:
-    """A reference completion: its tokens and the end-of-text token, which is an action too."""
-    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def encode_target(tokenizer, text: str, eos_id: int) -> list[int]:
+    """A reference completion: its tokens and the stop token (the family's), an action too."""
+    return tokenizer(text, add_special_tokens=False).input_ids + [eos_id]
 
 
 # ---------------------------------------------------------------------- model families ----
-# What differs between speech LM families, and nothing else. A family is a class of seven methods
-# (the tokenizer with its chat template; a clip's features and audio-embedding count; the user
-# turn that holds the audio; encoder; projector; logits; the processor file it saves) and four
-# names, chosen by the checkpoint's config `model_type`: the rest of the file asks family(config)
-# and never which one it has. Both share the rest: a causal LM at model.model.language_model, its
-# head at model.lm_head, input embeddings at model.get_input_embeddings(), an audio token whose
-# embeddings the audio replaces (prompt_embeddings). A third family (Qwen2.5-Omni's thinker,
-# Voxtral) loading as such a transformers class is one more class and one FAMILIES entry here.
+# What differs between speech LM families, and nothing else, chosen by the checkpoint's config
+# `model_type`: the rest of the file asks family(config) and never which one it has. Both share
+# the rest: a causal LM at model.model.language_model, its head at model.lm_head, input
+# embeddings at model.get_input_embeddings(), an audio token whose embeddings the audio replaces
+# (prompt_embeddings), 1-D RoPE positions (positions). Family is the whole contract.
 
 
-class GraniteSpeech:
+class Family(Protocol):
+    """What a family writes: six names and eight methods. A third family subclasses it and adds
+    one FAMILIES entry. Qwen2.5-Omni's thinker (model_type qwen2_5_omni) also needs its config
+    read from thinker_config, its weights' thinker. prefix, and M-RoPE positions, which
+    positions() does not make (a hook there); Voxtral's processor expands the audio tokens
+    itself, so its features() returns the count its processor writes."""
+    name: str                   # for messages: "Granite Speech"
+    model_class: str            # the transformers class that loads it
+    encoder_prefix: str         # parameter names frozen unless --train-encoder
+    lora_targets: str           # --lora-targets auto
+    card_system: str | None     # --system-prompt auto, when the template dates a turn of its own
+    max_seconds: float          # the longest clip its encoder hears (refused when read)
+    released_adapter: bool      # ships a peft adapter that load_model merges (else: refused)
+
+    def tokenizer(self, path: Path):
+        """The tokenizer whose chat template writes the prompt."""
+
+    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
+        """One clip's features, its real frames F, and its audio embeddings A."""
+
+    def user_turn(self, text: str) -> str | list:
+        """The user turn's content for the chat template, holding the audio once."""
+
+    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, F', H): the audio encoder on one clip."""
+
+    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, A, D): the clip's audio embeddings in the LM's space."""
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the LM's last hidden states."""
+
+    def processor_config(self, config) -> dict:
+        """processor_config.json for a checkpoint whose source had none."""
+
+    def stop_id(self, config) -> int:
+        """The token that ends a completion: the config's, which transformers' generate stops
+        on; the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
+        eos = config.text_config.eos_token_id
+        return eos[0] if isinstance(eos, list) else eos
+
+
+class GraniteSpeech(Family):
     """Granite Speech 3.x (GraniteSpeechForConditionalGeneration): conformer encoder, window
     Q-Former projector, Granite LM whose logits are divided by logits_scaling."""
-    model_class = "GraniteSpeechForConditionalGeneration"     # a transformers class
-    encoder_prefix = "model.encoder."        # parameter names frozen unless --train-encoder
+    name = "Granite Speech"
+    model_class = "GraniteSpeechForConditionalGeneration"
+    encoder_prefix = "model.encoder."
     lora_targets = "q_proj,v_proj"           # the released adapter's
-    card_system = CARD_SYSTEM                # --system-prompt auto, when the template dates one
+    card_system = CARD_SYSTEM                # the model card's, dated
+    max_seconds = float("inf")               # the conformer has no position table to outrun
+    released_adapter = True                  # the 3.3 releases' LoRA, merged at load
 
     def tokenizer(self, path: Path):
         """The tokenizer whose chat template writes the prompt."""
@@ -428,22 +473,29 @@ class GraniteSpeech:
             "processor_class": "GraniteSpeechProcessor"}
 
 
-class Qwen2Audio:
+class Qwen2Audio(Family):
     """Qwen2-Audio (Qwen2AudioForConditionalGeneration): a Whisper-large encoder on 30 s of
     log-mel, one Linear projector, a Qwen2 LM; no adapter, no logits scaling."""
+    name = "Qwen2-Audio"
     model_class = "Qwen2AudioForConditionalGeneration"
     encoder_prefix = "model.audio_tower."
     # no released adapter: every Linear of the LM's layers (ms-swift's all-linear default)
     lora_targets = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
     card_system = None                       # the template writes its own default system turn
+    max_seconds = WHISPER_SAMPLES / SAMPLE_RATE   # 30: longer clips would be cut, not heard
+    released_adapter = False
 
     def tokenizer(self, path: Path):
         """With the processor's chat template where the checkpoint has it (chat_template.json):
         the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if (processor_template := Path(path) / "chat_template.json").is_file():
-            tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+        if (template := Path(path) / "chat_template.json").is_file():
+            try:
+                tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
+            except (ValueError, TypeError, KeyError):   # not JSON, not an object, no key
+                raise InputError(f"{template}: not a JSON object with a \"chat_template\" "
+                                 "string") from None
         return tokenizer
 
     def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
@@ -475,7 +527,8 @@ class Qwen2Audio:
         return model.model.multi_modal_projector(states[:, :whisper_audio_tokens(frames)])
 
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(hidden)                        # Qwen has no logits scaling
+        """The head alone: Qwen has no logits scaling (its head is untied from the embeddings)."""
+        return model.lm_head(hidden)
 
     def processor_config(self, config) -> dict:
         """processor_config.json as Qwen2AudioProcessor.save_pretrained writes it (5.x)."""
@@ -486,10 +539,10 @@ class Qwen2Audio:
                 "processor_class": "Qwen2AudioProcessor"}
 
 
-FAMILIES = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}   # by model_type
+FAMILIES: dict[str, Family] = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}
 
 
-def family(config) -> GraniteSpeech | Qwen2Audio:
+def family(config) -> Family:
     """The family of a model's config (load_model has refused any other model_type)."""
     return FAMILIES[config.model_type]
 
@@ -627,22 +680,31 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     del weights
     for m in model.modules():   # buffers kept as loaded would keep the file mapped
         m._buffers.update({k: b.clone() for k, b in m._buffers.items() if b is not None})
-    check_loaded(model, tokenizer, info, name, path)          # Part II: and the adapter merged
+    check_loaded(model, tokenizer, info, name, path)   # Part II: the adapter merged, the template
+    if tokenizer.pad_token is None:   # pads are masked by lengths: any real id serves
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(fam.stop_id(config))
     model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
+    # what the class itself makes fixed (Qwen2-Audio's sinusoidal encoder positions) stays fixed
+    # under --train-encoder (setup_training); from_pretrained forgets it, a meta-device build not
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    model.fixed = {n for n, p in skeleton.named_parameters() if not p.requires_grad}
     return model.to(device).requires_grad_(False), tokenizer
 
 
-def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int) -> torch.Tensor:
-    """Tokens a completion must never contain: specials but EOS, <|audio|>, ids past the tokenizer.
-    A sampled <|audio|> id would be replaced by audio features in the next forward and crash it."""
+def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int, eos_id: int) -> torch.Tensor:
+    """Tokens a completion must never contain: specials but the stop token eos_id (the family's:
+    a Qwen2 tokenizer's own eos is <|endoftext|>, the chat's <|im_end|>), <|audio|>, ids past the
+    tokenizer. A sampled <|audio|> id would be replaced by audio features in the next forward."""
     bad = set(tokenizer.all_special_ids) | {audio_token_id} | set(range(len(tokenizer), vocab_size))
-    bad.discard(tokenizer.eos_token_id)
+    bad.discard(eos_id)
     return torch.tensor(sorted(bad), dtype=torch.long)
 
 
 def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """(B, F, H): the encoder on each utterance's own frames, zero-padded. A frozen encoder runs
-    without autograd: none of its activations are kept."""
+    """(B, F, H): the encoder on each utterance alone (the family's: Granite's on its own frames,
+    zero-padded to the batch's longest; Qwen2-Audio's on all 3000, its padding masked). A frozen
+    encoder runs without autograd: none of its activations are kept."""
     fam = family(model.config)
     with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
         return pad_sequence([fam.encode(model, feats, n)[0]
@@ -1040,6 +1102,7 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
     mixed = cfg.mode == "mp-grpo"
     G = cfg.group_size if cfg.grpo else 1
     device = batch.input_ids.device
+    eos_id = family(policy.config).stop_id(policy.config)
     reward_fn = REWARDS[cfg.reward]
     metrics = {}
     rewards = advantages = off_policy = None                        # SFT has none of them
@@ -1051,7 +1114,7 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
         with autocast():
             samples = sample_groups(
                 policy, batch, n, max_new_tokens=cfg.max_new_tokens,
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                eos_id=eos_id, pad_id=tokenizer.pad_token_id,
                 temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
                 uniforms=row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens))
         t1 = clock(device)
@@ -1064,7 +1127,7 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
             # The reference answer as the G-th, off-policy member. It is cut to the completion
             # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
             # less than 1, so the same tokens never score 1 as the reference and less as a sample.
-            full = [encode_target(tokenizer, t) for t in batch.targets]
+            full = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
             refs = [f[:cfg.max_new_tokens] for f in full]
             ref_r = torch.nan_to_num(reward_fn(decode(tokenizer, refs), batch.targets),
                                      nan=0.0)
@@ -1081,7 +1144,7 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
         metrics.update({"perf/completion_len": samples.lengths.float().mean().item(),
                         "perf/sample_s": t1 - t0, "perf/reward_s": clock(device) - t1})
     else:
-        groups = [encode_target(tokenizer, t) for t in batch.targets]
+        groups = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
     lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
     completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
                                padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
@@ -1160,8 +1223,9 @@ def setup_training(cfg: Config, policy, dist: Dist):
     """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
     the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
     for name, p in policy.named_parameters():
-        p.requires_grad_(cfg.train_encoder
-                         or not name.startswith(family(policy.config).encoder_prefix))
+        p.requires_grad_((cfg.train_encoder
+                          or not name.startswith(family(policy.config).encoder_prefix))
+                         and name not in getattr(policy, "fixed", ()))    # load_model's
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
     # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
@@ -1233,8 +1297,9 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     B_local = B // dist.world                                       # this process's share
     params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
     audio_id = policy.config.audio_token_id
-    suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id)
-    system = system_turn(tokenizer, cfg.system_prompt, family(policy.config).card_system)
+    suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id,
+                              family(policy.config).stop_id(policy.config))
+    system = system_turn(tokenizer, cfg.system_prompt, policy.config)
     state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II: --resume
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
     log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # rank 0 writes
@@ -1361,10 +1426,11 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
     idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
     audio_id = model.config.audio_token_id
-    suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id)
+    eos_id = family(model.config).stop_id(model.config)
+    suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id, eos_id)
     decoding = decoding or cfg.eval_decoding
     greedy = decoding == "greedy"
-    system = system_turn(tokenizer, cfg.system_prompt, family(model.config).card_system)
+    system = system_turn(tokenizer, cfg.system_prompt, model.config)
     hyps: dict[int, str] = {}
     batches = [idx[k:k + cfg.eval_batch_size] for k in range(0, len(idx), cfg.eval_batch_size)]
     for b_idx in tqdm(batches, desc=desc, leave=False, disable=None if dist.main else True):
@@ -1374,11 +1440,11 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
             if decoding == "beam":   # Part II
                 completions = beam_search(model, batch, num_beams=cfg.num_beams,
                                           max_new_tokens=cfg.max_new_tokens,
-                                          eos_id=tokenizer.eos_token_id, suppress=suppress)
+                                          eos_id=eos_id, suppress=suppress)
             else:
                 completions = sample_groups(
                     model, batch, 1, max_new_tokens=cfg.max_new_tokens,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                    eos_id=eos_id, pad_id=tokenizer.pad_token_id,
                     temperature=0.0 if greedy else 0.9, top_p=1.0 if greedy else 0.9,
                     suppress=suppress, uniforms=None if greedy else
                     row_uniforms(cfg.seed, -1, b_idx, 1, cfg.max_new_tokens)).token_lists()
@@ -1459,7 +1525,7 @@ def add_lora(model, cfg: Config) -> None:
     """Wrap the --lora-targets Linears of the LM in LoRALinear and freeze the rest of the LM.
     A's draws come from their own generator, so adding LoRA moves no other random draw."""
     model.model.language_model.requires_grad_(False)
-    model.lm_head.requires_grad_(False)                 # tied to the embeddings: frozen with them
+    model.lm_head.requires_grad_(False)   # frozen with the LM (Granite's is tied to the embeddings)
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     for parent, attr in lora_sites(model, cfg.lora_targets):
         base = getattr(parent, attr)
@@ -1523,6 +1589,10 @@ def model_files(name: str):
         config = AutoConfig.from_pretrained(path)
         unknown_family(path, config.model_type)
         adapter = path / "adapter_config.json"
+        if adapter.is_file() and not family(config).released_adapter:
+            raise InputError(f"{path}: holds a peft adapter (adapter_config.json); "
+                             f"{family(config).name} loads merged weights only: merge it first "
+                             "(peft's merge_and_unload, then save_pretrained)")
         announced = getattr(config, "has_lora_adapter", False)     # Granite's field
         if announced != adapter.is_file():
             has, state = ("true", "missing") if announced else ("false", "there")
@@ -1546,8 +1616,8 @@ def model_files(name: str):
 
 def unknown_family(path: Path, model_type) -> None:
     if model_type not in FAMILIES:
-        raise InputError(f"{path}: model_type is {model_type!r}; supported: Granite Speech "
-                         "('granite_speech') and Qwen2-Audio ('qwen2_audio')")
+        known = ", ".join(f"{fam.name} ({key!r})" for key, fam in FAMILIES.items())
+        raise InputError(f"{path}: model_type is {model_type!r}; supported: {known}")
 
 
 def cannot_load(name: str, e: OSError) -> InputError:
@@ -1557,7 +1627,8 @@ def cannot_load(name: str, e: OSError) -> InputError:
 
 def check_loaded(model, tokenizer, info: dict, name: str, path: Path) -> None:
     """Refuse what transformers only logs (a missing weight filled with random values), merge the
-    adapter, and check that the tokenizer fits the vocabulary."""
+    adapter, and check that the tokenizer fits the vocabulary and that its chat template places
+    the audio token once in a user turn (else every manifest line would seem at fault)."""
     bad = ([f"missing {k}" for k in info["missing_keys"]]
            + [f"unexpected {k}" for k in info["unexpected_keys"]])
     if bad:
@@ -1568,6 +1639,17 @@ def check_loaded(model, tokenizer, info: dict, name: str, path: Path) -> None:
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model's vocabulary "
                          f"{model.config.text_config.vocab_size}")
+    audio_id = model.config.audio_token_id
+    turn = [{"role": "user", "content": family(model.config).user_turn(f"{AUDIO_TOKEN} hi")}]
+    try:
+        chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        found = tokenizer(chat, add_special_tokens=False).input_ids.count(audio_id)
+    except Exception as e:  # no template (ValueError), or one that fails on an audio part
+        found, chat = 0, str(e).splitlines()[0][:80]
+    if found != 1:
+        raise InputError(f"{path}: the chat template does not place the audio token "
+                         f"{tokenizer.convert_ids_to_tokens(audio_id)} once in a user turn "
+                         f"(a text-only or missing template?): {chat[-80:]!r}")
 
 
 def adapter_scale(path: Path) -> tuple[int, float]:
@@ -1710,6 +1792,17 @@ def read_librisqa(path: Path, max_seconds: float = float("inf")) -> list[dict]:
                      "task": "sqa", "text": PROMPTS["sqa"].format(question=it["question"]),
                      "target": it["answer"]})
     return check_audio_files(rows, path, max_seconds)
+
+
+def check_lengths(splits: dict[str, "SpeechData"], fam: Family) -> None:
+    """Refuse a clip longer than the family's encoder hears (Qwen2-Audio: 30 s, the rest would be
+    cut without a word), whatever --max-audio-seconds allows."""
+    for data in splits.values():
+        for row in data.rows:
+            if row["num_samples"] > fam.max_seconds * SAMPLE_RATE:
+                raise InputError(f"{row['audio']}: {row['num_samples'] / SAMPLE_RATE:.1f} s is "
+                                 f"longer than the {fam.max_seconds:g} s {fam.name} hears: "
+                                 "cut it or leave it out")
 
 
 def load_splits(data: str | Path, task: str, splits=("train", "dev", "test"),
@@ -2312,6 +2405,7 @@ def run(cfg: Config) -> dict:
     # fp32 master weights; under --lora --bf16 the frozen LM and encoder are stored in bf16
     model_dtype = torch.bfloat16 if cfg.lora and cfg.bf16 else torch.float32
     model, tokenizer = load_model(cfg.model, device, model_dtype)
+    check_lengths(splits, family(model.config))       # Part II: what the encoder hears
     set_threads(cfg, model, device)
     if cfg.lora_targets == "auto":   # the family's, written out in config.json
         cfg.lora_targets = family(model.config).lora_targets
@@ -2325,8 +2419,7 @@ def run(cfg: Config) -> dict:
                                  enabled=cfg.bf16)
     dist.print(f"{cfg.task} {cfg.mode}: model {cfg.model}, data {cfg.data}, out {out}, "
                f"device {device}, processes {dist.world}")
-    if (system := system_turn(tokenizer, cfg.system_prompt,
-                              family(model.config).card_system)) is not None:
+    if (system := system_turn(tokenizer, cfg.system_prompt, model.config)) is not None:
         dist.print(f"system turn: {system!r}")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if cfg.resume and results_file.exists() else {}

@@ -688,13 +688,13 @@ def test_mp_grpo_reference_is_scored_as_trained_and_kept_out_of_reward_metrics(m
     model, tok = model_tok
     cfg = _rollout_cfg(mode="mp-grpo", max_new_tokens=budget)
     batch = make_batch(model, tok, ast_test, [0, 1])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
     r, m = gs.rollout(cfg, model, None, tok, batch, 0, [0, 1], suppress, nullamp)
     completions, lengths, rewards, off = r.completions, r.mask.sum(1), r.rewards, r.off_policy
     assert off.tolist() == [False, False, True] * 2
     assert torch.equal(r.advantages, gs.group_advantages(rewards, 3))
     for b, target in enumerate(batch.targets):
-        full = gs.encode_target(tok, target)
+        full = gs.encode_target(tok, target, tok.eos_token_id)
         assert len(full) > 3                                   # so budget 3 truncates every reference
         i = 3 * b + 2
         row = completions[i, :lengths[i]].tolist()
@@ -788,6 +788,33 @@ def shipped():
     return model.eval(), tok
 
 
+@pytest.fixture(scope="session")
+def qwen_no_gqa(tmp_path_factory) -> Path:
+    """The tiny Qwen2-Audio with the 7B's kinds (the shipped one has GQA, 4 heads / 2): as many
+    key-value heads as heads, their new rows drawn at random (copies would hide a head paired with
+    the wrong key), an untied head, a vocabulary larger than the tokenizer; the processor files."""
+    from transformers import Qwen2AudioForConditionalGeneration
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(QWEN_MODEL)
+    config = copy.deepcopy(model.config)
+    text = config.text_config
+    text.num_key_value_heads = text.num_attention_heads
+    g = torch.Generator().manual_seed(3)
+    rows = model.model.language_model.layers[0].self_attn.q_proj.out_features      # heads x head_dim
+    state = {k: torch.randn((rows,) + tuple(v.shape[1:]), generator=g) * v.std()
+             if "language_model." in k and k.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias",
+                                                       "v_proj.bias")) else v
+             for k, v in model.state_dict().items()}
+    released = Qwen2AudioForConditionalGeneration(config)
+    released.load_state_dict(state)
+    assert not text.tie_word_embeddings and text.vocab_size > len(gs.Qwen2Audio().tokenizer(QWEN_MODEL))
+    dst = tmp_path_factory.mktemp("qwen-no-gqa")
+    for f in QWEN_MODEL.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copyfile(f, dst / f.name)
+    released.save_pretrained(dst)
+    return dst
+
+
 def _released_kind(model):
     """The trained shipped network with the released 2B's kinds of values (GQA: half the key and
     value heads kept; logits_scaling 8, embedding multiplier 12, residual 0.22): the tiny model's
@@ -817,15 +844,17 @@ def _grads_of(model, fn, batch, completions, G, mask, **kw):
 
 
 @pytest.mark.parametrize("variant", ["shipped", "released", "checkpointing", "lora", "qwen2-audio",
-                                     "qwen2-audio-lora"])
-def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, qwen, ast_test, variant):
+                                     "qwen2-audio-lora", "qwen2-audio-no-gqa"])
+def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, qwen, qwen_no_gqa, ast_test, variant):
     """completion_logprobs runs each prompt once for its G completions: log-probs equal running
     every [prompt + completion] (bench's per_completion_logprobs) within 1e-5 in fp32, and in fp64
     every gradient that is not zero in exact arithmetic within 1e-4 relative; left-padded prompts
     of different lengths, completions of different lengths. Granite Speech and Qwen2-Audio."""
     import bench_grpo_speech as bench
     model, tok = qwen if variant.startswith("qwen") else shipped
-    model = _released_kind(model) if variant == "released" else copy.deepcopy(model)
+    if variant == "qwen2-audio-no-gqa":
+        model, tok = gs.load_model(str(qwen_no_gqa), torch.device("cpu"))
+    model = _released_kind(model) if variant == "released" else copy.deepcopy(model).eval()
     model.requires_grad_(True)
     if variant.endswith("lora"):
         gs.add_lora(model, gs.Config(lora=4))
@@ -934,7 +963,7 @@ def test_completion_logprobs_holds_at_most_two_vocabulary_sized_tensors_at_once(
 def test_sampler_logprobs_equal_teacher_forced(model_tok, ast_test, temperature):
     model, tok = model_tok
     batch = make_batch(model, tok, ast_test, [0, 1])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
     s = gs.sample_groups(model, batch, 3, max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                          temperature=temperature, suppress=suppress, uniforms=gs.row_uniforms(0, 0, [0, 1], 3, 8))
     with torch.no_grad():
@@ -1048,7 +1077,7 @@ def test_sampler_inverse_cdf_follows_the_distribution(model_tok, ast_test):
 def test_sampler_never_draws_a_suppressed_token_even_at_u_zero(model_tok, ast_test):
     model, tok = model_tok
     batch = make_batch(model, tok, ast_test, [0])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
     assert 0 in suppress.tolist()
     s = gs.sample_groups(model, batch, 2, max_new_tokens=4, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                          temperature=1.0, suppress=suppress, uniforms=torch.zeros(2, 4))
@@ -1076,7 +1105,7 @@ def test_model_listens_shipped_model():
     model.eval()
     rows = gs.read_manifest(DATA / "asr" / "test.jsonl")[:2]
     data = gs.SpeechData(rows)
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
     hyps = []
     for i in range(2):
         b = make_batch(model, tok, data, [i])
@@ -1893,21 +1922,23 @@ GRANITE3_TEMPLATE = (  # the Granite 3.x chat template's system-turn logic, as r
 def test_system_prompt_default_by_template(tmp_path):
     from transformers import AutoTokenizer
     import datetime
+    from transformers import AutoConfig
     tok = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL))
+    granite, qwen = AutoConfig.from_pretrained(SHIPPED_MODEL), AutoConfig.from_pretrained(QWEN_MODEL)
     audio = tok.convert_tokens_to_ids(gs.AUDIO_TOKEN)
     text = gs.PROMPTS["ast"]
     # the shipped model: no system turn by default, prompts byte-identical to its template's format
-    assert gs.system_turn(tok) is None
+    assert gs.system_turn(tok, "auto", granite) is None
     literal = f"<|start_of_role|>user<|end_of_role|>{text}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
     ids = tok(literal, add_special_tokens=False).input_ids
     k = ids.index(audio)
     assert gs.encode_prompt(tok, text, 3, audio) == ids[:k] + [audio] * 3 + ids[k + 1:]
-    assert gs.encode_prompt(tok, text, 3, audio, gs.system_turn(tok, "auto")) == ids[:k] + [audio] * 3 + ids[k + 1:]
+    assert gs.encode_prompt(tok, text, 3, audio, gs.system_turn(tok, "auto", granite)) == ids[:k] + [audio] * 3 + ids[k + 1:]
     # a released Granite 3.x template dates a system turn of its own: auto gives the card's, fixed
     tok.chat_template = GRANITE3_TEMPLATE
     today = datetime.date.today().strftime("%B %d, %Y")
     assert today in tok.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False)
-    system = gs.system_turn(tok)
+    system = gs.system_turn(tok, "auto", granite)
     assert system == gs.CARD_SYSTEM and "Today's Date: April 9, 2025." in system
     turns = [{"role": "system", "content": system}, {"role": "user", "content": text}]
     rendered = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -1917,8 +1948,11 @@ def test_system_prompt_default_by_template(tmp_path):
     ids = tok(rendered, add_special_tokens=False).input_ids
     k = ids.index(audio)
     assert gs.encode_prompt(tok, text, 2, audio, system) == ids[:k] + [audio] * 2 + ids[k + 1:]
-    assert gs.system_turn(tok, "none") is None and gs.system_turn(tok, "Be brief.") == "Be brief."
-    assert "--system-prompt" in gs.build_parser().format_help()
+    assert gs.system_turn(tok, "none", granite) is None and gs.system_turn(tok, "Be brief.", granite) == "Be brief."
+    # the card's turn is Granite's alone: a Qwen2-Audio config never gets IBM's (bench called it bare)
+    assert gs.system_turn(tok, "auto", qwen) is None
+    help_text = " ".join(gs.build_parser().format_help().split())
+    assert "--system-prompt" in help_text and "'You are a helpful assistant.' wherever no system turn" in help_text
 
 
 def test_audio_token_count_follows_the_model_config(model_tok, ast_test):
@@ -2318,7 +2352,7 @@ def test_model_card_snippet_on_final_gives_the_project_greedy_outputs(fixture_mo
 
 def test_beam_search_with_one_beam_is_greedy(model_tok, ast_test):
     model, tok = model_tok
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
     batch = make_batch(model, tok, ast_test, range(4))
     greedy = gs.sample_groups(model, batch, 1, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                               temperature=0.0, suppress=suppress).token_lists()
@@ -2333,7 +2367,7 @@ def test_beam_search_equals_transformers_generate_num_beams_4():
     model.eval()
     assert model.config.text_config.logits_scaling == 1.0
     data = gs.SpeechData(gs.read_manifest(DATA / "ast" / "test.jsonl")[:10])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
     batch = make_batch(model, tok, data, range(10))
     ours = gs.beam_search(model, batch, num_beams=4, max_new_tokens=24, eos_id=tok.eos_token_id, suppress=suppress)
     differs_from_greedy = 0
@@ -2448,7 +2482,7 @@ def test_bf16_base_weights_move_the_first_step_loss_little(model_tok, fixture_mo
         model, _ = gs.load_model(str(fixture_model_dir), torch.device("cpu"), dtype)
         gs.setup_training(cfg, model, gs.Dist())
         batch = make_batch(model, tok, ast_test, range(4))
-        refs = [gs.encode_target(tok, t) for t in batch.targets]
+        refs = [gs.encode_target(tok, t, tok.eos_token_id) for t in batch.targets]
         width = max(map(len, refs))
         completions = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in refs])
         mask = torch.tensor([[i < len(r) for i in range(width)] for r in refs])
@@ -2796,6 +2830,18 @@ QWEN_TINY = ["--eval-limit", "3", "--dev-limit", "2", "--batch-size", "2", "--gr
              "--reward", "chrf"]   # random weights write no BLEU-scoring 4-gram: chrF spreads a group
 
 
+# Qwen2-Audio-7B-Instruct's chat_template.json, its "chat_template" string written out
+QWEN2_AUDIO_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and "
+    "message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if 'audio' in content or 'audio_url' "
+    "in content or message['type'] == 'audio' %}{% set audio_count.value = audio_count.value + 1 %}Audio "
+    "{{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def _card_inputs(processor, row: dict):
     """The model card's snippet up to generate: chat template on audio then instruction, processor."""
     text = " ".join(row["text"].replace("<|audio|>", " ").split())
@@ -2808,19 +2854,23 @@ def _card_inputs(processor, row: dict):
 
 def _card_generate(path: Path, rows: list[dict], max_new_tokens: int = 8, **kw) -> list[str]:
     """The card's snippet on a checkpoint directory: AutoProcessor, the model, generate, decode;
-    greedy with the project's suppressed tokens (the ids no completion may hold)."""
+    greedy, stopping where transformers' own defaults stop (the checkpoint's generation_config),
+    with the suppressed tokens written out here: specials but that stop token, the audio token,
+    ids past the tokenizer."""
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
     processor = AutoProcessor.from_pretrained(path)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(path).eval()
-    tok = processor.tokenizer
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id)
+    tok, config = processor.tokenizer, model.config
+    stop = model.generation_config.eos_token_id
+    stop = set(stop) if isinstance(stop, list) else {stop}
+    suppress = ((set(tok.all_special_ids) | {config.audio_token_id}
+                 | set(range(len(tok), config.text_config.vocab_size))) - stop)
     texts = []
     for row in rows:
         inputs = _card_inputs(processor, row)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 suppress_tokens=suppress.tolist(), eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id, **kw)
+                                 suppress_tokens=sorted(suppress), **kw)
         new = out[:, inputs["input_ids"].shape[1]:]
         texts.append(processor.batch_decode(new, skip_special_tokens=True)[0].strip())
     return texts
@@ -2838,7 +2888,7 @@ def test_tiny_qwen2_audio_has_the_released_structure(qwen):
     assert type(tok).__name__ == "Qwen2Tokenizer"
     template = json.loads((DATA / "tiny-qwen2-audio" / "processor_config.json").read_text())
     assert template["audio_token"] == "<|AUDIO|>"
-    assert tok.chat_template.startswith("{% set audio_count = namespace(value=0) %}")
+    assert tok.chat_template == QWEN2_AUDIO_TEMPLATE               # the Instruct checkpoint's, verbatim
     assert sum(f.stat().st_size for f in QWEN_MODEL.iterdir()) < 2e6
 
 
@@ -2858,23 +2908,28 @@ def test_whisper_log_mel_equals_the_whisper_feature_extractor(seconds):
     assert gs.whisper_audio_tokens(frames) == {0.025: 1, 1.0: 25, 3.7: 92, 31.0: 750}[seconds]   # 25 a second
 
 
-def test_whisper_log_mel_on_speech_and_the_filters_are_transformers(tiny_data):
+def test_whisper_log_mel_on_speech_equals_the_whisper_feature_extractor(tiny_data):
+    """On a real utterance. (The filters are transformers' mel_filter_bank, as the extractor's:
+    comparing those two would compare a function with itself.)"""
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
-    assert np.array_equal(gs.whisper_mel_filters().numpy(), fe.mel_filters.astype(np.float32))
     wave = gs.load_audio(tiny_data / "audio" / "test" / sorted(os.listdir(tiny_data / "audio" / "test"))[0])
     ref = fe(wave.numpy(), sampling_rate=16_000, return_tensors="np")["input_features"][0]
     assert ref.std() > 0.1
     np.testing.assert_allclose(gs.whisper_log_mel(wave)[0].numpy(), ref, atol=1e-5, rtol=0)
 
 
-def test_qwen2_audio_prompt_and_logits_equal_transformers_processor_and_forward(qwen, ast_test):
+@pytest.mark.parametrize("variant", ["shipped", "no-gqa"])
+def test_qwen2_audio_prompt_and_logits_equal_transformers_processor_and_forward(qwen, qwen_no_gqa, ast_test,
+                                                                                 variant):
     """Our prompt ids are the processor's (the checkpoint's template on audio then instruction, each
     <|AUDIO|> expanded), and the LM logits over the prompt equal Qwen2AudioForConditionalGeneration's
-    own forward on the processor's inputs within 1e-5: features, encoder mask, splice, no scaling."""
+    own forward on the processor's inputs within 1e-5: features, encoder mask, splice, no scaling.
+    The shipped tiny model (GQA) and the 7B's kind (no GQA)."""
     from transformers import AutoProcessor
-    model, tok = qwen
-    processor = AutoProcessor.from_pretrained(QWEN_MODEL)
+    model, tok = qwen if variant == "shipped" else gs.load_model(str(qwen_no_gqa), torch.device("cpu"))
+    model.eval()
+    processor = AutoProcessor.from_pretrained(QWEN_MODEL if variant == "shipped" else qwen_no_gqa)
     batch = make_batch(model, tok, ast_test, [0, 1, 2])
     assert (batch.attention_mask == 0).any()               # left padding exercised
     with torch.no_grad():
@@ -2942,7 +2997,7 @@ def test_qwen2_audio_training_modes_save_a_final_that_runs_in_the_card_snippet(q
     data = gs.SpeechData([rows[h["id"]] for h in hyps])
     _, ours = gs.evaluate(model, tok, data, gs.Config(task="ast", max_new_tokens=8), 0, nullamp)
     assert [r["hyp"] for r in ours] == _card_generate(out / "final", data.rows)
-    assert mode == "sft" or not _same_weights(out / "final", QWEN_MODEL)
+    assert not _same_weights(out / "final", QWEN_MODEL)
 
 
 def test_qwen2_audio_resume_is_bit_identical(qwen_runs):
@@ -3037,3 +3092,139 @@ def test_qwen2_audio_completion_does_not_depend_on_batch_mates(qwen, ast_test):
         n = int(alone.lengths[k])
         assert both.tokens[2 + k, :n].tolist() == alone.tokens[k, :n].tolist()
         torch.testing.assert_close(both.logps[2 + k, :n], alone.logps[k, :n], atol=1e-4, rtol=0)
+
+
+def test_qwen2_audio_no_gqa_greedy_equals_transformers_generate(qwen_no_gqa, ast_test):
+    """Greedy evaluation on the 7B's kind of network (no GQA, untied head, vocabulary past the
+    tokenizer) writes what the card's processor + generate writes, every utterance."""
+    model, tok = gs.load_model(str(qwen_no_gqa), torch.device("cpu"))
+    data = gs.SpeechData(ast_test.rows[:4])
+    _, ours = gs.evaluate(model, tok, data, gs.Config(task="ast", max_new_tokens=8), 0, nullamp)
+    assert len({r["hyp"] for r in ours}) > 1
+    rows = {r["id"]: r for r in data.rows}
+    assert [r["hyp"] for r in ours] == _card_generate(qwen_no_gqa, [rows[r["id"]] for r in ours])
+
+
+def _qwen_copy(dst: Path, tokenizer: dict | None = None) -> Path:
+    """The tiny Qwen2-Audio's files in dst, tokenizer_config.json entries replaced."""
+    shutil.copytree(QWEN_MODEL, dst)
+    if tokenizer:
+        config = json.loads((dst / "tokenizer_config.json").read_text())
+        (dst / "tokenizer_config.json").write_text(json.dumps({**config, **tokenizer}))
+    return dst
+
+
+def test_qwen2_audio_stops_on_the_checkpoints_eos_when_the_tokenizers_differs(qwen, ast_test, tmp_path):
+    """A Qwen2 tokenizer may name <|endoftext|> its eos while the chat ends on <|im_end|> (the
+    config's and generation_config's eos, where generate stops). Here <|im_end|> wins wherever a
+    token the model writes would: greedy completions end on it as generate's do, it is never
+    suppressed, and SFT / MP-GRPO references end in it."""
+    from safetensors.torch import load_file, save_file
+    model, tok = qwen
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    batch = make_batch(model, tok, ast_test, [0])
+    written = gs.sample_groups(model, batch, 1, max_new_tokens=4, eos_id=-1, pad_id=0, temperature=0.0,
+                               suppress=gs.suppressed_ids(tok, model.config.text_config.vocab_size,
+                                                          model.config.audio_token_id, im_end))
+    src = _qwen_copy(tmp_path / "eot", tokenizer={"eos_token": "<|endoftext|>"})
+    weights = load_file(src / "model.safetensors")
+    head = next(k for k in weights if k.endswith("lm_head.weight"))
+    weights[head][im_end] = weights[head][int(written.tokens[0, 2])] * 1.02
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    assert tok.eos_token == "<|endoftext|>" and model.config.text_config.eos_token_id == im_end
+    data = gs.SpeechData(ast_test.rows[:4])
+    _, ours = gs.evaluate(model, tok, data, gs.Config(task="ast", max_new_tokens=8), 0, nullamp)
+    rows = {r["id"]: r for r in data.rows}
+    assert [r["hyp"] for r in ours] == _card_generate(src, [rows[r["id"]] for r in ours])
+    cfg = _rollout_cfg(mode="sft")
+    batch = make_batch(model, tok, data, [0, 1])
+    greedy = gs.sample_groups(model, batch, 1, max_new_tokens=8, eos_id=im_end, pad_id=0, temperature=0.0)
+    assert (greedy.lengths < 8).any()                               # the boost makes it end early
+    r, _ = gs.rollout(cfg, model, None, tok, batch, 0, [0, 1], None, nullamp)
+    for b in range(2):
+        n = int(r.mask[b].sum())
+        assert r.completions[b, n - 1] == im_end and r.completions[b, :n - 1].tolist() == tok(
+            batch.targets[b], add_special_tokens=False).input_ids
+
+
+def test_qwen2_audio_train_encoder_keeps_what_transformers_freezes(qwen):
+    """Qwen2AudioEncoder makes its sinusoidal positions non-trainable: --train-encoder trains the
+    rest of the encoder, never them (Granite's class freezes nothing: its every weight trains)."""
+    model = copy.deepcopy(qwen[0])
+    gs.setup_training(gs.Config(mode="sft", train_encoder=True), model, gs.Dist())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.audio_tower.embed_positions.weight"}
+
+
+def _qwen_refused(tiny_data, src: Path, tmp_path: Path, *extra, data: Path | None = None) -> str:
+    """The one line a Qwen2-Audio eval on src stops with (exit 2), no run directory made."""
+    code, lines = run_main("--model", src, "--task", "ast", "--mode", "eval", "--data", data or tiny_data / "ast",
+                           "--out", tmp_path / "out", "--eval-limit", "2", "--max-new-tokens", "4", *extra,
+                           cwd=tmp_path)
+    assert code == 2 and len(lines) == 1, lines
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("template", ["text-only ChatML", "none"])
+def test_qwen2_audio_without_an_audio_chat_template_is_refused_at_load(tiny_data, tmp_path, template):
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    src = _qwen_copy(tmp_path / "src", tokenizer={"chat_template": chatml} if template != "none" else None)
+    (src / "chat_template.jinja").unlink()
+    line = _qwen_refused(tiny_data, src, tmp_path)
+    assert line.startswith(f"error: {src}: the chat template does not place the audio token <|AUDIO|> once")
+
+
+def test_qwen2_audio_tokenizer_without_a_pad_token_pads_with_the_stop_token(qwen, ast_test, tmp_path):
+    src = _qwen_copy(tmp_path / "src", tokenizer={"pad_token": None})
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(src).pad_token is None
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    assert tok.pad_token_id == model.config.text_config.eos_token_id
+    batch = make_batch(model, tok, ast_test, [3, 0])
+    assert (batch.attention_mask == 0).any()                        # padding needed and made
+    shipped = make_batch(*qwen, ast_test, [3, 0])
+    assert torch.equal(batch.input_ids[batch.attention_mask.bool()], shipped.input_ids[shipped.attention_mask.bool()])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"template": "x"}'])
+def test_qwen2_audio_malformed_chat_template_json_is_one_line(tiny_data, tmp_path, content):
+    src = _qwen_copy(tmp_path / "src")
+    (src / "chat_template.json").write_text(content)
+    line = _qwen_refused(tiny_data, src, tmp_path)
+    assert line == f"error: {src / 'chat_template.json'}: not a JSON object with a \"chat_template\" string"
+
+
+def test_qwen2_audio_with_a_peft_adapter_is_told_to_merge_it(tiny_data, tmp_path):
+    src = _qwen_copy(tmp_path / "src")
+    _write_adapter(src, _lora_tensors())
+    line = _qwen_refused(tiny_data, src, tmp_path)
+    assert f"{src}: holds a peft adapter" in line and "merge_and_unload" in line and "has_lora_adapter" not in line
+
+
+def test_qwen2_audio_clip_over_30_s_is_refused_whatever_max_audio_seconds(tiny_data, tmp_path):
+    wav = tmp_path / "long.wav"
+    write_wav(wav, seconds=31.0)
+    d = _one_row_data(tmp_path, tiny_data, wav)
+    line = _qwen_refused(tiny_data, QWEN_MODEL, tmp_path, "--max-audio-seconds", "60", data=d)
+    assert line == f"error: {wav}: 31.0 s is longer than the 30 s Qwen2-Audio hears: cut it or leave it out"
+
+
+def test_families_state_the_interface_and_the_refusal_lists_them(tmp_path, monkeypatch):
+    """Every family has every name and method Family lists; a third FAMILIES entry is named in the
+    refusal with no other edit."""
+    names = set(gs.Family.__annotations__)
+    methods = {n for n, v in vars(gs.Family).items() if callable(v) and not n.startswith("_")}
+    assert len(names) == 7 and len(methods) == 8
+    for fam in gs.FAMILIES.values():
+        assert all(hasattr(fam, n) for n in names)
+        assert all(getattr(type(fam), m) is not getattr(gs.Family, m) for m in methods - {"stop_id"})
+    monkeypatch.setitem(gs.FAMILIES, "voxtral", type("Voxtral", (gs.Family,), {"name": "Voxtral"})())
+    src = tmp_path / "whisper"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    with pytest.raises(gs.InputError, match=r"supported: Granite Speech \('granite_speech'\), Qwen2-Audio "
+                                            r"\('qwen2_audio'\), Voxtral \('voxtral'\)"):
+        gs.model_files(str(src))

@@ -220,7 +220,7 @@ def pretrain(data: str | Path, out: str | Path, steps: list[int], *, seed: int =
             k = prompt.index(audio_id)
             prompt[k:k + len(slot)] = slot
             starts.append(len(prompt))
-            seqs.append(prompt + gs.encode_target(tokenizer, r["target"]))
+            seqs.append(prompt + gs.encode_target(tokenizer, r["target"], tokenizer.eos_token_id))
         L = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs], device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()
@@ -244,7 +244,7 @@ def pretrain(data: str | Path, out: str | Path, steps: list[int], *, seed: int =
         model.model.projector.linear.weight *= scale
     def joint_loss(idx):
         batch = gs.collate(both, idx, tokenizer, audio_id, config=model.config).to(device)
-        refs = [gs.encode_target(tokenizer, t) for t in batch.targets]
+        refs = [gs.encode_target(tokenizer, t, tokenizer.eos_token_id) for t in batch.targets]
         lengths = torch.tensor([len(r) for r in refs], device=device)
         width = int(lengths.max())
         completions = torch.tensor([r + [pad] * (width - len(r)) for r in refs], device=device)
