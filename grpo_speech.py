@@ -1644,12 +1644,12 @@ def check_loaded(model, tokenizer, info: dict, name: str, path: Path) -> None:
     try:
         chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
         found = tokenizer(chat, add_special_tokens=False).input_ids.count(audio_id)
+        why = f"it writes it {found} times: a text-only template?"
     except Exception as e:  # no template (ValueError), or one that fails on an audio part
-        found, chat = 0, str(e).splitlines()[0][:80]
+        found, why = 0, str(e).splitlines()[0][:100] if tokenizer.chat_template else "it has none"
     if found != 1:
         raise InputError(f"{path}: the chat template does not place the audio token "
-                         f"{tokenizer.convert_ids_to_tokens(audio_id)} once in a user turn "
-                         f"(a text-only or missing template?): {chat[-80:]!r}")
+                         f"{tokenizer.convert_ids_to_tokens(audio_id)} once in a user turn ({why})")
 
 
 def adapter_scale(path: Path) -> tuple[int, float]:
