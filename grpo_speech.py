@@ -378,7 +378,7 @@ def encode_target(tokenizer, text: str, eos_id: int) -> list[int]:
 
 
 class Family(Protocol):
-    """What a family writes: six names and eight methods. A third family subclasses it and adds
+    """What a family writes: seven names and eight methods. A third family subclasses it and adds
     one FAMILIES entry. Qwen2.5-Omni's thinker (model_type qwen2_5_omni) also needs its config
     read from thinker_config, its weights' thinker. prefix, and M-RoPE positions, which
     positions() does not make (a hook there); Voxtral's processor expands the audio tokens
@@ -388,7 +388,7 @@ class Family(Protocol):
     encoder_prefix: str         # parameter names frozen unless --train-encoder
     lora_targets: str           # --lora-targets auto
     card_system: str | None     # --system-prompt auto, when the template dates a turn of its own
-    max_seconds: float          # the longest clip its encoder hears (refused when read)
+    max_seconds: float          # the longest clip its encoder hears (longer: refused at start)
     released_adapter: bool      # ships a peft adapter that load_model merges (else: refused)
 
     def tokenizer(self, path: Path):
