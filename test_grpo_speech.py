@@ -1602,7 +1602,7 @@ _, skipped = gs.optimizer_step(gs.Config(), [p], torch.optim.SGD([p], lr=0.1), l
 assert skipped and p.tolist() == [1.0, 1.0]
 assert device == torch.device("cuda", 0), device              # the one visible GPU, not LOCAL_RANK
 assert seen.get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(hours=1), seen
-print("ok", dist.rank)
+sys.stdout.write(f"ok {{dist.rank}}\\n"); sys.stdout.flush()   # one write: two ranks share the pipe
 gs.close_distributed(True)
 """
 
