@@ -1817,9 +1817,10 @@ def close_distributed(ok: bool) -> None:
     try:
         if ok:
             torch.distributed.barrier()
-        elif "gloo" in torch.distributed.get_backend():   # "gloo" or "cpu:gloo,cuda:nccl"
+        elif torch.distributed.get_backend() == "gloo":   # a GPU run's "cpu:gloo,cuda:nccl" group
+            # has no monitored barrier (ValueError): it skips the wait, as a pure nccl group did
             torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
-    except RuntimeError:  # a peer timed out or has gone: nothing left to wait for
+    except (RuntimeError, ValueError):  # a peer timed out or has gone: nothing left to wait for
         pass
     finally:
         torch.distributed.destroy_process_group()

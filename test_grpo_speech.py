@@ -1559,6 +1559,14 @@ def init(backend, **kw):
     seen.update(kw)
     return real_init("cuda:gloo" if backend == "nccl" else backend.replace("nccl", "gloo"), **kw)
 td.init_process_group = init
+if sys.argv[1:] == ["fail"]:   # a refused input (rank 0) and a signal (rank 1) once the group exists
+    def run(cfg):
+        dist, _ = gs.init_distributed(cfg)
+        raise gs.InputError("x.jsonl: line 3: not JSON") if dist.rank == 0 else gs.Interrupted("stopped")
+    gs.run = run
+    rc = gs.main(["--task", "ast"])
+    print("returned", rc, flush=True)
+    sys.exit(rc)
 dist, device = gs.init_distributed(gs.Config())
 # the CPU tensors the trainer all-reduces: the stop flag, bad_loss, the step's metrics
 assert dist.sum(torch.tensor(float(dist.rank))).item() == 1.0
@@ -1582,13 +1590,18 @@ def test_gpu_process_group_serves_cpu_collectives_one_visible_gpu_and_slow_saves
     pure "nccl" group refuses ("No backend type associated with device type cpu"); a launcher that
     leaves each rank one GPU makes LOCAL_RANK 1 a device that does not exist; the others wait on
     rank 0's checkpoint write past NCCL's 10-minute watchdog. Shown here on a CPU through gloo
-    given the same device map."""
+    given the same device map. A run that fails once that group exists ends with its own exit code
+    (2 for a refused input, 130 for a signal), not a traceback from the teardown's barrier."""
     script = tmp_path / "group.py"
     script.write_text(GPU_GROUP_SCRIPT.format(repo=str(REPO)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
     assert p.returncode == 0 and p.stdout.count("ok ") == 2, (p.stdout + p.stderr)[-3000:]
+    fail = subprocess.run([*cmd, "fail"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    assert {"returned 2", "returned 130"} <= set(fail.stdout.splitlines()), (fail.stdout + fail.stderr)[-3000:]
+    assert "exitcode  : 2" in fail.stderr and "exitcode  : 130" in fail.stderr, fail.stderr[-3000:]
+    assert "]: Traceback" not in fail.stderr and "error: x.jsonl: line 3: not JSON" in fail.stderr
 
 
 def test_a_gpu_checkpoint_resumes_on_this_cpu(straight_fault_run, tmp_path):
