@@ -679,17 +679,23 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt_mask(attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+def prompt_mask(model, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
     """The attention mask of a pass over P left-padded prompt positions: (B, K) as given when
     no row is padded, else (B, 1, P, K), causal over the real keys, where each pad position also
     sees itself. transformers 5.25 leaves a pad query with no key at all; some CUDA kernels give
-    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN)."""
+    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN).
+    transformers passes a 4D mask through as given: boolean for SDPA (True: attend), additive
+    (0 or the fp32 minimum) for eager attention, which adds it to the scores."""
+    # one host sync per prompt pass (a step's, a micro-batch's), never per token
     if bool(attention_mask.all()):  # transformers' own causal path: kept, no mask made
         return attention_mask
     q = torch.arange(P, device=attention_mask.device)[:, None]                     # (P, 1)
     k = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]  # (1, K)
     real = attention_mask.bool()[:, None]                                          # (B, 1, K)
-    return ((k <= q) & (real | (k == q)))[:, None]                                 # (B, 1, P, K)
+    mask = ((k <= q) & (real | (k == q)))[:, None]                                 # (B, 1, P, K)
+    if model.model.language_model.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo().min)
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -735,7 +741,7 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     P, T = batch.attention_mask.shape[1], completions.shape[1]
     cache = PromptCache(config=model.config)
     prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
-                         attention_mask=prompt_mask(batch.attention_mask, P),
+                         attention_mask=prompt_mask(model, batch.attention_mask, P),
                          position_ids=positions(batch.attention_mask), cache=cache,
                          use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
@@ -787,7 +793,7 @@ def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None
                      dim=1)
     pos = positions(batch.attention_mask)
     out = model.model(inputs_embeds=prompt_embeddings(model, batch),
-                      attention_mask=prompt_mask(attn, P),
+                      attention_mask=prompt_mask(model, attn, P),
                       position_ids=pos, cache=cache, use_cache=True)
     cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
     logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(copies, 0)
