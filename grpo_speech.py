@@ -1980,8 +1980,10 @@ def load_checkpoint(model, path: Path) -> dict:
             raise InputError(f"{path}: checkpoint does not match --model "
                              f"({str(e).splitlines()[1].strip()[:120]})") from None
     # on the CPU: a GPU run's tensors would otherwise return to the device that saved them
-    # (rank 0's cuda:0, for every rank); load_state_dict moves AdamW's state to its parameters
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    # (rank 0's cuda:0, for every rank); load_state_dict moves AdamW's state to its parameters.
+    # Memory-mapped (torch.save's zip format allows it, copy-on-write): each process reads the
+    # pages it moves, not all of it at once (2B full: 20.6 GB a process)
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
 
 
 # What a run is: --resume with another of these would mix two runs in one results.json.
@@ -2186,9 +2188,13 @@ def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos
         seqs[:, :, t] = token
         ends = (token == eos_id) | (t == T - 1)
         keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
-        # the host reads the step in one transfer, not one per beam (each a GPU sync)
-        scores, ended, best = [x.tolist() for x in (top[:, :K] / (t + 1), ends[:, :K],
-                                                    top.gather(1, keep[:, :1])[:, 0] / (t + 1))]
+        # the host reads the step in one transfer (a GPU sync), not one per beam; a step where
+        # beams end reads their sequences in a second
+        step = torch.cat([top[:, :K] / (t + 1), ends[:, :K].float(),
+                          top.gather(1, keep[:, :1]) / (t + 1)], dim=1).tolist()    # (B, 2K + 1)
+        scores = [row[:K] for row in step]         # sum / generated length
+        ended = [row[K:2 * K] for row in step]     # 1.0 where the beam ends
+        best = [row[-1] for row in step]           # the best running beam's score
         new = [(b, r) for b in range(B) if not done[b] for r in range(K) if ended[b][r]]
         if new:
             b_new, r_new = torch.tensor(new, device=device).T
