@@ -1687,6 +1687,24 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "needs a CUDA GPU" in real.stderr, real.stderr
 
 
+def test_gpu_check_probe_and_2b_rows_run_on_this_cpu(monkeypatch, tmp_path):
+    """The GPU check's in-process rows, run here with device "cpu" so a crash in them shows before a GPU is
+    lent: the left-padding probe (padded vs each prompt collated alone, within its tolerance; a mask that
+    lets the prompts attend to their padding puts it over) and both 2B rows at small sizes (a narrow LM, one layer each)."""
+    import bench_grpo_speech as bench
+    probe = bench.gpu_padding_probe(tmp_path, device="cpu")
+    assert probe["ok"] and probe["note"].count("/MATH: max |diff| ") == 2, probe
+    with monkeypatch.context() as m:
+        m.setattr(gs, "prompt_mask", lambda model, mask, P: torch.ones_like(mask))
+        wrong = bench.gpu_padding_probe(tmp_path, device="cpu")
+    assert not wrong["ok"] and "**over**" in wrong["note"], wrong
+    monkeypatch.setitem(bench.GRANITE_LM, "2B", dict(bench.GRANITE_LM["2B"], hidden_size=256, intermediate_size=512))
+    for lora in (True, False):
+        row = bench.gpu_2b(tmp_path, lora, layers=(1, 1), device="cpu", B=2, G=2, T=4, sample_tokens=4)
+        assert row["ok"] and "completion length 4" in row["note"], row
+        assert ("generate" in row["note"]) == lora
+
+
 # ---------------------------------------- released checkpoints: adapter, scaling, prompt ----
 # Fixtures re-save the shipped model with the released checkpoints' kinds of settings (no hub
 # here): a LoRA adapter in peft's format with release-era names, logits_scaling 8, a Granite 3.x
