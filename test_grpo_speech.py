@@ -898,10 +898,11 @@ def test_shared_prompt_pass_under_bf16_is_as_close_as_bf16_itself(shipped, ast_t
 # ---------------------------------------------------------------- model: sampling ----
 
 
-def test_completion_logprobs_holds_at_most_two_vocabulary_sized_tensors_at_once(model_tok, ast_test):
+def test_completion_logprobs_holds_two_vocabulary_sized_tensors_forward_three_backward(model_tok, ast_test):
     """At paper scale an fp32 (N, T, V) tensor is 2.5 GB at N = 64 (315 MB a group): logits, log-softmax,
     exp and their product for the entropy were all alive at once. Counted with a dispatch mode that tracks
-    which storages made inside completion_logprobs are alive after each op."""
+    which storages made inside completion_logprobs (then its backward) are alive after each op; the README's
+    memory arithmetic uses these counts."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -928,6 +929,9 @@ def test_completion_logprobs_holds_at_most_two_vocabulary_sized_tensors_at_once(
         logp, entropy = gs.completion_logprobs(trained, batch, completions, G, with_entropy=True)
     assert counter.most == 2                       # log-softmax's input and output, then its output alone
     assert logp.shape == entropy.shape == (2 * G, T) and bool((entropy > 0).all())
+    with MostAlive(2 * G * T * V * 4) as counter:  # gather's gradient, log-softmax's output, its input's gradient
+        (logp * torch.linspace(-1, 1, T)).sum().backward()
+    assert counter.most == 3
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -1679,9 +1683,10 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
     dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=HANG)
     assert dry.returncode == 0, dry.stderr[-2000:]
     listed = [line[2:].split(": ", 1)[0] for line in dry.stdout.splitlines() if line.startswith("- ")]
-    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 13
-    for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "--compile", "--eval-decoding beam",
-                  "--nproc_per_node 1", "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
+    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 14
+    for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "TORCH_LOGS=graph_breaks,recompiles",
+                  "--compile", "--eval-decoding beam", "tiny-qwen2-audio --bf16", "--nproc_per_node 1",
+                  "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
         assert flags in dry.stdout, flags
     real = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG)
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "needs a CUDA GPU" in real.stderr, real.stderr
