@@ -741,17 +741,23 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt_mask(attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+def prompt_mask(model, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
     """The attention mask of a pass over P left-padded prompt positions: (B, K) as given when
     no row is padded, else (B, 1, P, K), causal over the real keys, where each pad position also
     sees itself. transformers 5.25 leaves a pad query with no key at all; some CUDA kernels give
-    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN)."""
+    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN).
+    transformers passes a 4D mask through as given: boolean for SDPA (True: attend), additive
+    (0 or the fp32 minimum) for eager attention, which adds it to the scores."""
+    # one host sync per prompt pass (a step's, a micro-batch's), never per token
     if bool(attention_mask.all()):  # transformers' own causal path: kept, no mask made
         return attention_mask
     q = torch.arange(P, device=attention_mask.device)[:, None]                     # (P, 1)
     k = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]  # (1, K)
     real = attention_mask.bool()[:, None]                                          # (B, 1, K)
-    return ((k <= q) & (real | (k == q)))[:, None]                                 # (B, 1, P, K)
+    mask = ((k <= q) & (real | (k == q)))[:, None]                                 # (B, 1, P, K)
+    if model.model.language_model.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo().min)
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -797,7 +803,7 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     P, T = batch.attention_mask.shape[1], completions.shape[1]
     cache = PromptCache(config=model.config)
     prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
-                         attention_mask=prompt_mask(batch.attention_mask, P),
+                         attention_mask=prompt_mask(model, batch.attention_mask, P),
                          position_ids=positions(batch.attention_mask), cache=cache,
                          use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
@@ -808,8 +814,9 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                                         use_cache=True).last_hidden_state      # (N, T, D)
     # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
     hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
-    # one fp32 (N, T, V) tensor outlives this line (log-softmax keeps its output for the
-    # backward); at paper scale each is N x 200 x 49,160 x 4 bytes: 315 MB a group
+    # fp32 (N, T, V) tensors: two alive in this line, one after it (log-softmax keeps its
+    # output), three in the backward (README: memory); each N x 200 x 49,160 x 4 bytes at paper
+    # scale: 315 MB a group
     logp_all = torch.log_softmax(lm_logits(model, hidden).float() / temperature, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
@@ -849,7 +856,7 @@ def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None
                      dim=1)
     pos = positions(batch.attention_mask)
     out = model.model(inputs_embeds=prompt_embeddings(model, batch),
-                      attention_mask=prompt_mask(attn, P),
+                      attention_mask=prompt_mask(model, attn, P),
                       position_ids=pos, cache=cache, use_cache=True)
     cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
     logits = lm_logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(copies, 0)
@@ -1910,9 +1917,10 @@ def close_distributed(ok: bool) -> None:
     try:
         if ok:
             torch.distributed.barrier()
-        elif "gloo" in torch.distributed.get_backend():   # "gloo" or "cpu:gloo,cuda:nccl"
+        elif torch.distributed.get_backend() == "gloo":   # a GPU run's "cpu:gloo,cuda:nccl" group
+            # has no monitored barrier (ValueError): it skips the wait, as a pure nccl group did
             torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
-    except RuntimeError:  # a peer timed out or has gone: nothing left to wait for
+    except (RuntimeError, ValueError):  # a peer timed out or has gone: nothing left to wait for
         pass
     finally:
         torch.distributed.destroy_process_group()
@@ -2066,8 +2074,10 @@ def load_checkpoint(model, path: Path) -> dict:
             raise InputError(f"{path}: checkpoint does not match --model "
                              f"({str(e).splitlines()[1].strip()[:120]})") from None
     # on the CPU: a GPU run's tensors would otherwise return to the device that saved them
-    # (rank 0's cuda:0, for every rank); load_state_dict moves AdamW's state to its parameters
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    # (rank 0's cuda:0, for every rank); load_state_dict moves AdamW's state to its parameters.
+    # Memory-mapped (torch.save's zip format allows it, copy-on-write): each process reads the
+    # pages it moves, not all of it at once (2B full: 20.6 GB a process)
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
 
 
 # What a run is: --resume with another of these would mix two runs in one results.json.
@@ -2272,9 +2282,13 @@ def beam_search(model, batch: Batch, *, num_beams: int, max_new_tokens: int, eos
         seqs[:, :, t] = token
         ends = (token == eos_id) | (t == T - 1)
         keep = (top - 1e9 * ends.float()).topk(K).indices                            # (B, K)
-        # the host reads the step in one transfer, not one per beam (each a GPU sync)
-        scores, ended, best = [x.tolist() for x in (top[:, :K] / (t + 1), ends[:, :K],
-                                                    top.gather(1, keep[:, :1])[:, 0] / (t + 1))]
+        # the host reads the step in one transfer (a GPU sync), not one per beam; a step where
+        # beams end reads their sequences in a second
+        step = torch.cat([top[:, :K] / (t + 1), ends[:, :K].float(),
+                          top.gather(1, keep[:, :1]) / (t + 1)], dim=1).tolist()    # (B, 2K + 1)
+        scores = [row[:K] for row in step]         # sum / generated length
+        ended = [row[K:2 * K] for row in step]     # 1.0 where the beam ends
+        best = [row[-1] for row in step]           # the best running beam's score
         new = [(b, r) for b in range(B) if not done[b] for r in range(K) if ended[b][r]]
         if new:
             b_new, r_new = torch.tensor(new, device=device).T

@@ -928,10 +928,11 @@ def test_shared_prompt_pass_under_bf16_is_as_close_as_bf16_itself(shipped, ast_t
 # ---------------------------------------------------------------- model: sampling ----
 
 
-def test_completion_logprobs_holds_at_most_two_vocabulary_sized_tensors_at_once(model_tok, ast_test):
+def test_completion_logprobs_holds_two_vocabulary_sized_tensors_forward_three_backward(model_tok, ast_test):
     """At paper scale an fp32 (N, T, V) tensor is 2.5 GB at N = 64 (315 MB a group): logits, log-softmax,
     exp and their product for the entropy were all alive at once. Counted with a dispatch mode that tracks
-    which storages made inside completion_logprobs are alive after each op."""
+    which storages made inside completion_logprobs (then its backward) are alive after each op; the README's
+    memory arithmetic uses these counts."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -958,6 +959,9 @@ def test_completion_logprobs_holds_at_most_two_vocabulary_sized_tensors_at_once(
         logp, entropy = gs.completion_logprobs(trained, batch, completions, G, with_entropy=True)
     assert counter.most == 2                       # log-softmax's input and output, then its output alone
     assert logp.shape == entropy.shape == (2 * G, T) and bool((entropy > 0).all())
+    with MostAlive(2 * G * T * V * 4) as counter:  # gather's gradient, log-softmax's output, its input's gradient
+        (logp * torch.linspace(-1, 1, T)).sum().backward()
+    assert counter.most == 3
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -1033,6 +1037,34 @@ def _nan_on_rows_with_no_key(module, query, key, value, attention_mask, **kw):
         empty = ~attention_mask[..., :key.shape[-2]].any(-1)                                # (B, 1, Q)
         out = out.masked_fill(empty.transpose(1, 2)[..., None], float("nan"))
     return out, weights
+
+
+def test_left_padded_prompts_under_eager_attention_equal_each_prompt_alone(shipped, ast_test):
+    """Eager attention adds a 4D mask to its scores (transformers passes a caller's 4D mask through
+    unchanged), so a boolean one would add 0 or 1: prompt_mask gives it the additive form. The
+    released-kind copy on eager: a left-padded batch's log-probs, greedy completions and beams equal
+    each prompt's alone, and the log-probs equal SDPA's."""
+    model, tok = shipped
+    sdpa = _released_kind(model)
+    eager = _released_kind(model)
+    eager.set_attn_implementation("eager")
+    assert eager.model.language_model.config._attn_implementation == "eager"
+    idx = [0, 1, 2, 3]
+    batch = make_batch(model, tok, ast_test, idx)
+    assert len(set(batch.attention_mask.sum(1).tolist())) > 1          # left padding of different lengths
+    completions = torch.randint(5, len(tok), (8, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+    with torch.no_grad():
+        padded = gs.completion_logprobs(eager, batch, completions, 2)
+        torch.testing.assert_close(padded, gs.completion_logprobs(sdpa, batch, completions, 2), atol=1e-5, rtol=0)
+        greedy = gs.sample_groups(eager, batch, 1, **kw).token_lists()
+        beams = gs.beam_search(eager, batch, num_beams=3, max_new_tokens=10, eos_id=tok.eos_token_id)
+        for k, i in enumerate(idx):
+            one = make_batch(model, tok, ast_test, [i])
+            alone = gs.completion_logprobs(eager, one, completions[2 * k:2 * k + 2], 2)
+            torch.testing.assert_close(padded[2 * k:2 * k + 2], alone, atol=1e-5, rtol=0)
+            assert greedy[k] == gs.sample_groups(eager, one, 1, **kw).token_lists()[0]
+            assert beams[k] == gs.beam_search(eager, one, num_beams=3, max_new_tokens=10, eos_id=tok.eos_token_id)[0]
 
 
 def test_left_padded_prompts_have_no_query_without_keys(model_tok, ast_test):
@@ -1589,6 +1621,15 @@ def init(backend, **kw):
     seen.update(kw)
     return real_init("cuda:gloo" if backend == "nccl" else backend.replace("nccl", "gloo"), **kw)
 td.init_process_group = init
+if sys.argv[1:] == ["fail"]:   # a refused input (rank 0) and a signal (rank 1) once the group exists
+    def run(cfg):
+        dist, _ = gs.init_distributed(cfg)
+        raise gs.InputError("x.jsonl: line 3: not JSON") if dist.rank == 0 else gs.Interrupted("stopped")
+    gs.run = run
+    rc = gs.main(["--task", "ast"])
+    sys.stdout.write(f"returned {{rc}}\\n")   # one write: two ranks share the pipe
+    sys.stdout.flush()
+    sys.exit(rc)
 dist, device = gs.init_distributed(gs.Config())
 # the CPU tensors the trainer all-reduces: the stop flag, bad_loss, the step's metrics
 assert dist.sum(torch.tensor(float(dist.rank))).item() == 1.0
@@ -1612,13 +1653,18 @@ def test_gpu_process_group_serves_cpu_collectives_one_visible_gpu_and_slow_saves
     pure "nccl" group refuses ("No backend type associated with device type cpu"); a launcher that
     leaves each rank one GPU makes LOCAL_RANK 1 a device that does not exist; the others wait on
     rank 0's checkpoint write past NCCL's 10-minute watchdog. Shown here on a CPU through gloo
-    given the same device map."""
+    given the same device map. A run that fails once that group exists ends with its own exit code
+    (2 for a refused input, 130 for a signal), not a traceback from the teardown's barrier."""
     script = tmp_path / "group.py"
     script.write_text(GPU_GROUP_SCRIPT.format(repo=str(REPO)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
     assert p.returncode == 0 and p.stdout.count("ok ") == 2, (p.stdout + p.stderr)[-3000:]
+    fail = subprocess.run([*cmd, "fail"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    assert {"returned 2", "returned 130"} <= set(fail.stdout.splitlines()), (fail.stdout + fail.stderr)[-3000:]
+    assert "exitcode  : 2" in fail.stderr and "exitcode  : 130" in fail.stderr, fail.stderr[-3000:]
+    assert "]: Traceback" not in fail.stderr and "error: x.jsonl: line 3: not JSON" in fail.stderr
 
 
 def test_a_gpu_checkpoint_resumes_on_this_cpu(straight_fault_run, tmp_path):
@@ -1668,12 +1714,31 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
     dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=HANG)
     assert dry.returncode == 0, dry.stderr[-2000:]
     listed = [line[2:].split(": ", 1)[0] for line in dry.stdout.splitlines() if line.startswith("- ")]
-    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 13
-    for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "--compile", "--eval-decoding beam",
-                  "--nproc_per_node 1", "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
+    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 14
+    for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "TORCH_LOGS=graph_breaks,recompiles",
+                  "--compile", "--eval-decoding beam", "tiny-qwen2-audio --bf16", "--nproc_per_node 1",
+                  "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
         assert flags in dry.stdout, flags
     real = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG)
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "needs a CUDA GPU" in real.stderr, real.stderr
+
+
+def test_gpu_check_probe_and_2b_rows_run_on_this_cpu(monkeypatch, tmp_path):
+    """The GPU check's in-process rows, run here with device "cpu" so a crash in them shows before a GPU is
+    lent: the left-padding probe (padded vs each prompt collated alone, within its tolerance; a mask that
+    lets the prompts attend to their padding puts it over) and both 2B rows at small sizes (a narrow LM, one layer each)."""
+    import bench_grpo_speech as bench
+    probe = bench.gpu_padding_probe(tmp_path, device="cpu")
+    assert probe["ok"] and probe["note"].count("/MATH: max |diff| ") == 2, probe
+    with monkeypatch.context() as m:
+        m.setattr(gs, "prompt_mask", lambda model, mask, P: torch.ones_like(mask))
+        wrong = bench.gpu_padding_probe(tmp_path, device="cpu")
+    assert not wrong["ok"] and "**over**" in wrong["note"], wrong
+    monkeypatch.setitem(bench.GRANITE_LM, "2B", dict(bench.GRANITE_LM["2B"], hidden_size=256, intermediate_size=512))
+    for lora in (True, False):
+        row = bench.gpu_2b(tmp_path, lora, layers=(1, 1), device="cpu", B=2, G=2, T=4, sample_tokens=4)
+        assert row["ok"] and "completion length 4" in row["note"], row
+        assert ("generate" in row["note"]) == lora
 
 
 # ---------------------------------------- released checkpoints: adapter, scaling, prompt ----
