@@ -413,8 +413,9 @@ class Family(Protocol):
         """processor_config.json for a checkpoint whose source had none."""
 
     def stop_id(self, config) -> int:
-        """The token that ends a completion: the config's, which transformers' generate stops
-        on; the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
+        """The token that ends a completion: the LM config's eos (model_files fills it from
+        generation_config.json, which transformers' generate stops on, where config.json has
+        none); the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
         eos = config.text_config.eos_token_id
         return eos[0] if isinstance(eos, list) else eos
 
@@ -1609,6 +1610,8 @@ def model_files(name: str):
             adapter_scale(path)
         if announced:
             config.has_lora_adapter = False   # merged at load: what is loaded and saved is plain
+        if config.text_config.eos_token_id is None:   # Qwen2Config's default; generate reads
+            config.text_config.eos_token_id = generation_eos(path)  # generation_config's
         index = path / "model.safetensors.index.json"
         shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
                   if index.is_file() else
@@ -1619,6 +1622,21 @@ def model_files(name: str):
         return path, config, {k: v for f in shards for k, v in load_file(f).items()}
     except OSError as e:
         raise cannot_load(name, e) from None
+
+
+def generation_eos(path: Path) -> int:
+    """The stop token of a checkpoint whose config.json's LM has none: generation_config.json's
+    eos_token_id (the first of a list), else refused: a completion could never end."""
+    file = path / "generation_config.json"
+    try:
+        eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    except (OSError, ValueError, AttributeError):   # unreadable, not JSON, not an object
+        eos = None
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if not isinstance(eos, int) or isinstance(eos, bool):
+        raise InputError(f"{file}: no eos_token_id (and none in config.json's text_config): "
+                         "no token would end a completion")
+    return eos
 
 
 def unknown_family(path: Path, model_type) -> None:

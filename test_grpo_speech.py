@@ -3092,6 +3092,29 @@ def test_qwen2_audio_lora_trains_its_targets_and_the_projector_only(qwen_runs):
     assert all(k.startswith("model.multi_modal_projector.") for k in saved if not k.endswith(("lora_A", "lora_B")))
 
 
+def test_qwen2_audio_without_a_config_eos_stops_on_generation_configs_or_is_refused(tiny_data, tmp_path):
+    """Qwen2Config defaults eos_token_id to None (the release writes 151645, a derivative may not):
+    the stop token is then generation_config.json's, the one transformers' generate stops on; with
+    neither, load refuses in one line naming the file."""
+    src = tmp_path / "no-eos"
+    shutil.copytree(QWEN_MODEL, src)
+    config = json.loads((src / "config.json").read_text())
+    del config["text_config"]["eos_token_id"]
+    (src / "config.json").write_text(json.dumps(config))
+    eos = json.loads((QWEN_MODEL / "generation_config.json").read_text())["eos_token_id"]
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    assert gs.family(model.config).stop_id(model.config) == eos == tok.convert_tokens_to_ids("<|im_end|>")
+    p = run_cli("--model", src, "--task", "ast", "--mode", "sft", "--data", tiny_data / "ast", "--out",
+                tmp_path / "sft", *QWEN_TINY, "--max-steps", "1", cwd=tmp_path)
+    _check_ok(p)
+    generation = json.loads((src / "generation_config.json").read_text())
+    del generation["eos_token_id"]
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    code, err = run_main("--model", src, "--task", "ast", "--mode", "eval", "--data", tiny_data / "ast",
+                         "--out", tmp_path / "eval", cwd=tmp_path)
+    assert code == 2 and len(err) == 1 and "generation_config.json" in err[0] and "eos_token_id" in err[0]
+
+
 def _weights_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return load_file(path)
