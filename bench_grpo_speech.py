@@ -578,6 +578,7 @@ def memory(args) -> None:
 # model of the released 2B's shape, with peak RSS and seconds per phase of the run.
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "data" / "tiny-granite-speech"
+QWEN = HERE / "data" / "tiny-qwen2-audio"
 
 
 def shape(config: dict) -> list:
@@ -733,21 +734,39 @@ GLOO_AS_NCCL = ("import runpy, sys, torch.distributed as td\nreal = td.init_proc
                 "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
-def gpu_run(cmd: list, env=None) -> tuple[int | str, str]:
-    """cmd's exit code (or "timed out") and its stdout + stderr; past GPU_ROW_LIMIT its whole process group
+def gpu_run(cmd: list, env=None, limit: float = GPU_ROW_LIMIT) -> tuple[int | str, str]:
+    """cmd's exit code (or "timed out") and its stdout + stderr; past limit seconds its whole process group
     (torchrun's workers too) is killed."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          env=dict(os.environ, TQDM_DISABLE="1", **(env or {})))
     try:
-        log = p.communicate(timeout=GPU_ROW_LIMIT)[0]
+        log = p.communicate(timeout=max(limit, 1))[0]
         return p.returncode, log
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, 9)
         return "timed out", p.communicate()[0]
 
 
+def step_trouble(out: Path, train: bool = True) -> str:
+    """What is wrong with a run's logged steps ('' where nothing): a skipped update (loss/skipped), a loss/* not
+    finite (the Logger writes null), or, for a training run, no step with a loss at all. Exit 0 alone would pass
+    a NaN that the file caught and skipped."""
+    file = out / "metrics.jsonl"
+    lines = [json.loads(l) for l in file.read_text().splitlines()] if file.is_file() else []
+    for m in lines:
+        if m.get("loss/skipped"):
+            return f"step {m['step']}: loss/skipped {m['loss/skipped']:g}"
+        bad = [k for k, v in m.items() if k.startswith("loss/") and (v is None or not math.isfinite(v))]
+        if bad:
+            return f"step {m['step']}: {bad[0]} {m[bad[0]]}"
+    if train and not any(isinstance(m.get("loss/total"), float) for m in lines):
+        return f"no step with a loss/total in {file}"
+    return ""
+
+
 def gpu_cli(root: Path, name: str, *extra, launcher=(), env=None) -> dict:
-    """grpo_speech.py GPU_RUN + extra into root/name (under launcher, e.g. torchrun); its test BLEU or why not."""
+    """grpo_speech.py GPU_RUN + extra into root/name (under launcher, e.g. torchrun); its test BLEU or why not.
+    ok: exit 0 and every logged step's losses finite, none skipped (step_trouble)."""
     out = root / name.replace(" ", "_").replace("-", "")
     cmd = [*(launcher or [sys.executable]), str(HERE / "grpo_speech.py"), *GPU_RUN, "--out", str(out), *extra]
     if root.name == "dry-run":
@@ -758,6 +777,8 @@ def gpu_cli(root: Path, name: str, *extra, launcher=(), env=None) -> dict:
     (root / f"{out.name}.log").write_text(log)
     if rc:
         return row | dict(note=f"exit {rc}: " + (log.strip().splitlines() or [""])[-1][:150])
+    if trouble := step_trouble(out, train="eval" not in extra):
+        return row | dict(ok=False, note=trouble)
     res = json.loads((out / "results.json").read_text())
     row["note"] = f"test BLEU {res.get('final', res['base'])['bleu']}" + "".join(
         f", {k} {res[k]['bleu']}" for k in ("final_sample", "base_sample", "base_beam") if k in res)
@@ -778,17 +799,21 @@ def gpu_resume(root: Path) -> dict:
         return dict(run=f"{shlex.join(cmd + [str(straight)])}; the same into {out}, SIGINT after step 1, --resume; "
                         + " ".join(gpu_resume.__doc__.split()))
     t0 = time.perf_counter()
+    deadline = t0 + GPU_ROW_LIMIT   # the three runs together, as one command-line row
     rc, log = gpu_run(cmd + [str(straight)])
     shutil.rmtree(out, ignore_errors=True)   # an old metrics.jsonl would trigger the signal at once
     p = subprocess.Popen(cmd + [str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.perf_counter() + GPU_ROW_LIMIT
     while p.poll() is None and time.perf_counter() < deadline and not (
             metrics.exists() and '"step": 1,' in metrics.read_text()):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    stopped = p.wait()
-    resumed, log = gpu_run(cmd + [str(out), "--resume"])
+    try:   # it saves a checkpoint and exits 130; one that does not within 30 s is killed
+        stopped = p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        stopped = f"killed ({p.wait()})"
+    resumed, log = gpu_run(cmd + [str(out), "--resume"], limit=deadline - time.perf_counter())
     if rc or stopped != 130 or resumed:
         return dict(ok=False, seconds=time.perf_counter() - t0, note=f"exit {rc}, {stopped} then {resumed}: "
                     + (log.strip().splitlines() or [""])[-1][:150])
@@ -811,14 +836,14 @@ def gpu_resume(root: Path) -> dict:
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
 
 
-def gpu_padding_probe(root: Path, device="cuda") -> dict:
-    """the shipped model, a left-padded batch of 2 against each prompt collated alone (unpadded): fp32 and bf16,
-    each SDPA backend; ok where every backend that runs gives finite log-probs within 1e-4 (fp32) or 0.25 (bf16)
-    of the prompt alone"""
+def gpu_padding_probe(root: Path, device="cuda", model_dir: Path = SHIPPED) -> dict:
+    """model_dir (either shipped model), a left-padded batch of 2 against each prompt collated alone (unpadded):
+    fp32 and bf16, each SDPA backend; ok where every backend that runs gives finite log-probs within 1e-4 (fp32)
+    or 0.25 (bf16) of the prompt alone"""
     if root.name == "dry-run":
-        return dict(run=" ".join(gpu_padding_probe.__doc__.split()))
+        return dict(run=f"data/{model_dir.name}: " + " ".join(gpu_padding_probe.__doc__.split()))
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    model, tok = gs.load_model(str(SHIPPED), torch.device(device))
+    model, tok = gs.load_model(str(model_dir), torch.device(device))
     data = gs.SpeechData(gs.read_manifest(HERE / "data" / "ast" / "test.jsonl"))
     idx = [0, 3]   # prompts of different lengths: the first is left-padded
     batch = gs.collate(data, idx, tok, model.config.audio_token_id, config=model.config).to(device)
@@ -924,17 +949,19 @@ GPU_CHECKS = [   # (configuration, function of the run root)
     ("--compile --grad-checkpointing",
      lambda r: gpu_cli(r, "compile-ckpt", "--compile", "--grad-checkpointing", env=COMPILE_LOGS)),
     ("eval, greedy + sampled + beam", lambda r: gpu_cli(r, "beam", "--mode", "eval", "--eval-decoding", "beam")),
-    ("tiny Qwen2-Audio, --bf16", lambda r: gpu_cli(r, "qwen2-audio", "--model", str(HERE / "data" / "tiny-qwen2-audio"),
-                                                     "--bf16")),
+    # chrF: random weights write no BLEU-scoring 4-gram, so BLEU rewards tie and the update would be KL alone
+    ("tiny Qwen2-Audio, --lora 8 --bf16 --reward chrf",
+     lambda r: gpu_cli(r, "qwen2-audio", "--model", str(QWEN), "--lora", "8", "--bf16", "--reward", "chrf")),
     ("torchrun --nproc_per_node 1 (NCCL)", lambda r: gpu_cli(r, "torchrun1", launcher=[*TORCHRUN, "1"])),
     ("2 processes, 1 GPU, gloo with NCCL's device map",
      lambda r: gpu_cli(r, "two", launcher=[*TORCHRUN, "2", str(r / "gloo_as_nccl.py")])),
     ("interrupted at step 1, resumed", gpu_resume),
     ("left-padding probe", gpu_padding_probe),
+    ("left-padding probe, tiny Qwen2-Audio", lambda r: gpu_padding_probe(r, model_dir=QWEN)),
     ("2B shape, --lora 64 --bf16 step; sampling vs generate", lambda r: gpu_2b(r, lora=True)),
     ("2B shape, full training step (--bf16, --grad-accum 8)", lambda r: gpu_2b(r, lora=False)),
 ]
-GPU_PARALLEL = 12   # the first GPU_PARALLEL run side by side; the 2B rows alone after them, in order
+GPU_PARALLEL = 13   # the first GPU_PARALLEL run side by side; the 2B rows alone after them, in order
 
 
 def gpu_check(args) -> None:

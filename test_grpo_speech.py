@@ -1714,9 +1714,10 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
     dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=HANG)
     assert dry.returncode == 0, dry.stderr[-2000:]
     listed = [line[2:].split(": ", 1)[0] for line in dry.stdout.splitlines() if line.startswith("- ")]
-    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 14
+    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 15
     for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "TORCH_LOGS=graph_breaks,recompiles",
-                  "--compile", "--eval-decoding beam", "tiny-qwen2-audio --bf16", "--nproc_per_node 1",
+                  "--compile", "--eval-decoding beam", "tiny-qwen2-audio --lora 8 --bf16 --reward chrf",
+                  "data/tiny-granite-speech: ", "data/tiny-qwen2-audio: ", "--nproc_per_node 1",
                   "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
         assert flags in dry.stdout, flags
     real = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG)
@@ -1726,14 +1727,23 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
 def test_gpu_check_probe_and_2b_rows_run_on_this_cpu(monkeypatch, tmp_path):
     """The GPU check's in-process rows, run here with device "cpu" so a crash in them shows before a GPU is
     lent: the left-padding probe (padded vs each prompt collated alone, within its tolerance; a mask that
-    lets the prompts attend to their padding puts it over) and both 2B rows at small sizes (a narrow LM, one layer each)."""
+    lets the prompts attend to their padding puts it over), on both shipped models, and both 2B rows at small
+    sizes (a narrow LM, one layer each). And the command-line rows' check of metrics.jsonl: a skipped update or a
+    non-finite loss fails a row that exited 0."""
     import bench_grpo_speech as bench
-    probe = bench.gpu_padding_probe(tmp_path, device="cpu")
-    assert probe["ok"] and probe["note"].count("/MATH: max |diff| ") == 2, probe
-    with monkeypatch.context() as m:
-        m.setattr(gs, "prompt_mask", lambda model, mask, P: torch.ones_like(mask))
-        wrong = bench.gpu_padding_probe(tmp_path, device="cpu")
-    assert not wrong["ok"] and "**over**" in wrong["note"], wrong
+    for model_dir in (bench.SHIPPED, bench.QWEN):
+        probe = bench.gpu_padding_probe(tmp_path, device="cpu", model_dir=model_dir)
+        assert probe["ok"] and probe["note"].count("/MATH: max |diff| ") == 2, (model_dir, probe)
+        with monkeypatch.context() as m:
+            m.setattr(gs, "prompt_mask", lambda model, mask, P: torch.ones_like(mask))
+            wrong = bench.gpu_padding_probe(tmp_path, device="cpu", model_dir=model_dir)
+        assert not wrong["ok"] and "**over**" in wrong["note"], (model_dir, wrong)
+    good = {"step": 1, "loss/total": 0.5, "reward/mean": 0.1}
+    for lines, trouble in (([good], ""), ([good, dict(good, step=2, **{"loss/skipped": 1.0})], "loss/skipped"),
+                           ([dict(good, **{"loss/total": None})], "loss/total None"), ([], "no step")):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [{"step": 0}, *lines]))
+        assert trouble in bench.step_trouble(tmp_path) and bool(trouble) == bool(bench.step_trouble(tmp_path))
+    assert bench.step_trouble(tmp_path, train=False) == ""   # an eval run logs no loss
     monkeypatch.setitem(bench.GRANITE_LM, "2B", dict(bench.GRANITE_LM["2B"], hidden_size=256, intermediate_size=512))
     for lora in (True, False):
         row = bench.gpu_2b(tmp_path, lora, layers=(1, 1), device="cpu", B=2, G=2, T=4, sample_tokens=4)
