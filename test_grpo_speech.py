@@ -1724,6 +1724,14 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "needs a CUDA GPU" in real.stderr, real.stderr
 
 
+def test_bench_speed_refuses_a_non_granite_model_in_one_line():
+    """--speed times generate with Granite's audio keywords (Qwen2-Audio's generate wants others): refused."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, str(REPO / "bench_grpo_speech.py"), "--speed", "--model", str(QWEN_MODEL)],
+                       capture_output=True, text=True, env=env, timeout=HANG)
+    assert p.returncode == 2 and "--speed times Granite Speech only" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
 def test_gpu_check_probe_and_2b_rows_run_on_this_cpu(monkeypatch, tmp_path):
     """The GPU check's in-process rows, run here with device "cpu" so a crash in them shows before a GPU is
     lent: the left-padding probe (padded vs each prompt collated alone, within its tolerance; a mask that
