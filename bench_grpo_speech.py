@@ -562,11 +562,13 @@ def memory(args) -> None:
     lm_shape = {"2B": (2048, 40, 49160), "8B": (4096, 40, 49160), "Qwen2-Audio-7B": (4096, 32, 156032)}
     act = {}
     for size, (h, layers, vocab) in lm_shape.items():
-        act[size] = (34 * tokens * h * layers + 2 * 4 * 8 * 200 * vocab) / GB
+        # three fp32 (N, T, V) tensors alive in the backward (log-softmax's saved output, the gradients of its
+        # output and input; README: memory), N = G = 8 completions of 200 tokens
+        act[size] = (34 * tokens * h * layers + 3 * 4 * 8 * 200 * vocab) / GB
         print(f"activations, NOT measured (an estimate): one group, G = 8 x ~450 tokens, {size}: "
               f"~{34 * tokens * h * layers / GB:.0f} GB (34 bytes x tokens x hidden x {layers} layers, 16-bit "
-              f"activations without recomputation, Korthikanti et al. 2022) plus fp32 logits and log-softmax "
-              f"{2 * 4 * 8 * 200 * vocab / GB:.1f} GB")
+              f"activations without recomputation, Korthikanti et al. 2022) plus three fp32 (8, 200, {vocab}) "
+              f"tensors in the backward {3 * 4 * 8 * 200 * vocab / GB:.1f} GB")
     print("total with that estimate (an estimate): " + "; ".join(
         f"{h.replace('`', '')} ~{sum(v) / GB + act[h.rsplit(', ', 1)[-1]]:.0f} GB" for h, v in cols))
     B, G, world = 8, 8, 4
