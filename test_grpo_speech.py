@@ -3055,12 +3055,13 @@ def test_qwen2_audio_eval_greedy_and_beam_equal_transformers_generate(qwen, tiny
 
 @pytest.fixture(scope="module")
 def qwen_runs(tiny_data, tmp_path_factory):
-    """grpo, mp-grpo, sft and grpo --lora 4 on the tiny Qwen2-Audio; grpo also cut after step 1 and
-    resumed."""
+    """grpo, mp-grpo, sft, grpo --lora 4 and grpo --bf16 --lora 4 --grad-checkpointing on the tiny
+    Qwen2-Audio; grpo also cut after step 1 and resumed."""
     work = tmp_path_factory.mktemp("qwen")
     runs = {}
     for name, mode, *extra in (("grpo", "grpo"), ("mp-grpo", "mp-grpo"), ("sft", "sft"),
-                               ("lora", "grpo", "--lora", "4", "--lr", "1e-2")):
+                               ("lora", "grpo", "--lora", "4", "--lr", "1e-2"),
+                               ("bf16", "grpo", "--bf16", "--lora", "4", "--grad-checkpointing", "--lr", "1e-2")):
         out = work / name
         p = run_cli("--model", QWEN_MODEL, "--task", "ast", "--mode", mode, "--data", tiny_data / "ast",
                     "--out", out, *QWEN_TINY, *extra, cwd=work)
@@ -3140,6 +3141,21 @@ def test_qwen2_audio_without_a_config_eos_stops_on_generation_configs_or_is_refu
     code, err = run_main("--model", src, "--task", "ast", "--mode", "eval", "--data", tiny_data / "ast",
                          "--out", tmp_path / "eval", cwd=tmp_path)
     assert code == 2 and len(err) == 1 and "generation_config.json" in err[0] and "eos_token_id" in err[0]
+
+
+def test_qwen2_audio_bf16_lora_grad_checkpointing_trains(qwen_runs):
+    """--bf16 --lora 4 --grad-checkpointing (the README's Qwen GPU command's kinds, on the CPU): the frozen
+    LM and Whisper tower stored in bf16, its encoder mask in bf16, checkpointed layers; every step's losses
+    finite, no update skipped, the targets moved."""
+    p, out = qwen_runs["bf16"]
+    _check_ok(p)
+    config = json.loads((out / "config.json").read_text())
+    assert config["bf16"] and config["grad_checkpointing"] and config["lora"] == 4
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2] and not any(m.get("loss/skipped") for m in lines)
+    assert all(isinstance(m["loss/total"], float) and math.isfinite(m["loss/total"]) for m in lines[1:])
+    start, final = _weights(QWEN_MODEL), _weights(out / "final")
+    assert any(not torch.equal(start[k], final[k]) for k in start if k.endswith("q_proj.weight"))
 
 
 def _weights_file(path: Path) -> dict[str, torch.Tensor]:
