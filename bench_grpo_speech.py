@@ -1274,7 +1274,7 @@ def main():
         return kill_soak(args)
     if not args.speed:
         p.error("nothing to do: pass --speed, --compare, --ablation, --default-runs, --memory, --full-size, "
-                "--contention or --kill-soak")
+                "--gpu-check, --contention or --kill-soak")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)

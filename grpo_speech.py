@@ -8,10 +8,10 @@ Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, M
 reference answer as an off-policy group member) and evaluation. The same code trains a second
 family, Qwen2-Audio (`Qwen2AudioForConditionalGeneration`, `--model Qwen/Qwen2-Audio-7B-Instruct`):
 what differs between families sits in one section, "model families". Part I is the lesson, read top
-to bottom in the order data flows: config, audio, text, data, model, sampling, rewards,
-advantages, losses, one step, the training loop, evaluation. Part II is the machinery that runs
-the same code in the paper's setting: LoRA, released checkpoints, data layouts and input
-checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
+to bottom in the order data flows: config, audio, text, model families, data, model, sampling,
+rewards, advantages, losses, one step, the training loop, evaluation. Part II is the machinery
+that runs the same code in the paper's setting: LoRA, released checkpoints, data layouts and
+input checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by data/make_model.py on
