@@ -44,15 +44,16 @@ and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
 --full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the = form:
 ARGS start with --).
 
---gpu-check runs GPU_CHECKS on one GPU, in under 5 minutes on an H100 by construction (README: the GPU check; no GPU
-has run it yet): the shipped model through the command line (fp32, --bf16, --lora 8 --bf16, --grad-checkpointing,
---compile with and without it, its graph breaks and recompiles counted from TORCH_LOGS, greedy/sampled/beam
-evaluation, torchrun on NCCL, two processes on the one GPU through gloo given NCCL's device map, an SFT run
-interrupted and resumed), the tiny Qwen2-Audio with --bf16, the left-padding probe, all side by side (a command-line
-row stopped past GPU_ROW_LIMIT seconds), then a random model of the released 2B's shape in this process: a --lora 64
---bf16 step and a full-training step at B 8, G 8, 200 tokens, --grad-accum 8, each with peak GPU memory and time, and
-sampling tokens/s against generate. One table, also in runs/gpu-check/table.md, with the device and the torch and
-transformers that ran. --dry-run prints the plan; without CUDA it stops in one line (exit 2).
+--gpu-check runs GPU_CHECKS on one GPU, in under 5 minutes on an H100 by estimate (README: the GPU check; no GPU has
+run it yet; the 2B rows have no time limit): the shipped model through the command line (fp32, --bf16, --lora 8
+--bf16, --grad-checkpointing, --compile with and without it, its graph breaks and recompiles counted from
+TORCH_LOGS, greedy/sampled/beam evaluation, torchrun on NCCL, two processes on the one GPU through gloo given NCCL's
+device map, an SFT run interrupted and resumed), the tiny Qwen2-Audio with --lora 8 --bf16 --reward chrf, the
+left-padding probe on both shipped models, all side by side (a command-line row stopped past GPU_ROW_LIMIT seconds),
+then a random model of the released 2B's shape in this process: a --lora 64 --bf16 step and a full-training step at
+B 8, G 8, 200 tokens, --grad-accum 8, each with peak GPU memory and time, and sampling tokens/s against generate.
+One table, also in runs/gpu-check/table.md, with the device and the torch and transformers that ran. --dry-run
+prints the plan; without CUDA it stops in one line (exit 2).
 
 --contention runs the README's default command for 20 steps four times, OMP_* unset: default (auto) threads and
 `--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
@@ -561,11 +562,13 @@ def memory(args) -> None:
     lm_shape = {"2B": (2048, 40, 49160), "8B": (4096, 40, 49160), "Qwen2-Audio-7B": (4096, 32, 156032)}
     act = {}
     for size, (h, layers, vocab) in lm_shape.items():
-        act[size] = (34 * tokens * h * layers + 2 * 4 * 8 * 200 * vocab) / GB
+        # three fp32 (N, T, V) tensors alive in the backward (log-softmax's saved output, the gradients of its
+        # output and input; README: memory), N = G = 8 completions of 200 tokens
+        act[size] = (34 * tokens * h * layers + 3 * 4 * 8 * 200 * vocab) / GB
         print(f"activations, NOT measured (an estimate): one group, G = 8 x ~450 tokens, {size}: "
               f"~{34 * tokens * h * layers / GB:.0f} GB (34 bytes x tokens x hidden x {layers} layers, 16-bit "
-              f"activations without recomputation, Korthikanti et al. 2022) plus fp32 logits and log-softmax "
-              f"{2 * 4 * 8 * 200 * vocab / GB:.1f} GB")
+              f"activations without recomputation, Korthikanti et al. 2022) plus three fp32 (8, 200, {vocab}) "
+              f"tensors in the backward {3 * 4 * 8 * 200 * vocab / GB:.1f} GB")
     print("total with that estimate (an estimate): " + "; ".join(
         f"{h.replace('`', '')} ~{sum(v) / GB + act[h.rsplit(', ', 1)[-1]]:.0f} GB" for h, v in cols))
     B, G, world = 8, 8, 4
@@ -578,6 +581,7 @@ def memory(args) -> None:
 # model of the released 2B's shape, with peak RSS and seconds per phase of the run.
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "data" / "tiny-granite-speech"
+QWEN = HERE / "data" / "tiny-qwen2-audio"
 
 
 def shape(config: dict) -> list:
@@ -718,9 +722,10 @@ def full_size(args) -> None:
 
 
 # --gpu-check: each configuration the README promises, once, on the GPU, at the smallest size that exercises it.
-# Under 5 minutes by construction: every row but the 2B-shaped model's runs side by side (small processes; a
-# command-line row past GPU_ROW_LIMIT seconds is stopped and reported), then the two 2B rows alone, in this
-# process, for their peak memory and time.
+# Under 5 minutes by estimate (README: the GPU check), not bounded in code: every row but the 2B-shaped model's
+# runs side by side (small processes; a command-line row past GPU_ROW_LIMIT seconds, the resume row's three runs
+# together, is stopped and reported), then the two 2B rows alone, in this process (for their peak memory and
+# time) with no limit.
 GPU_RUN = ["--task", "ast", "--mode", "grpo", "--model", str(SHIPPED), "--data", str(HERE / "data" / "ast"),
            "--max-steps", "3", "--eval-every", "3", "--dev-limit", "2", "--eval-limit", "2", "--batch-size", "2",
            "--group-size", "4", "--max-new-tokens", "12", "--overwrite"]
@@ -733,21 +738,39 @@ GLOO_AS_NCCL = ("import runpy, sys, torch.distributed as td\nreal = td.init_proc
                 "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
-def gpu_run(cmd: list, env=None) -> tuple[int | str, str]:
-    """cmd's exit code (or "timed out") and its stdout + stderr; past GPU_ROW_LIMIT its whole process group
+def gpu_run(cmd: list, env=None, limit: float = GPU_ROW_LIMIT) -> tuple[int | str, str]:
+    """cmd's exit code (or "timed out") and its stdout + stderr; past limit seconds its whole process group
     (torchrun's workers too) is killed."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          env=dict(os.environ, TQDM_DISABLE="1", **(env or {})))
     try:
-        log = p.communicate(timeout=GPU_ROW_LIMIT)[0]
+        log = p.communicate(timeout=max(limit, 1))[0]
         return p.returncode, log
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, 9)
         return "timed out", p.communicate()[0]
 
 
+def step_trouble(out: Path, train: bool = True) -> str:
+    """What is wrong with a run's logged steps ('' where nothing): a skipped update (loss/skipped), a loss/* not
+    finite (the Logger writes null), or, for a training run, no step with a loss at all. Exit 0 alone would pass
+    a NaN that the file caught and skipped."""
+    file = out / "metrics.jsonl"
+    lines = [json.loads(l) for l in file.read_text().splitlines()] if file.is_file() else []
+    for m in lines:
+        if m.get("loss/skipped"):
+            return f"step {m['step']}: loss/skipped {m['loss/skipped']:g}"
+        bad = [k for k, v in m.items() if k.startswith("loss/") and (v is None or not math.isfinite(v))]
+        if bad:
+            return f"step {m['step']}: {bad[0]} {m[bad[0]]}"
+    if train and not any(isinstance(m.get("loss/total"), float) for m in lines):
+        return f"no step with a loss/total in {file}"
+    return ""
+
+
 def gpu_cli(root: Path, name: str, *extra, launcher=(), env=None) -> dict:
-    """grpo_speech.py GPU_RUN + extra into root/name (under launcher, e.g. torchrun); its test BLEU or why not."""
+    """grpo_speech.py GPU_RUN + extra into root/name (under launcher, e.g. torchrun); its test BLEU or why not.
+    ok: exit 0 and every logged step's losses finite, none skipped (step_trouble)."""
     out = root / name.replace(" ", "_").replace("-", "")
     cmd = [*(launcher or [sys.executable]), str(HERE / "grpo_speech.py"), *GPU_RUN, "--out", str(out), *extra]
     if root.name == "dry-run":
@@ -758,6 +781,8 @@ def gpu_cli(root: Path, name: str, *extra, launcher=(), env=None) -> dict:
     (root / f"{out.name}.log").write_text(log)
     if rc:
         return row | dict(note=f"exit {rc}: " + (log.strip().splitlines() or [""])[-1][:150])
+    if trouble := step_trouble(out, train="eval" not in extra):
+        return row | dict(ok=False, note=trouble)
     res = json.loads((out / "results.json").read_text())
     row["note"] = f"test BLEU {res.get('final', res['base'])['bleu']}" + "".join(
         f", {k} {res[k]['bleu']}" for k in ("final_sample", "base_sample", "base_beam") if k in res)
@@ -778,17 +803,21 @@ def gpu_resume(root: Path) -> dict:
         return dict(run=f"{shlex.join(cmd + [str(straight)])}; the same into {out}, SIGINT after step 1, --resume; "
                         + " ".join(gpu_resume.__doc__.split()))
     t0 = time.perf_counter()
+    deadline = t0 + GPU_ROW_LIMIT   # the three runs together, as one command-line row
     rc, log = gpu_run(cmd + [str(straight)])
     shutil.rmtree(out, ignore_errors=True)   # an old metrics.jsonl would trigger the signal at once
     p = subprocess.Popen(cmd + [str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.perf_counter() + GPU_ROW_LIMIT
     while p.poll() is None and time.perf_counter() < deadline and not (
             metrics.exists() and '"step": 1,' in metrics.read_text()):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    stopped = p.wait()
-    resumed, log = gpu_run(cmd + [str(out), "--resume"])
+    try:   # it saves a checkpoint and exits 130; one that does not within 30 s is killed
+        stopped = p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        stopped = f"killed ({p.wait()})"
+    resumed, log = gpu_run(cmd + [str(out), "--resume"], limit=deadline - time.perf_counter())
     if rc or stopped != 130 or resumed:
         return dict(ok=False, seconds=time.perf_counter() - t0, note=f"exit {rc}, {stopped} then {resumed}: "
                     + (log.strip().splitlines() or [""])[-1][:150])
@@ -811,14 +840,14 @@ def gpu_resume(root: Path) -> dict:
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
 
 
-def gpu_padding_probe(root: Path, device="cuda") -> dict:
-    """the shipped model, a left-padded batch of 2 against each prompt collated alone (unpadded): fp32 and bf16,
-    each SDPA backend; ok where every backend that runs gives finite log-probs within 1e-4 (fp32) or 0.25 (bf16)
-    of the prompt alone"""
+def gpu_padding_probe(root: Path, device="cuda", model_dir: Path = SHIPPED) -> dict:
+    """model_dir (either shipped model), a left-padded batch of 2 against each prompt collated alone (unpadded):
+    fp32 and bf16, each SDPA backend; ok where every backend that runs gives finite log-probs within 1e-4 (fp32)
+    or 0.25 (bf16) of the prompt alone"""
     if root.name == "dry-run":
-        return dict(run=" ".join(gpu_padding_probe.__doc__.split()))
+        return dict(run=f"data/{model_dir.name}: " + " ".join(gpu_padding_probe.__doc__.split()))
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    model, tok = gs.load_model(str(SHIPPED), torch.device(device))
+    model, tok = gs.load_model(str(model_dir), torch.device(device))
     data = gs.SpeechData(gs.read_manifest(HERE / "data" / "ast" / "test.jsonl"))
     idx = [0, 3]   # prompts of different lengths: the first is left-padded
     batch = gs.collate(data, idx, tok, model.config.audio_token_id, config=model.config).to(device)
@@ -924,17 +953,19 @@ GPU_CHECKS = [   # (configuration, function of the run root)
     ("--compile --grad-checkpointing",
      lambda r: gpu_cli(r, "compile-ckpt", "--compile", "--grad-checkpointing", env=COMPILE_LOGS)),
     ("eval, greedy + sampled + beam", lambda r: gpu_cli(r, "beam", "--mode", "eval", "--eval-decoding", "beam")),
-    ("tiny Qwen2-Audio, --bf16", lambda r: gpu_cli(r, "qwen2-audio", "--model", str(HERE / "data" / "tiny-qwen2-audio"),
-                                                     "--bf16")),
+    # chrF: random weights write no BLEU-scoring 4-gram, so BLEU rewards tie and the update would be KL alone
+    ("tiny Qwen2-Audio, --lora 8 --bf16 --reward chrf",
+     lambda r: gpu_cli(r, "qwen2-audio", "--model", str(QWEN), "--lora", "8", "--bf16", "--reward", "chrf")),
     ("torchrun --nproc_per_node 1 (NCCL)", lambda r: gpu_cli(r, "torchrun1", launcher=[*TORCHRUN, "1"])),
     ("2 processes, 1 GPU, gloo with NCCL's device map",
      lambda r: gpu_cli(r, "two", launcher=[*TORCHRUN, "2", str(r / "gloo_as_nccl.py")])),
     ("interrupted at step 1, resumed", gpu_resume),
     ("left-padding probe", gpu_padding_probe),
+    ("left-padding probe, tiny Qwen2-Audio", lambda r: gpu_padding_probe(r, model_dir=QWEN)),
     ("2B shape, --lora 64 --bf16 step; sampling vs generate", lambda r: gpu_2b(r, lora=True)),
     ("2B shape, full training step (--bf16, --grad-accum 8)", lambda r: gpu_2b(r, lora=False)),
 ]
-GPU_PARALLEL = 12   # the first GPU_PARALLEL run side by side; the 2B rows alone after them, in order
+GPU_PARALLEL = 13   # the first GPU_PARALLEL run side by side; the 2B rows alone after them, in order
 
 
 def gpu_check(args) -> None:
@@ -1243,10 +1274,14 @@ def main():
         return kill_soak(args)
     if not args.speed:
         p.error("nothing to do: pass --speed, --compare, --ablation, --default-runs, --memory, --full-size, "
-                "--contention or --kill-soak")
+                "--gpu-check, --contention or --kill-soak")
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)
+    if not isinstance(gs.family(model.config), gs.GraniteSpeech):   # generate's audio keywords are Granite's
+        print(f"error: --speed times Granite Speech only; {args.model} is {gs.family(model.config).name}",
+              file=sys.stderr)
+        sys.exit(2)
     model.eval().requires_grad_(True)        # the update timings train every weight
     B, G, T = args.batch_size, args.group_size, args.new_tokens
     data = gs.SpeechData(gs.read_manifest(args.data)[:B])

@@ -8,10 +8,10 @@ Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, M
 reference answer as an off-policy group member) and evaluation. The same code trains a second
 family, Qwen2-Audio (`Qwen2AudioForConditionalGeneration`, `--model Qwen/Qwen2-Audio-7B-Instruct`):
 what differs between families sits in one section, "model families". Part I is the lesson, read top
-to bottom in the order data flows: config, audio, text, data, model, sampling, rewards,
-advantages, losses, one step, the training loop, evaluation. Part II is the machinery that runs
-the same code in the paper's setting: LoRA, released checkpoints, data layouts and input
-checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
+to bottom in the order data flows: config, audio, text, model families, data, model, sampling,
+rewards, advantages, losses, one step, the training loop, evaluation. Part II is the machinery
+that runs the same code in the paper's setting: LoRA, released checkpoints, data layouts and
+input checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by data/make_model.py on
@@ -413,8 +413,9 @@ class Family(Protocol):
         """processor_config.json for a checkpoint whose source had none."""
 
     def stop_id(self, config) -> int:
-        """The token that ends a completion: the config's, which transformers' generate stops
-        on; the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
+        """The token that ends a completion: the LM config's eos (model_files fills it from
+        generation_config.json, which transformers' generate stops on, where config.json has
+        none); the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
         eos = config.text_config.eos_token_id
         return eos[0] if isinstance(eos, list) else eos
 
@@ -815,8 +816,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
     hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
     # fp32 (N, T, V) tensors: two alive in this line, one after it (log-softmax keeps its
-    # output), three in the backward (README: memory); each N x 200 x 49,160 x 4 bytes at paper
-    # scale: 315 MB a group
+    # output), three in the backward (README: memory); each N x 200 x V x 4 bytes at paper
+    # scale, a group: 315 MB (Granite, V 49,160), 1.0 GB (Qwen2-Audio, V 156,032)
     logp_all = torch.log_softmax(lm_logits(model, hidden).float() / temperature, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
@@ -1609,6 +1610,8 @@ def model_files(name: str):
             adapter_scale(path)
         if announced:
             config.has_lora_adapter = False   # merged at load: what is loaded and saved is plain
+        if config.text_config.eos_token_id is None:   # Qwen2Config's default; generate reads
+            config.text_config.eos_token_id = generation_eos(path)  # generation_config's
         index = path / "model.safetensors.index.json"
         shards = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
                   if index.is_file() else
@@ -1619,6 +1622,21 @@ def model_files(name: str):
         return path, config, {k: v for f in shards for k, v in load_file(f).items()}
     except OSError as e:
         raise cannot_load(name, e) from None
+
+
+def generation_eos(path: Path) -> int:
+    """The stop token of a checkpoint whose config.json's LM has none: generation_config.json's
+    eos_token_id (the first of a list), else refused: a completion could never end."""
+    file = path / "generation_config.json"
+    try:
+        eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    except (OSError, ValueError, AttributeError):   # unreadable, not JSON, not an object
+        eos = None
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if not isinstance(eos, int) or isinstance(eos, bool):
+        raise InputError(f"{file}: no eos_token_id (and none in config.json's text_config): "
+                         "no token would end a completion")
+    return eos
 
 
 def unknown_family(path: Path, model_type) -> None:

@@ -1039,32 +1039,41 @@ def _nan_on_rows_with_no_key(module, query, key, value, attention_mask, **kw):
     return out, weights
 
 
-def test_left_padded_prompts_under_eager_attention_equal_each_prompt_alone(shipped, ast_test):
+@pytest.mark.parametrize("variant", ["granite-released-kind", "qwen2-audio", "qwen2-audio-no-gqa"])
+def test_left_padded_prompts_under_eager_attention_equal_each_prompt_alone(shipped, qwen, qwen_no_gqa, ast_test,
+                                                                           variant):
     """Eager attention adds a 4D mask to its scores (transformers passes a caller's 4D mask through
-    unchanged), so a boolean one would add 0 or 1: prompt_mask gives it the additive form. The
-    released-kind copy on eager: a left-padded batch's log-probs, greedy completions and beams equal
-    each prompt's alone, and the log-probs equal SDPA's."""
-    model, tok = shipped
-    sdpa = _released_kind(model)
-    eager = _released_kind(model)
+    unchanged), so a boolean one would add 0 or 1: prompt_mask gives it the additive form. Granite's
+    released-kind copy and the tiny Qwen2-Audio (GQA, and the 7B's full heads) on eager: a left-padded
+    batch's log-probs, greedy completions and beams equal each prompt's alone, and the log-probs equal SDPA's."""
+    if variant.startswith("granite"):
+        model, tok = shipped
+        sdpa, eager = _released_kind(model), _released_kind(model)
+    else:
+        model, tok = qwen if variant == "qwen2-audio" else gs.load_model(str(qwen_no_gqa), torch.device("cpu"))
+        sdpa, eager = model, copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     assert eager.model.language_model.config._attn_implementation == "eager"
+    assert sdpa.model.language_model.config._attn_implementation == "sdpa"
     idx = [0, 1, 2, 3]
     batch = make_batch(model, tok, ast_test, idx)
     assert len(set(batch.attention_mask.sum(1).tolist())) > 1          # left padding of different lengths
     completions = torch.randint(5, len(tok), (8, 6), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+    eos_id = gs.family(model.config).stop_id(model.config)
+    # rtol: the random Qwen2-Audio's log-probs reach ~-16, where fp32 rounds at ~1e-6 relative (a mask that
+    # lets a prompt see its padding moves them past 1e-4: the GPU check probe's test)
+    kw = dict(max_new_tokens=10, eos_id=eos_id, pad_id=tok.pad_token_id, temperature=0.0)
     with torch.no_grad():
         padded = gs.completion_logprobs(eager, batch, completions, 2)
-        torch.testing.assert_close(padded, gs.completion_logprobs(sdpa, batch, completions, 2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(padded, gs.completion_logprobs(sdpa, batch, completions, 2), atol=1e-5, rtol=1e-5)
         greedy = gs.sample_groups(eager, batch, 1, **kw).token_lists()
-        beams = gs.beam_search(eager, batch, num_beams=3, max_new_tokens=10, eos_id=tok.eos_token_id)
+        beams = gs.beam_search(eager, batch, num_beams=3, max_new_tokens=10, eos_id=eos_id)
         for k, i in enumerate(idx):
             one = make_batch(model, tok, ast_test, [i])
             alone = gs.completion_logprobs(eager, one, completions[2 * k:2 * k + 2], 2)
-            torch.testing.assert_close(padded[2 * k:2 * k + 2], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(padded[2 * k:2 * k + 2], alone, atol=1e-5, rtol=1e-5)
             assert greedy[k] == gs.sample_groups(eager, one, 1, **kw).token_lists()[0]
-            assert beams[k] == gs.beam_search(eager, one, num_beams=3, max_new_tokens=10, eos_id=tok.eos_token_id)[0]
+            assert beams[k] == gs.beam_search(eager, one, num_beams=3, max_new_tokens=10, eos_id=eos_id)[0]
 
 
 def test_left_padded_prompts_have_no_query_without_keys(model_tok, ast_test):
@@ -1714,26 +1723,44 @@ def test_gpu_check_dry_run_lists_every_configuration_and_refuses_without_cuda(tm
     dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=HANG)
     assert dry.returncode == 0, dry.stderr[-2000:]
     listed = [line[2:].split(": ", 1)[0] for line in dry.stdout.splitlines() if line.startswith("- ")]
-    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 14
+    assert listed == [name for name, _ in bench.GPU_CHECKS] and len(listed) == 15
     for flags in ("--bf16", "--lora 8 --bf16", "--grad-checkpointing", "TORCH_LOGS=graph_breaks,recompiles",
-                  "--compile", "--eval-decoding beam", "tiny-qwen2-audio --bf16", "--nproc_per_node 1",
+                  "--compile", "--eval-decoding beam", "tiny-qwen2-audio --lora 8 --bf16 --reward chrf",
+                  "data/tiny-granite-speech: ", "data/tiny-qwen2-audio: ", "--nproc_per_node 1",
                   "--nproc_per_node 2", "SIGINT", "SDPA", "--lora 64 --bf16", "full training"):
         assert flags in dry.stdout, flags
     real = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG)
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "needs a CUDA GPU" in real.stderr, real.stderr
 
 
+def test_bench_speed_refuses_a_non_granite_model_in_one_line():
+    """--speed times generate with Granite's audio keywords (Qwen2-Audio's generate wants others): refused."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, str(REPO / "bench_grpo_speech.py"), "--speed", "--model", str(QWEN_MODEL)],
+                       capture_output=True, text=True, env=env, timeout=HANG)
+    assert p.returncode == 2 and "--speed times Granite Speech only" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
 def test_gpu_check_probe_and_2b_rows_run_on_this_cpu(monkeypatch, tmp_path):
     """The GPU check's in-process rows, run here with device "cpu" so a crash in them shows before a GPU is
     lent: the left-padding probe (padded vs each prompt collated alone, within its tolerance; a mask that
-    lets the prompts attend to their padding puts it over) and both 2B rows at small sizes (a narrow LM, one layer each)."""
+    lets the prompts attend to their padding puts it over), on both shipped models, and both 2B rows at small
+    sizes (a narrow LM, one layer each). And the command-line rows' check of metrics.jsonl: a skipped update or a
+    non-finite loss fails a row that exited 0."""
     import bench_grpo_speech as bench
-    probe = bench.gpu_padding_probe(tmp_path, device="cpu")
-    assert probe["ok"] and probe["note"].count("/MATH: max |diff| ") == 2, probe
-    with monkeypatch.context() as m:
-        m.setattr(gs, "prompt_mask", lambda model, mask, P: torch.ones_like(mask))
-        wrong = bench.gpu_padding_probe(tmp_path, device="cpu")
-    assert not wrong["ok"] and "**over**" in wrong["note"], wrong
+    for model_dir in (bench.SHIPPED, bench.QWEN):
+        probe = bench.gpu_padding_probe(tmp_path, device="cpu", model_dir=model_dir)
+        assert probe["ok"] and probe["note"].count("/MATH: max |diff| ") == 2, (model_dir, probe)
+        with monkeypatch.context() as m:
+            m.setattr(gs, "prompt_mask", lambda model, mask, P: torch.ones_like(mask))
+            wrong = bench.gpu_padding_probe(tmp_path, device="cpu", model_dir=model_dir)
+        assert not wrong["ok"] and "**over**" in wrong["note"], (model_dir, wrong)
+    good = {"step": 1, "loss/total": 0.5, "reward/mean": 0.1}
+    for lines, trouble in (([good], ""), ([good, dict(good, step=2, **{"loss/skipped": 1.0})], "loss/skipped"),
+                           ([dict(good, **{"loss/total": None})], "loss/total None"), ([], "no step")):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [{"step": 0}, *lines]))
+        assert trouble in bench.step_trouble(tmp_path) and bool(trouble) == bool(bench.step_trouble(tmp_path))
+    assert bench.step_trouble(tmp_path, train=False) == ""   # an eval run logs no loss
     monkeypatch.setitem(bench.GRANITE_LM, "2B", dict(bench.GRANITE_LM["2B"], hidden_size=256, intermediate_size=512))
     for lora in (True, False):
         row = bench.gpu_2b(tmp_path, lora, layers=(1, 1), device="cpu", B=2, G=2, T=4, sample_tokens=4)
@@ -3028,12 +3055,13 @@ def test_qwen2_audio_eval_greedy_and_beam_equal_transformers_generate(qwen, tiny
 
 @pytest.fixture(scope="module")
 def qwen_runs(tiny_data, tmp_path_factory):
-    """grpo, mp-grpo, sft and grpo --lora 4 on the tiny Qwen2-Audio; grpo also cut after step 1 and
-    resumed."""
+    """grpo, mp-grpo, sft, grpo --lora 4 and grpo --bf16 --lora 4 --grad-checkpointing on the tiny
+    Qwen2-Audio; grpo also cut after step 1 and resumed."""
     work = tmp_path_factory.mktemp("qwen")
     runs = {}
     for name, mode, *extra in (("grpo", "grpo"), ("mp-grpo", "mp-grpo"), ("sft", "sft"),
-                               ("lora", "grpo", "--lora", "4", "--lr", "1e-2")):
+                               ("lora", "grpo", "--lora", "4", "--lr", "1e-2"),
+                               ("bf16", "grpo", "--bf16", "--lora", "4", "--grad-checkpointing", "--lr", "1e-2")):
         out = work / name
         p = run_cli("--model", QWEN_MODEL, "--task", "ast", "--mode", mode, "--data", tiny_data / "ast",
                     "--out", out, *QWEN_TINY, *extra, cwd=work)
@@ -3090,6 +3118,44 @@ def test_qwen2_audio_lora_trains_its_targets_and_the_projector_only(qwen_runs):
     saved = _weights_file(out / "checkpoint" / "trainable.safetensors")
     assert {k.rsplit(".", 1)[-1] for k in saved} == {"lora_A", "lora_B", "weight", "bias"}
     assert all(k.startswith("model.multi_modal_projector.") for k in saved if not k.endswith(("lora_A", "lora_B")))
+
+
+def test_qwen2_audio_without_a_config_eos_stops_on_generation_configs_or_is_refused(tiny_data, tmp_path):
+    """Qwen2Config defaults eos_token_id to None (the release writes 151645, a derivative may not):
+    the stop token is then generation_config.json's, the one transformers' generate stops on; with
+    neither, load refuses in one line naming the file."""
+    src = tmp_path / "no-eos"
+    shutil.copytree(QWEN_MODEL, src)
+    config = json.loads((src / "config.json").read_text())
+    del config["text_config"]["eos_token_id"]
+    (src / "config.json").write_text(json.dumps(config))
+    eos = json.loads((QWEN_MODEL / "generation_config.json").read_text())["eos_token_id"]
+    model, tok = gs.load_model(str(src), torch.device("cpu"))
+    assert gs.family(model.config).stop_id(model.config) == eos == tok.convert_tokens_to_ids("<|im_end|>")
+    p = run_cli("--model", src, "--task", "ast", "--mode", "sft", "--data", tiny_data / "ast", "--out",
+                tmp_path / "sft", *QWEN_TINY, "--max-steps", "1", cwd=tmp_path)
+    _check_ok(p)
+    generation = json.loads((src / "generation_config.json").read_text())
+    del generation["eos_token_id"]
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    code, err = run_main("--model", src, "--task", "ast", "--mode", "eval", "--data", tiny_data / "ast",
+                         "--out", tmp_path / "eval", cwd=tmp_path)
+    assert code == 2 and len(err) == 1 and "generation_config.json" in err[0] and "eos_token_id" in err[0]
+
+
+def test_qwen2_audio_bf16_lora_grad_checkpointing_trains(qwen_runs):
+    """--bf16 --lora 4 --grad-checkpointing (the README's Qwen GPU command's kinds, on the CPU): the frozen
+    LM and Whisper tower stored in bf16, its encoder mask in bf16, checkpointed layers; every step's losses
+    finite, no update skipped, the targets moved."""
+    p, out = qwen_runs["bf16"]
+    _check_ok(p)
+    config = json.loads((out / "config.json").read_text())
+    assert config["bf16"] and config["grad_checkpointing"] and config["lora"] == 4
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2] and not any(m.get("loss/skipped") for m in lines)
+    assert all(isinstance(m["loss/total"], float) and math.isfinite(m["loss/total"]) for m in lines[1:])
+    start, final = _weights(QWEN_MODEL), _weights(out / "final")
+    assert any(not torch.equal(start[k], final[k]) for k in start if k.endswith("q_proj.weight"))
 
 
 def _weights_file(path: Path) -> dict[str, torch.Tensor]:
