@@ -311,10 +311,14 @@ def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
     return logmel, math.ceil(wave.numel() / 160)    # the feature mask's sum: frames with audio
 
 
+def whisper_encoder_frames(frames: int) -> int:
+    """Encoder positions that hold audio after the stride-2 convolution, of l real frames."""
+    return (frames - 1) // 2 + 1
+
+
 def whisper_audio_tokens(frames: int) -> int:
     """<|AUDIO|> embeddings Qwen2-Audio makes from l real frames (Qwen2AudioProcessor's count)."""
-    conv = (frames - 1) // 2 + 1                    # the stride-2 convolution
-    return (conv - 2) // 2 + 1                      # the stride-2 average pooling
+    return (whisper_encoder_frames(frames) - 2) // 2 + 1    # the stride-2 average pooling
 
 
 # -------------------------------------------------------------------------------- text ----
@@ -517,7 +521,7 @@ class Qwen2Audio(Family):
         from transformers.masking_utils import create_bidirectional_mask
         tower = model.model.audio_tower
         positions = feats.shape[-1] // 2                                        # 1500
-        keep = torch.arange(positions, device=feats.device) < (frames - 1) // 2 + 1
+        keep = torch.arange(positions, device=feats.device) < whisper_encoder_frames(frames)
         like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
         mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
                                          inputs_embeds=like)
