@@ -1234,9 +1234,9 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout:
 def setup_training(cfg: Config, policy, dist: Dist):
     """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
     the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
+    encoder = family(policy.config).encoder_prefix
     for name, p in policy.named_parameters():
-        p.requires_grad_((cfg.train_encoder
-                          or not name.startswith(family(policy.config).encoder_prefix))
+        p.requires_grad_((cfg.train_encoder or not name.startswith(encoder))
                          and name not in getattr(policy, "fixed", ()))    # load_model's
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
