@@ -3,8 +3,8 @@
   python bench_grpo_speech.py --compare           # start, SFT, GRPO, MP-GRPO, SFT -> X; 3 seeds
   python bench_grpo_speech.py --compare --quick   # one seed, fewer steps
   python bench_grpo_speech.py --ablation          # GRPO on sqa with 5 rewards; 3 seeds
+  python bench_grpo_speech.py --voices            # --compare's test BLEU by voice set, no training
   python bench_grpo_speech.py --speed             # same process, same model, same inputs
-  python bench_grpo_speech.py --default-runs      # the README's first command, seeds 0-2
   python bench_grpo_speech.py --memory            # bytes per parameter, the 2B/8B and Qwen2-Audio-7B memory table
   python bench_grpo_speech.py --full-size 2b      # 3 GRPO steps on a random model of the released 2B's shape
   python bench_grpo_speech.py --contention        # the default command, alone and beside a busy core
@@ -19,6 +19,13 @@ the command and its wall time; with matplotlib installed it also draws runs/comp
 SFT and GRPO get an equal budget of updates and sequences: the same number of steps, each
 step pushing B x G = 32 sequences through the policy (SFT: 32 references; GRPO: 4 prompts x 8
 samples; MP-GRPO: 4 x (7 samples + the reference)).
+
+--voices scores --compare's runs again (no training) by the speaker's voice set: A, the start model's
+pre-training voices (also in train), B, voices of train only, C, voices of the test split only (data/make_data.py's
+VOICES, data/audio/synthesis.jsonl). Corpus BLEU of each set, as evaluate() scores the whole split, from each run's
+hyps_final.jsonl and hyps_final_sample.jsonl (the start model: the SFT runs' hyps_base*), mean +- std over seeds;
+then each method's gain over the start model per set, and SFT's over GRPO. Into runs/compare/voices.md and
+README.md between the voices markers (--out: another compare root, README untouched).
 
 --ablation is the paper's reward ablation at small scale: GRPO on sqa from the shipped start model
 with each reward of ABLATION_REWARDS, 3 seeds, --compare's budget and selection, into
@@ -37,8 +44,7 @@ Each ratio is (baseline time) / (our time), median of --repeats runs after a war
 
 --full-size 2b builds runs/full-size-2b/ once (granite-speech-3.3-2b's shape from RELEASED.md, random bf16
 weights, the shipped tokenizer; ~3.0B parameters) and runs grpo_speech.main in a worker process (--lora 64 --bf16,
-B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances) with grpo_speech imported from --tree (default
-here). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included),
+B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included),
 on a GPU also the peak of torch.cuda.max_memory_allocated within each phase, and seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other (the rest);
 and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
 --full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the = form:
@@ -72,8 +78,10 @@ weights bit for bit, results.json and the hypotheses files. One line per kill (w
 """
 
 import argparse
+import collections
 import copy
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -91,10 +99,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import sacrebleu
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import grpo_speech as gs
+
+HERE = Path(__file__).resolve().parent
+SHIPPED = HERE / "data" / "tiny-granite-speech"
+QWEN = HERE / "data" / "tiny-qwen2-audio"
 
 
 def per_completion_logprobs(model, batch, completions, group_size, temperature=1.0,
@@ -188,7 +201,7 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: 
     `options` added to it; its results.json."""
     if (not (out / "results.json").exists()
             or "final" not in json.loads((out / "results.json").read_text())):
-        cmd = [sys.executable, str(gs.HERE / "grpo_speech.py"), "--task", task, "--mode", mode,
+        cmd = [sys.executable, str(HERE / "grpo_speech.py"), "--task", task, "--mode", mode,
                "--seed", str(seed), "--max-steps", str(steps), "--out", str(out),
                "--overwrite"] + (["--model", model] if model else []) + list(options)
         t0 = time.time()
@@ -206,12 +219,17 @@ def run_method(task: str, mode: str, seed: int, steps: int, out: Path, threads: 
 
 def replace_readme_block(name: str, text: str) -> None:
     """Put `text` between README.md's <!-- name:begin --> and <!-- name:end --> markers, if any."""
-    readme = gs.HERE / "README.md"
+    readme = HERE / "README.md"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     old = readme.read_text()
     if begin in old:
         readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end),
                                  lambda _: f"{begin}\n{text}{end}", old, flags=re.S))
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    return "\n".join([f"| {' | '.join(header)} |", "|---" * len(header) + "|"] +
+                     [f"| {' | '.join(map(str, row))} |" for row in rows])
 
 
 def mean_std(xs: list[float]) -> str:
@@ -240,7 +258,7 @@ def sweep_plan(args, name: str):
     every = max(1, steps // 2) if args.quick else min(30, max(1, steps // 4))
     options = ("--eval-every", str(every)) + (("--eval-limit", "100") if args.quick else ())
     root = (Path(args.out) if args.out else
-            gs.HERE / "runs" / (f"{name}-quick" if args.quick else name))
+            HERE / "runs" / (f"{name}-quick" if args.quick else name))
     command = f"python bench_grpo_speech.py --{name}" + (" --quick" if args.quick else "") + \
         (f" --jobs {args.jobs}" if args.jobs != 2 else "") + \
         (f" --steps {args.steps}" if args.steps else "")
@@ -391,39 +409,80 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool, methods=METHODS) -> Non
     fig.savefig(root / "curves.png", dpi=75)
     print(f"wrote {root / 'curves.png'}")
     if not scratch:  # the README shows it; runs/ is not in git
-        shutil.copy(root / "curves.png", gs.HERE / "data" / "compare-curves.png")
+        shutil.copy(root / "curves.png", HERE / "data" / "compare-curves.png")
 
 
-def default_runs(args) -> None:
-    """The README's first command for seeds 0, 1, 2 (its default thread policy), one at a time."""
-    root = Path(args.out) if args.out else gs.HERE / "runs" / "default"
-    rows, times = [], []
-    for seed in (0, 1, 2):
-        t0 = time.time()
-        r = run_method("ast", "grpo", seed, 300, root / f"s{seed}", 0)
-        times.append(time.time() - t0)
-        rows.append(r)
-    base = rows[0]["base"]
-    gains = [r["final"]["bleu"] - base["bleu"] for r in rows]
-    table = "\n".join(["| | greedy test BLEU | greedy test chrF | sampled test BLEU |",
-                       "|---|---|---|---|",
-                       f"| start model | {base['bleu']:.2f} | {base['chrf']:.2f} | "
-                       f"{mean_std([r['base_sample']['bleu'] for r in rows])} |"] +
-                      [f"| GRPO seed {s} | {r['final']['bleu']:.2f} | {r['final']['chrf']:.2f} | "
-                       f"{r['final_sample']['bleu']:.2f} |" for s, r in enumerate(rows)] +
-                      [f"| GRPO mean ± std | {mean_std([r['final']['bleu'] for r in rows])} | "
-                       f"{mean_std([r['final']['chrf'] for r in rows])} | "
-                       f"{mean_std([r['final_sample']['bleu'] for r in rows])} |"])
-    text = (f"`python grpo_speech.py --task ast --mode grpo --seed S`, S = 0, 1, 2, one after "
-            f"another with the default `--threads auto` (one thread for this model), through "
-            f"`python bench_grpo_speech.py --default-runs`: {min(times):.0f}-{max(times):.0f} s "
-            f"a run. Every seed above the start model: {'yes' if min(gains) > 0 else 'no'} "
-            f"(greedy BLEU gains {', '.join(f'{g:+.2f}' for g in gains)}).\n\n"
-            f"{table}\n")
+def voice_sets(task: str) -> dict[str, str]:
+    """Test utterance id -> its speaker's voice set: A (pre-training and train voices), B (train only), C (unseen);
+    data/make_data.py's VOICES, data/audio/synthesis.jsonl's voice of each file, matched by the audio path."""
+    spec = importlib.util.spec_from_file_location("make_data", HERE / "data" / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)            # definitions only: its work is under __main__
+    set_of = {voice: name for name, voices in make_data.VOICES.items() for voice in voices}
+    synthesis = HERE / "data" / "audio" / "synthesis.jsonl"
+    voice = {(synthesis.parent.parent / r["audio"]).resolve(): r["voice"]
+             for r in map(json.loads, synthesis.read_text().splitlines())}
+    manifest = HERE / "data" / task / "test.jsonl"
+    sets = {}
+    for row in gs.read_manifest(manifest):
+        v = voice.get(Path(row["audio"]).resolve())
+        if v not in set_of:
+            raise gs.InputError(f"{synthesis}: no voice of a known set for {row['id']} ({row['audio']} in {manifest})")
+        sets[row["id"]] = set_of[v]
+    return sets
+
+
+def voices(args) -> None:
+    """--compare's test hypotheses scored again, split by the speaker's voice set: is SFT's lead over GRPO the
+    acoustic shift (voices B and C) or also on the voices the start model was trained on (A)?"""
+    root = Path(args.out) if args.out else HERE / "runs" / "compare"
+    seeds = sorted(int(m[1]) for p in root.glob("ast-sft-s*") if (m := re.fullmatch(r"ast-sft-s(\d+)", p.name)))
+    if not seeds:
+        raise gs.InputError(f"{root}: no --compare runs (python bench_grpo_speech.py --compare writes them)")
+    # (method, the run whose hyps_<kind>*.jsonl it is scored by)
+    methods = [("start model", "SFT", "base")] + [(label, label, "final") for label, _, _ in METHODS]
+    bleu, counts = {}, {}
+    for task in ("ast", "sqa"):
+        sets = voice_sets(task)
+        for method, run, kind in methods:
+            for decoding, suffix in (("greedy", ""), ("sampled", "_sample")):
+                for seed in seeds:
+                    path = run_dir(root, task, run, seed) / f"hyps_{kind}{suffix}.jsonl"
+                    if not path.is_file():
+                        raise gs.InputError(f"{path}: missing (--compare writes it; seeds {seeds} found)")
+                    rows = [json.loads(line) for line in path.read_text().splitlines()]
+                    ids = sorted(r["id"] for r in rows)
+                    if set(ids) - set(sets) or ids != sorted(counts.setdefault(task, ids)):
+                        raise gs.InputError(f"{path}: not the test utterances of data/{task}/test.jsonl that "
+                                            f"{run_dir(root, task, 'SFT', seeds[0])} scored")
+                    for s in "ABC":   # corpus BLEU as evaluate() scores it, on the set's utterances
+                        H = [r["hyp"] for r in rows if sets[r["id"]] == s]
+                        R = [r["ref"] for r in rows if sets[r["id"]] == s]
+                        bleu.setdefault((task, method, decoding, s), []).append(
+                            sacrebleu.BLEU().corpus_score(H, [R]).score if H else math.nan)
+        counts[task] = collections.Counter(sets[i] for i in counts[task])
+    cell = lambda *key: "–" if math.isnan(bleu[key][0]) else mean_std(bleu[key])
+    head = lambda s, name: f"{name} ({' / '.join(str(counts[t][s]) for t in counts)})"
+    table = md_table(["task", "method", "decoding", head("A", "voices A: pre-training + train"),
+                      head("B", "B: train only"), head("C", "C: unseen")],
+                     [[t, m, d, *(cell(t, m, d, s) for s in "ABC")]
+                      for t in counts for m, _, _ in methods for d in ("greedy", "sampled")])
+    # what the split shows: each method's gain over the start model, and SFT's lead over GRPO, per voice set
+    gain = lambda t, m, d, s, base: f"{statistics.mean(bleu[t, m, d, s]) - statistics.mean(bleu[t, base, d, s]):+.1f}"
+    gains = md_table(["task", "gain", *(f"{d} {s}" for d in ("greedy", "sampled") for s in "ABC")],
+                     [[t, f"{m} over {base}", *(gain(t, m, d, s, base).replace("+nan", "–")
+                                                for d in ("greedy", "sampled") for s in "ABC")]
+                      for t in counts for m, base in [*((m, "start model") for m, _, _ in methods[1:]),
+                                                      ("SFT", "GRPO")]])
+    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    text = (f"`python bench_grpo_speech.py --voices`: the comparison's test hypotheses (hyps_final*.jsonl of "
+            f"each run, the start model's hyps_base*.jsonl of the SFT runs), corpus BLEU per voice set of the "
+            f"speaker (data/audio/synthesis.jsonl; utterances ast / sqa in each header), mean ± std over {n}: "
+            f"{', '.join(map(str, seeds))}.\n\n{table}\n\nDifferences of the means (BLEU points):\n\n{gains}\n")
+    (root / "voices.md").write_text(text)
     print(text)
-    (root / "table.md").write_text(text)
     if not args.out:
-        replace_readme_block("default-table", text)
+        replace_readme_block("voices", text)
 
 
 # --memory: bytes per parameter measured on the shipped model through the training code, scaled
@@ -579,9 +638,6 @@ def memory(args) -> None:
 
 # --full-size: the project's own training run (a worker process running grpo_speech.main) on a randomly initialised
 # model of the released 2B's shape, with peak RSS and seconds per phase of the run.
-HERE = Path(__file__).resolve().parent
-SHIPPED = HERE / "data" / "tiny-granite-speech"
-QWEN = HERE / "data" / "tiny-qwen2-audio"
 
 
 def shape(config: dict) -> list:
@@ -631,8 +687,8 @@ ORDER = ["load", "start scoring", "dev scoring", "sampling", "update", "save", "
 
 
 def full_size_worker(argv: list[str], out: str) -> int:
-    """gs.main(argv), gs being the grpo_speech the caller imported first, with the peak RSS (a 0.1 s sampler, plus
-    any rise of VmHWM) and the seconds of each phase; written to out/memory.json."""
+    """gs.main(argv) with the peak RSS (a 0.1 s sampler, plus any rise of VmHWM) and the seconds of each phase;
+    written to out/memory.json."""
     def status() -> dict:
         return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":") for line in open("/proc/self/status"))
                 if k in ("VmRSS", "VmHWM")}
@@ -698,14 +754,13 @@ def full_size(args) -> None:
     if not args.full_size_model:   # built in its own process: its 6 GB are gone before the run starts
         build = f"import bench_grpo_speech as b; b.build_full_size(b.Path({str(model)!r}))"
         subprocess.run([sys.executable, "-c", build], cwd=HERE, check=True)
-    steps, out, tree = str(args.steps or 3), HERE / "runs" / "full-size-2b-run", str(Path(args.tree).resolve())
+    steps, out = str(args.steps or 3), HERE / "runs" / "full-size-2b-run"
     argv = ["--task", "ast", "--mode", "grpo", "--model", str(model), "--data", str(HERE / "data" / "ast"),
             "--lora", "64", "--lora-alpha", "32", "--bf16", "--batch-size", "1", "--group-size", "4",
             "--max-new-tokens", "16", "--max-steps", steps, "--eval-every", steps, "--dev-limit", "2",
             "--eval-limit", "2", "--out", str(out), "--overwrite", *shlex.split(args.full_size_extra)]
-    print(f"grpo_speech.py from {tree}: {shlex.join(argv)}", flush=True)
-    code = (f"import sys; sys.path.insert(0, {tree!r}); import grpo_speech; sys.path.insert(0, {str(HERE)!r}); "
-            f"import bench_grpo_speech as b; sys.exit(b.full_size_worker({argv!r}, {str(out)!r}))")
+    print(f"grpo_speech.py {shlex.join(argv)}", flush=True)
+    code = f"import sys, bench_grpo_speech as b; sys.exit(b.full_size_worker({argv!r}, {str(out)!r}))"
     rc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, TQDM_DISABLE="1")).returncode
     m = json.loads((out / "memory.json").read_text())
     print(f"\n{m['grpo_speech']}, exit status {m['rc']}\n")
@@ -971,9 +1026,8 @@ GPU_PARALLEL = 13   # the first GPU_PARALLEL run side by side; the 2B rows alone
 def gpu_check(args) -> None:
     import transformers
     if not args.dry_run and not torch.cuda.is_available():
-        print(f"error: --gpu-check needs a CUDA GPU; torch {torch.__version__} sees none (--dry-run prints what "
-              "it would run)", file=sys.stderr)
-        sys.exit(2)
+        raise gs.InputError(f"--gpu-check needs a CUDA GPU; torch {torch.__version__} sees none (--dry-run prints "
+                            "what it would run)")
     root = HERE / "runs" / ("dry-run" if args.dry_run else "gpu-check")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, transformers {transformers.__version__}, "
@@ -1214,74 +1268,14 @@ def width_sweep() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--speed", action="store_true", help="run the speed benchmark")
-    p.add_argument("--compare", action="store_true",
-                   help="run the base/SFT/GRPO/MP-GRPO comparison")
-    p.add_argument("--ablation", action="store_true",
-                   help="GRPO on sqa with the rewards bleu, rouge-1, rouge-2, rouge-l, chrf")
-    p.add_argument("--memory", action="store_true",
-                   help="bytes per parameter measured on --model, scaled to the released 2B and 8B")
-    p.add_argument("--quick", action="store_true",
-                   help="with --compare / --ablation: one seed, 100 steps")
-    p.add_argument("--no-continued", action="store_true",
-                   help="with --compare: SFT, GRPO and MP-GRPO only (no SFT -> X runs)")
-    p.add_argument("--steps", type=int, default=0,
-                   help="steps per run: --compare, --ablation 300 (--quick 100), --full-size 3, "
-                        "--contention 20")
-    p.add_argument("--full-size", choices=["2b"], help="3 GRPO steps of a random model of the released 2B's shape")
-    p.add_argument("--full-size-model", default="", help="with --full-size: this model instead (nothing built)")
-    p.add_argument("--full-size-extra", default="", help="with --full-size: more grpo_speech.py arguments")
-    p.add_argument("--tree", default=str(HERE), help="with --full-size: the directory to import grpo_speech from")
-    p.add_argument("--gpu-check", action="store_true",
-                   help="every configuration the README promises, on one GPU (under 5 min on an H100); one table")
-    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: print what it would run, run nothing")
-    p.add_argument("--contention", action="store_true", help="default command alone and beside a busy core")
-    p.add_argument("--contention-extra", default="", help="with --contention: a row with these arguments")
-    p.add_argument("--kill-soak", type=int, nargs="?", const=20, default=0, metavar="N",
-                   help="SIGKILL a short run at N instants, resume each, compare with the uninterrupted run")
-    p.add_argument("--seed", type=int, default=0, help="with --kill-soak: the seed of the random kill times")
-    p.add_argument("--out", default="",
-                   help="with --compare / --ablation / --default-runs / --kill-soak: run root (then README untouched)")
-    p.add_argument("--default-runs", action="store_true",
-                   help="the README's first command, seeds 0-2, at torch's default threads")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="with --compare / --ablation: runs side by side (one thread each on 2 cores)")
-    p.add_argument("--model", default=str(gs.HERE / "data" / "tiny-granite-speech"))
-    p.add_argument("--data", default=str(gs.HERE / "data" / "ast" / "train.jsonl"))
-    p.add_argument("--batch-size", type=int, default=4, help="B prompts")
-    p.add_argument("--group-size", type=int, default=8, help="G samples per prompt")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens per sample (EOS disabled)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
-    if args.compare:
-        return compare(args)
-    if args.ablation:
-        return ablation(args)
-    if args.default_runs:
-        return default_runs(args)
-    if args.memory:
-        return memory(args)
-    if args.full_size:
-        return full_size(args)
-    if args.gpu_check:
-        return gpu_check(args)
-    if args.contention:
-        return contention(args)
-    if args.kill_soak:
-        return kill_soak(args)
-    if not args.speed:
-        p.error("nothing to do: pass --speed, --compare, --ablation, --default-runs, --memory, --full-size, "
-                "--gpu-check, --contention or --kill-soak")
+def speed(args) -> None:
+    """The hot loop against transformers' own (generate, a forward per completion), on --model's first
+    --batch-size utterances of --data."""
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)
     if not isinstance(gs.family(model.config), gs.GraniteSpeech):   # generate's audio keywords are Granite's
-        print(f"error: --speed times Granite Speech only; {args.model} is {gs.family(model.config).name}",
-              file=sys.stderr)
-        sys.exit(2)
+        raise gs.InputError(f"--speed times Granite Speech only; {args.model} is {gs.family(model.config).name}")
     model.eval().requires_grad_(True)        # the update timings train every weight
     B, G, T = args.batch_size, args.group_size, args.new_tokens
     data = gs.SpeechData(gs.read_manifest(args.data)[:B])
@@ -1380,6 +1374,57 @@ def main():
 
     print(f"{t_hf / t_ours:.2f}x")
 
+
+# The README's tables, one option each (the first given runs): (flag, function, argparse keywords)
+TABLES = [
+    ("--compare", compare, dict(help="start model, SFT, GRPO, MP-GRPO, SFT -> GRPO, SFT -> SFT on ast and sqa")),
+    ("--ablation", ablation, dict(help="GRPO on sqa with the rewards bleu, rouge-1, rouge-2, rouge-l, chrf")),
+    ("--voices", voices, dict(help="the comparison's test BLEU by voice set (A, B, C), from its hypotheses")),
+    ("--memory", memory, dict(help="bytes per parameter measured on --model, scaled to the released 2B and 8B")),
+    ("--full-size", full_size, dict(action="store", choices=["2b"], help="3 GRPO steps of a random model of the released 2B's shape")),
+    ("--gpu-check", gpu_check, dict(help="every configuration the README promises, on one GPU; one table")),
+    ("--contention", contention, dict(help="the default command alone and beside a busy core")),
+    ("--kill-soak", kill_soak, dict(action="store", type=int, nargs="?", const=20, default=0, metavar="N",
+                                    help="SIGKILL a short run at N instants, resume each, compare with the "
+                                         "uninterrupted run")),
+    ("--speed", speed, dict(help="the hot loop against transformers' generate and a pass per completion")),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, _, keywords in TABLES:
+        p.add_argument(flag, **{"action": "store_true", **keywords})
+    p.add_argument("--quick", action="store_true", help="with --compare / --ablation: one seed, 100 steps")
+    p.add_argument("--no-continued", action="store_true",
+                   help="with --compare: SFT, GRPO and MP-GRPO only (no SFT -> X runs)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps per run: --compare, --ablation 300 (--quick 100), --full-size 3, --contention 20")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="with --compare / --ablation: runs side by side (one thread each on 2 cores)")
+    p.add_argument("--out", default="", help="with --compare / --ablation / --voices / --kill-soak: run root "
+                                             "(then README untouched)")
+    p.add_argument("--full-size-model", default="", help="with --full-size: this model instead (nothing built)")
+    p.add_argument("--full-size-extra", default="", help="with --full-size: more grpo_speech.py arguments")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: print what it would run, run nothing")
+    p.add_argument("--contention-extra", default="", help="with --contention: a row with these arguments")
+    p.add_argument("--seed", type=int, default=0, help="with --kill-soak: the seed of the random kill times")
+    p.add_argument("--model", default=str(SHIPPED), help="with --speed / --memory")
+    p.add_argument("--data", default=str(HERE / "data" / "ast" / "train.jsonl"), help="with --speed / --memory")
+    p.add_argument("--batch-size", type=int, default=4, help="with --speed: B prompts")
+    p.add_argument("--group-size", type=int, default=8, help="with --speed: G samples per prompt")
+    p.add_argument("--new-tokens", type=int, default=16, help="with --speed: tokens per sample (EOS disabled)")
+    p.add_argument("--repeats", type=int, default=5, help="with --speed: timed runs, after a warm-up")
+    p.add_argument("--device", default="auto", help="with --speed")
+    args = p.parse_args(argv)
+    table = next((fn for flag, fn, _ in TABLES if getattr(args, flag[2:].replace("-", "_"))), None)
+    if table is None:
+        p.error(f"nothing to do: pass one of {', '.join(flag for flag, _, _ in TABLES)}")
+    try:
+        table(args)
+    except gs.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
     main()
