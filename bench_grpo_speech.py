@@ -79,6 +79,7 @@ weights bit for bit, results.json and the hypotheses files. One line per kill (w
 
 import argparse
 import collections
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -265,6 +266,29 @@ def sweep_plan(args, name: str):
     return seeds, steps, every, options, root, command
 
 
+def side_by_side(args, jobs: list, job) -> dict:
+    """{j: job(j)} for each j of jobs, args.jobs independent runs at a time."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return dict(zip(jobs, pool.map(job, jobs)))
+
+
+def sweep_header(args, command: str, seeds: list, steps: int, t0: float) -> str:
+    return (f"`{command}` ({seeds_phrase(seeds)}; {steps} steps per run; {(time.time() - t0) / 60:.1f} min on "
+            f"this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side by side).")
+
+
+def seeds_phrase(seeds: list) -> str:
+    return f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}"
+
+
+def publish(path: Path, text: str, block: str | None) -> None:
+    """Print a table's text, write it to path and, where block names one, into README.md."""
+    print(text)
+    path.write_text(text)
+    if block:
+        replace_readme_block(block, text)
+
+
 def compare(args) -> None:
     seeds, steps, every, options, root, command = sweep_plan(args, "compare")
     tasks = ("ast", "sqa")
@@ -281,30 +305,20 @@ def compare(args) -> None:
                           options)
     done = {}
     for phase in ([j for j in jobs if not j[1][2]], [j for j in jobs if j[1][2]]):
-        with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
-            done |= {(t, m[0], s): r for (t, m, s), r in zip(phase, pool.map(job, phase))}
-    minutes = (time.time() - t0) / 60
+        done |= {(t, m[0], s): r for (t, m, s), r in side_by_side(args, phase, job).items()}
     rows = []
     for task in tasks:
         sft = [done[(task, "SFT", s)] for s in seeds]
-        rows.append((task, "start model", f"{sft[0]['base']['bleu']:.1f}",
-                     f"{sft[0]['base']['chrf']:.1f}",
-                     mean_std([r["base_sample"]["bleu"] for r in sft]),
-                     mean_std([r["base_sample"]["chrf"] for r in sft])))
+        rows.append((task, "start model", f"{sft[0]['base']['bleu']:.1f}", f"{sft[0]['base']['chrf']:.1f}",
+                     *(mean_std([r["base_sample"][m] for r in sft]) for m in ("bleu", "chrf"))))
         for label, _, _ in methods:
-            rs = [done[(task, label, s)] for s in seeds]
-            rows.append((task, label, *(mean_std([r[k][m] for r in rs])
-                                        for k in ("final", "final_sample")
-                                        for m in ("bleu", "chrf"))))
+            rows.append((task, label, *(mean_std([done[(task, label, s)][k][m] for s in seeds])
+                                        for k in ("final", "final_sample") for m in ("bleu", "chrf"))))
     command += " --no-continued" if args.no_continued else ""
-    table = "\n".join(["| task | method | greedy BLEU | greedy chrF | sampled BLEU | "
-                       "sampled chrF |",
-                       "|---|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
-    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    table = md_table(["task", "method", "greedy BLEU", "greedy chrF", "sampled BLEU", "sampled chrF"], rows)
     test = "its first 100 utterances" if args.quick else "200 ast / 150 sqa utterances"
-    text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; "
-            f"{minutes:.1f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
-            f"by side). Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
+    text = (f"{sweep_header(args, command, seeds, steps, t0)} Each cell: the best-on-dev checkpoint (greedy dev "
+            f"BLEU over every dev "
             f"utterance, step 0 and every {every} steps), corpus score on "
             f"the test split ({test}), mean ± std over seeds; greedy, and "
             f"sampled with the paper's decoding (temperature 0.9, top-p 0.9, utterance i drawn "
@@ -312,10 +326,7 @@ def compare(args) -> None:
             f" SFT → X starts from the same seed's SFT best checkpoint and runs {steps} more steps "
             f"of X (fresh optimizer and schedule, reference model = that checkpoint).") +
             f"\n\n{table}\n")
-    (root / "table.md").write_text(text)
-    print(text)
-    if not args.out:
-        replace_readme_block("compare-quick" if args.quick else "compare", text)
+    publish(root / "table.md", text, None if args.out else "compare-quick" if args.quick else "compare")
     plot_curves(root, tasks, seeds, args.quick or bool(args.out), methods)
 
 
@@ -336,9 +347,7 @@ def ablation(args) -> None:
         reward, seed = j
         return run_method("sqa", "grpo", seed, steps, root / f"sqa-{reward}-s{seed}", threads,
                           options=options + ("--reward", reward))
-    with ThreadPoolExecutor(args.jobs) as pool:  # independent runs side by side, a core each
-        done = dict(zip(jobs, pool.map(job, jobs)))
-    minutes = (time.time() - t0) / 60
+    done = side_by_side(args, jobs, job)
 
     def cells(scores: list[dict]) -> list[str]:
         """Each metric, then the per-run average of all five, as mean +- std over the runs."""
@@ -352,24 +361,16 @@ def ablation(args) -> None:
         rows += [(f"GRPO, `--reward {reward}`", decoding,
                   *cells([done[(reward, s)]["final" + suffix] for s in seeds]))
                  for reward in ABLATION_REWARDS]
-    names = " | ".join(name for name, _ in ABLATION_METRICS)
-    table = "\n".join([f"| reward | decoding | {names} | average |", "|---|---|---|---|---|---|---|---|"]
-                      + [f"| {' | '.join(r)} |" for r in rows])
-    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    table = md_table(["reward", "decoding", *(name for name, _ in ABLATION_METRICS), "average"], rows)
     test = f"{'its first ' if args.quick else ''}{done[jobs[0]]['final']['n']} utterances"
-    text = (f"`{command}` ({n}: {', '.join(map(str, seeds))}; {steps} steps per run; "
-            f"{minutes:.1f} min on this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side "
-            f"by side). GRPO on sqa from the shipped start model with each reward, everything else "
+    text = (f"{sweep_header(args, command, seeds, steps, t0)} GRPO on sqa from the shipped start model with each reward, everything else "
             f"the default. Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
             f"utterance, whatever the reward; step 0 and every {every} steps), scored on the sqa "
             f"test split ({test}), mean ± std over seeds: corpus BLEU and chrF, ROUGE as the mean "
             f"sentence F-measure x 100; average: of the five, per run. Sampled: the paper's "
             f"decoding (temperature 0.9, top-p 0.9, utterance i drawn from seeds (run seed, i)).\n\n"
             f"{table}\n")
-    (root / "table.md").write_text(text)
-    print(text)
-    if not args.out:
-        replace_readme_block("ablation-quick" if args.quick else "ablation", text)
+    publish(root / "table.md", text, None if args.out else "ablation-quick" if args.quick else "ablation")
 
 
 def plot_curves(root: Path, tasks, seeds, scratch: bool, methods=METHODS) -> None:
@@ -474,15 +475,11 @@ def voices(args) -> None:
                                                 for d in ("greedy", "sampled") for s in "ABC")]
                       for t in counts for m, base in [*((m, "start model") for m, _, _ in methods[1:]),
                                                       ("SFT", "GRPO")]])
-    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     text = (f"`python bench_grpo_speech.py --voices`: the comparison's test hypotheses (hyps_final*.jsonl of "
             f"each run, the start model's hyps_base*.jsonl of the SFT runs), corpus BLEU per voice set of the "
-            f"speaker (data/audio/synthesis.jsonl; utterances ast / sqa in each header), mean ± std over {n}: "
-            f"{', '.join(map(str, seeds))}.\n\n{table}\n\nDifferences of the means (BLEU points):\n\n{gains}\n")
-    (root / "voices.md").write_text(text)
-    print(text)
-    if not args.out:
-        replace_readme_block("voices", text)
+            f"speaker (data/audio/synthesis.jsonl; utterances ast / sqa in each header), mean ± std over "
+            f"{seeds_phrase(seeds)}.\n\n{table}\n\nDifferences of the means (BLEU points):\n\n{gains}\n")
+    publish(root / "voices.md", text, None if args.out else "voices")
 
 
 # --memory: bytes per parameter measured on the shipped model through the training code, scaled
@@ -571,9 +568,9 @@ def memory(args) -> None:
     l_trained = lb["trained_weights"] / lb["n_trained"]
 
     counts, cols = {}, []
+    n = lambda mod: sum(p.numel() for p in mod.parameters())
     for size in ("2B", "8B"):
         m = granite_speech_meta(size)
-        n = lambda mod: sum(p.numel() for p in mod.parameters())
         lm = m.model.language_model
         attn = lm.layers[0].self_attn
         lora = 64 * sum(l.in_features + l.out_features for l in (attn.q_proj, attn.v_proj)) * len(lm.layers)
@@ -582,7 +579,6 @@ def memory(args) -> None:
         print(f"counted, {size}: {c['total'] / 1e9:.3f}B parameters = encoder {c['encoder'] / 1e6:.1f}M + projector "
               f"{c['projector'] / 1e6:.1f}M + LM {c['lm'] / 1e9:.3f}B (tied head); LoRA r64 q/v {c['lora'] / 1e6:.1f}M")
     m = qwen2_audio_meta()         # the second family: its LoRA default is every Linear of the LM's layers
-    n = lambda mod: sum(p.numel() for p in mod.parameters())
     lm = m.model.language_model
     targets = gs.Qwen2Audio.lora_targets.split(",")
     lora = 64 * sum(mod.in_features + mod.out_features for name, mod in lm.layers[0].named_modules()
@@ -647,13 +643,18 @@ def shape(config: dict) -> list:
             p["hidden_size"], config["audio_token_index"]]
 
 
+def shipped_token_ids() -> dict:
+    """The shipped model's special token ids (pad, bos, eos), which a random model of the 2B's shape takes over."""
+    return {k: v for k, v in json.loads((SHIPPED / "config.json").read_text())["text_config"].items()
+            if k.endswith("_token_id")}
+
+
 def build_full_size(path: Path, layers=(40, 16)) -> None:
     """granite-speech-3.3-2b's shape with random weights, created and saved in bf16 (never fp32), and the shipped
     tokenizer (its <|audio|> id); kept when path/config.json already has that shape."""
     from transformers import AutoConfig, GraniteSpeechForConditionalGeneration
     added = json.loads((SHIPPED / "tokenizer.json").read_text())["added_tokens"]
-    ids = {k: v for k, v in json.loads((SHIPPED / "config.json").read_text())["text_config"].items()
-           if k.endswith("_token_id")}
+    ids = shipped_token_ids()
     config = granite_speech_config("2B", layers, next(t["id"] for t in added if t["content"] == "<|audio|>"), **ids)
     with torch.device("meta"):
         n = sum(p.numel() for p in GraniteSpeechForConditionalGeneration(config).parameters())
@@ -806,6 +807,10 @@ def gpu_run(cmd: list, env=None, limit: float = GPU_ROW_LIMIT) -> tuple[int | st
         return "timed out", p.communicate()[0]
 
 
+def last_line(log: str) -> str:
+    return (log.strip().splitlines() or [""])[-1][:150]
+
+
 def step_trouble(out: Path, train: bool = True) -> str:
     """What is wrong with a run's logged steps ('' where nothing): a skipped update (loss/skipped), a loss/* not
     finite (the Logger writes null), or, for a training run, no step with a loss at all. Exit 0 alone would pass
@@ -835,7 +840,7 @@ def gpu_cli(root: Path, name: str, *extra, launcher=(), env=None) -> dict:
     row = dict(seconds=time.perf_counter() - t0, ok=rc == 0)
     (root / f"{out.name}.log").write_text(log)
     if rc:
-        return row | dict(note=f"exit {rc}: " + (log.strip().splitlines() or [""])[-1][:150])
+        return row | dict(note=f"exit {rc}: " + last_line(log))
     if trouble := step_trouble(out, train="eval" not in extra):
         return row | dict(ok=False, note=trouble)
     res = json.loads((out / "results.json").read_text())
@@ -875,7 +880,7 @@ def gpu_resume(root: Path) -> dict:
     resumed, log = gpu_run(cmd + [str(out), "--resume"], limit=deadline - time.perf_counter())
     if rc or stopped != 130 or resumed:
         return dict(ok=False, seconds=time.perf_counter() - t0, note=f"exit {rc}, {stopped} then {resumed}: "
-                    + (log.strip().splitlines() or [""])[-1][:150])
+                    + last_line(log))
     rows = lambda d: {json.loads(l)["step"]: json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()}
     a, b = rows(straight), rows(out)
     rel = max((abs(a[k][m] - b[k][m]) / max(abs(a[k][m]), 1e-12) for k in a if k in b for m in a[k]
@@ -948,8 +953,7 @@ def gpu_2b(root: Path, lora: bool, layers=(40, 16), device="cuda", B=8, G=8, T=2
                                        "tokens, tokens/s." if lora else ""))
     from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
     tok = AutoTokenizer.from_pretrained(SHIPPED)
-    ids = {k: v for k, v in json.loads((SHIPPED / "config.json").read_text())["text_config"].items()
-           if k.endswith("_token_id")}
+    ids = shipped_token_ids()
     config = granite_speech_config("2B", layers, tok.convert_tokens_to_ids(gs.AUDIO_TOKEN), **ids)
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -1059,6 +1063,18 @@ def gpu_check(args) -> None:
     sys.exit(0 if all(r.get("ok") for r in rows) else 1)
 
 
+@contextlib.contextmanager
+def busy_core(busy: bool):
+    """Inside: one more process busy-looping on a core, where busy."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        yield
+    finally:
+        if hog:
+            hog.kill()
+            hog.wait()
+
+
 def contention(args) -> None:
     """The README's default command, short, at the default (auto) threads and torch's own, alone and beside one
     busy-looping process: mean perf/step_s each."""
@@ -1075,14 +1091,9 @@ def contention(args) -> None:
             for busy in (False, True):
                 run_cmd = cmd + ["--out", tmp] + extra
                 print(f"$ {shlex.join(run_cmd)}{'  # beside a busy loop' if busy else ''}", flush=True)
-                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
                 t0 = time.time()
-                try:
+                with busy_core(busy):
                     p = subprocess.run(run_cmd, capture_output=True, text=True, env=env, cwd=HERE)
-                finally:
-                    if hog:
-                        hog.kill()
-                        hog.wait()
                 if p.returncode:
                     sys.exit(f"failed:\n{p.stderr[-3000:]}")
                 s = [r["perf/step_s"] for r in map(json.loads, open(Path(tmp) / "metrics.jsonl"))
@@ -1253,15 +1264,10 @@ def width_sweep() -> str:
         step = lambda: lm(inputs_embeds=x, use_cache=False).last_hidden_state.square().mean().backward()
         t = {}
         for busy in (False, True):
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-            try:
+            with busy_core(busy):
                 for n in (1, 2):
                     torch.set_num_threads(n)
                     t[n, busy] = timed(step, 3)
-            finally:
-                if hog:
-                    hog.kill()
-                    hog.wait()
         lines.append(f"| {hidden} ({layers} layers) | {t[1, False]:.2f} | {t[2, False]:.2f} | {t[1, True]:.2f} | "
                      f"{t[2, True]:.2f} |")
     print("\n".join(lines))
