@@ -602,11 +602,9 @@ def memory(args) -> None:
                       ref_lora * c["projector"]]))
     names = ["weights", "gradients", "AdamW moments", "reference pi_ref"]
     fmt = lambda x: f"{x / GB:.1f}" if x >= GB else f"{x / GB:.2f}"
-    lines = ["| GB (1e9 bytes) | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(fmt(v[i]) for _, v in cols) + " |" for i, name in enumerate(names)]
-    lines += ["| **total before activations** | " + " | ".join(f"**{fmt(sum(v))}**" for _, v in cols) + " |"]
-    print()
-    print("\n".join(lines))
+    print("\n" + md_table(["GB (1e9 bytes)", *(h for h, _ in cols)],
+                          [[name, *(fmt(v[i]) for _, v in cols)] for i, name in enumerate(names)] +
+                          [["**total before activations**", *(f"**{fmt(sum(v))}**" for _, v in cols)]]))
     print(f"\nmeasured bytes per parameter (fp32 master weights): weights {w:.0f}, gradients {g:.0f}, AdamW {a:.0f} "
           f"(two moments), reference {per('full', 'reference', 'n_reference'):.0f} (fp32) or {ref16:.0f} (--bf16); "
           f"--lora: the reference shares the LM and copies only the projector ({ref_lora:.0f} B/param); "
@@ -1051,15 +1049,13 @@ def gpu_check(args) -> None:
     with ThreadPoolExecutor(GPU_PARALLEL) as pool:
         rows = list(pool.map(row, GPU_CHECKS[:GPU_PARALLEL]))
     rows += [row(check) for check in GPU_CHECKS[GPU_PARALLEL:]]
-    lines = ["| configuration | ok | s | peak GPU GB | note |", "|---|---|---|---|---|"]
-    for (name, _), r in zip(GPU_CHECKS, rows):
-        peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else ""
-        lines.append(f"| {name} | {'yes' if r.get('ok') else '**no**'} | {r.get('seconds', 0):.0f} | {peak} | "
-                     f"{r.get('note', '')} |")
-    text = "\n".join(lines) + (f"\n\n{device}, torch {torch.__version__}, transformers {transformers.__version__}, "
-                               f"{time.strftime('%Y-%m-%d', time.gmtime())}: {time.perf_counter() - t0:.0f} s\n")
-    (root / "table.md").write_text(text)
-    print(text)
+    table = md_table(["configuration", "ok", "s", "peak GPU GB", "note"],
+                     [[name, "yes" if r.get("ok") else "**no**", f"{r.get('seconds', 0):.0f}",
+                       f"{r['peak_gb']:.1f}" if "peak_gb" in r else "", r.get("note", "")]
+                      for (name, _), r in zip(GPU_CHECKS, rows)])
+    publish(root / "table.md", f"{table}\n\n{device}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}: {time.perf_counter() - t0:.0f} s\n",
+            None)
     sys.exit(0 if all(r.get("ok") for r in rows) else 1)
 
 
@@ -1100,9 +1096,9 @@ def contention(args) -> None:
                      if "perf/step_s" in r]
                 step_s[label, busy] = statistics.mean(s)
                 print(f"  {step_s[label, busy]:.3f} s a step (mean of {len(s)}), {time.time() - t0:.0f} s wall")
-    table = "\n".join(["| threads | quiet step s | one core busy step s | busy / quiet |", "|---|---|---|---|"] + [
-        f"| {label} | {step_s[label, False]:.3f} | {step_s[label, True]:.3f} | "
-        f"{step_s[label, True] / step_s[label, False]:.2f} |" for label, _ in rows])
+    table = md_table(["threads", "quiet step s", "one core busy step s", "busy / quiet"],
+                     [[label, f"{step_s[label, False]:.3f}", f"{step_s[label, True]:.3f}",
+                       f"{step_s[label, True] / step_s[label, False]:.2f}"] for label, _ in rows])
     command = "python bench_grpo_speech.py --contention" + (f" --steps {steps}" if steps != "20" else "") + \
         (f" --contention-extra {shlex.quote(args.contention_extra)}" if args.contention_extra else "")
     text = (f"`{command}`: the README's default command for {steps} steps (mean `perf/step_s`), {os.cpu_count()} "
@@ -1252,8 +1248,7 @@ def width_sweep() -> str:
     """Why --threads auto looks at the LM's width: forward + backward of a random Granite LM (8 sequences of
     300 tokens) at 1 and 2 threads, alone and beside a busy-looping process; median of 3 after a warm-up."""
     from transformers import GraniteConfig, GraniteModel
-    lines = ["| LM width | 1 thread | 2 threads | 1 thread, a core busy | 2 threads, a core busy |",
-             "|---|---|---|---|---|"]
+    rows = []
     for hidden, layers in ((192, 3), (512, 2), (1024, 2), (2048, 1)):
         torch.manual_seed(0)
         heads = max(3, hidden // 64)
@@ -1268,10 +1263,10 @@ def width_sweep() -> str:
                 for n in (1, 2):
                     torch.set_num_threads(n)
                     t[n, busy] = timed(step, 3)
-        lines.append(f"| {hidden} ({layers} layers) | {t[1, False]:.2f} | {t[2, False]:.2f} | {t[1, True]:.2f} | "
-                     f"{t[2, True]:.2f} |")
-    print("\n".join(lines))
-    return "\n".join(lines) + "\n"
+        rows.append([f"{hidden} ({layers} layers)", *(f"{t[k]:.2f}" for k in ((1, False), (2, False), (1, True), (2, True)))])
+    table = md_table(["LM width", "1 thread", "2 threads", "1 thread, a core busy", "2 threads, a core busy"], rows)
+    print(table)
+    return table + "\n"
 
 
 def speed(args) -> None:
