@@ -244,9 +244,9 @@ METHODS = [("SFT", "sft", False), ("GRPO", "grpo", False), ("MP-GRPO", "mp-grpo"
 
 
 def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
-    name = {"SFT": "sft", "GRPO": "grpo", "MP-GRPO": "mp-grpo", "SFT → GRPO": "sft-grpo",
-            "SFT → SFT": "sft-sft"}[label]
-    return root / f"{task}-{name}-s{seed}"
+    """root/<task>-<mode>-s<seed>, the mode prefixed by sft- for SFT -> X: e.g. ast-sft-grpo-s0."""
+    _, mode, from_sft = next(m for m in METHODS if m[0] == label)
+    return root / f"{task}-{'sft-' * from_sft}{mode}-s{seed}"
 
 
 def sweep_plan(args, name: str):
@@ -373,7 +373,7 @@ def ablation(args) -> None:
     publish(root / "table.md", text, None if args.out else "ablation-quick" if args.quick else "ablation")
 
 
-def plot_curves(root: Path, tasks, seeds, scratch: bool, methods=METHODS) -> None:
+def plot_curves(root: Path, tasks, seeds, scratch: bool, methods) -> None:
     """Sampled reward, policy entropy and greedy dev BLEU against step, each the mean over seeds."""
     try:
         import matplotlib
@@ -763,14 +763,14 @@ def full_size(args) -> None:
     rc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, TQDM_DISABLE="1")).returncode
     m = json.loads((out / "memory.json").read_text())
     print(f"\n{m['grpo_speech']}, exit status {m['rc']}\n")
-    on_gpu = "peak_gpu_gb" in m["phases"]["load"]   # torch.cuda.max_memory_allocated per phase
-    print("| phase | peak RSS GB (1e9 bytes) | seconds |" + (" peak GPU GB |" if on_gpu else "")
-          + "\n|---|---|---|" + ("---|" if on_gpu else ""))
-    for k, v in m["phases"].items():
-        print(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.1f} |" + (f" {v['peak_gpu_gb']:.2f} |" if on_gpu else ""))
-    seconds = sum(v["seconds"] for v in m["phases"].values())
-    top = f" **{max(v['peak_gpu_gb'] for v in m['phases'].values()):.2f}** |" if on_gpu else ""
-    print(f"| **whole run (VmHWM)** | **{m['whole_run_peak_gb']:.2f}** | {seconds:.1f} |" + top)
+    phases = m["phases"].values()
+    gpu = ["peak GPU GB"] * ("peak_gpu_gb" in m["phases"]["load"])   # torch.cuda.max_memory_allocated per phase
+    print(md_table(["phase", "peak RSS GB (1e9 bytes)", "seconds", *gpu],
+                   [[k, f"{v['peak_rss_gb']:.2f}", f"{v['seconds']:.1f}", *(f"{v['peak_gpu_gb']:.2f}" for _ in gpu)]
+                    for k, v in m["phases"].items()] +
+                   [["**whole run (VmHWM)**", f"**{m['whole_run_peak_gb']:.2f}**",
+                     f"{sum(v['seconds'] for v in phases):.1f}",
+                     *(f"**{max(v['peak_gpu_gb'] for v in phases):.2f}**" for _ in gpu)]]))
     if rc:
         sys.exit(rc)
 
