@@ -708,9 +708,7 @@ def full_size_worker(argv: list[str], out: str) -> int:
                     torch.cuda.reset_peak_memory_stats()
 
     def wrap(name):
-        fn = getattr(gs, name, None)
-        if fn is None:
-            return print(f"note: this grpo_speech has no {name}(): no phase for it")
+        fn = getattr(gs, name)
 
         @functools.wraps(fn)
         def wrapped(*a, **k):
