@@ -44,9 +44,10 @@ Each ratio is (baseline time) / (our time), median of --repeats runs after a war
 
 --full-size 2b builds runs/full-size-2b/ once (granite-speech-3.3-2b's shape from RELEASED.md, random bf16
 weights, the shipped tokenizer; ~3.0B parameters) and runs grpo_speech.main in a worker process (--lora 64 --bf16,
-B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances). It prints the peak RSS (GB; the most resident while in the phase, earlier phases' memory included),
-on a GPU also the peak of torch.cuda.max_memory_allocated within each phase, and seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other (the rest);
-and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
+B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances). It prints the peak RSS (GB; the most resident
+while in the phase, earlier phases' memory included), on a GPU also the peak of torch.cuda.max_memory_allocated within
+each phase, and seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other
+(the rest); and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
 --full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the = form:
 ARGS start with --).
 
@@ -83,6 +84,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -363,8 +365,8 @@ def ablation(args) -> None:
                  for reward in ABLATION_REWARDS]
     table = md_table(["reward", "decoding", *(name for name, _ in ABLATION_METRICS), "average"], rows)
     test = f"{'its first ' if args.quick else ''}{done[jobs[0]]['final']['n']} utterances"
-    text = (f"{sweep_header(args, command, seeds, steps, t0)} GRPO on sqa from the shipped start model with each reward, everything else "
-            f"the default. Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
+    text = (f"{sweep_header(args, command, seeds, steps, t0)} GRPO on sqa from the shipped start model with each "
+            f"reward, everything else the default. Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
             f"utterance, whatever the reward; step 0 and every {every} steps), scored on the sqa "
             f"test split ({test}), mean ± std over seeds: corpus BLEU and chrF, ROUGE as the mean "
             f"sentence F-measure x 100; average: of the five, per run. Sampled: the paper's "
@@ -442,39 +444,35 @@ def voices(args) -> None:
         raise gs.InputError(f"{root}: no --compare runs (python bench_grpo_speech.py --compare writes them)")
     # (method, the run whose hyps_<kind>*.jsonl it is scored by)
     methods = [("start model", "SFT", "base")] + [(label, label, "final") for label, _, _ in METHODS]
-    bleu, counts = {}, {}
+    decodings = (("greedy", ""), ("sampled", "_sample"))
+    bleu, ids = collections.defaultdict(list), {}
     for task in ("ast", "sqa"):
         sets = voice_sets(task)
-        for method, run, kind in methods:
-            for decoding, suffix in (("greedy", ""), ("sampled", "_sample")):
-                for seed in seeds:
-                    path = run_dir(root, task, run, seed) / f"hyps_{kind}{suffix}.jsonl"
-                    if not path.is_file():
-                        raise gs.InputError(f"{path}: missing (--compare writes it; seeds {seeds} found)")
-                    rows = [json.loads(line) for line in path.read_text().splitlines()]
-                    ids = sorted(r["id"] for r in rows)
-                    if set(ids) - set(sets) or ids != sorted(counts.setdefault(task, ids)):
-                        raise gs.InputError(f"{path}: not the test utterances of data/{task}/test.jsonl that "
-                                            f"{run_dir(root, task, 'SFT', seeds[0])} scored")
-                    for s in "ABC":   # corpus BLEU as evaluate() scores it, on the set's utterances
-                        H = [r["hyp"] for r in rows if sets[r["id"]] == s]
-                        R = [r["ref"] for r in rows if sets[r["id"]] == s]
-                        bleu.setdefault((task, method, decoding, s), []).append(
-                            sacrebleu.BLEU().corpus_score(H, [R]).score if H else math.nan)
-        counts[task] = collections.Counter(sets[i] for i in counts[task])
+        for (method, run, kind), (decoding, suffix), seed in itertools.product(methods, decodings, seeds):
+            path = run_dir(root, task, run, seed) / f"hyps_{kind}{suffix}.jsonl"
+            if not path.is_file():
+                raise gs.InputError(f"{path}: missing (--compare writes it; seeds {seeds} found)")
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            got = sorted(r["id"] for r in rows)
+            if not set(got) <= set(sets) or got != ids.setdefault(task, got):
+                raise gs.InputError(f"{path}: not the test utterances of data/{task}/test.jsonl that "
+                                    f"{run_dir(root, task, 'SFT', seeds[0])} scored")
+            for s in "ABC":   # corpus BLEU as evaluate() scores the whole split, on the set's utterances
+                H, R = [r["hyp"] for r in rows if sets[r["id"]] == s], [r["ref"] for r in rows if sets[r["id"]] == s]
+                bleu[task, method, decoding, s].append(sacrebleu.BLEU().corpus_score(H, [R]).score if H else math.nan)
+        ids[task] = collections.Counter(sets[i] for i in ids[task])   # utterances per voice set
     cell = lambda *key: "–" if math.isnan(bleu[key][0]) else mean_std(bleu[key])
-    head = lambda s, name: f"{name} ({' / '.join(str(counts[t][s]) for t in counts)})"
+    head = lambda s, name: f"{name} ({' / '.join(str(ids[t][s]) for t in ids)})"
     table = md_table(["task", "method", "decoding", head("A", "voices A: pre-training + train"),
                       head("B", "B: train only"), head("C", "C: unseen")],
                      [[t, m, d, *(cell(t, m, d, s) for s in "ABC")]
-                      for t in counts for m, _, _ in methods for d in ("greedy", "sampled")])
+                      for t in ids for m, _, _ in methods for d, _ in decodings])
     # what the split shows: each method's gain over the start model, and SFT's lead over GRPO, per voice set
-    gain = lambda t, m, d, s, base: f"{statistics.mean(bleu[t, m, d, s]) - statistics.mean(bleu[t, base, d, s]):+.1f}"
-    gains = md_table(["task", "gain", *(f"{d} {s}" for d in ("greedy", "sampled") for s in "ABC")],
-                     [[t, f"{m} over {base}", *(gain(t, m, d, s, base).replace("+nan", "–")
-                                                for d in ("greedy", "sampled") for s in "ABC")]
-                      for t in counts for m, base in [*((m, "start model") for m, _, _ in methods[1:]),
-                                                      ("SFT", "GRPO")]])
+    mean = lambda *key: statistics.mean(bleu[key])
+    gain = lambda t, m, d, s, base: f"{mean(t, m, d, s) - mean(t, base, d, s):+.1f}".replace("+nan", "–")
+    gains = md_table(["task", "gain", *(f"{d} {s}" for d, _ in decodings for s in "ABC")],
+                     [[t, f"{m} over {base}", *(gain(t, m, d, s, base) for d, _ in decodings for s in "ABC")]
+                      for t in ids for m, base in [*((m, "start model") for m, _, _ in methods[1:]), ("SFT", "GRPO")]])
     text = (f"`python bench_grpo_speech.py --voices`: the comparison's test hypotheses (hyps_final*.jsonl of "
             f"each run, the start model's hyps_base*.jsonl of the SFT runs), corpus BLEU per voice set of the "
             f"speaker (data/audio/synthesis.jsonl; utterances ast / sqa in each header), mean ± std over "
@@ -1380,7 +1378,8 @@ TABLES = [
     ("--ablation", ablation, dict(help="GRPO on sqa with the rewards bleu, rouge-1, rouge-2, rouge-l, chrf")),
     ("--voices", voices, dict(help="the comparison's test BLEU by voice set (A, B, C), from its hypotheses")),
     ("--memory", memory, dict(help="bytes per parameter measured on --model, scaled to the released 2B and 8B")),
-    ("--full-size", full_size, dict(action="store", choices=["2b"], help="3 GRPO steps of a random model of the released 2B's shape")),
+    ("--full-size", full_size, dict(action="store", choices=["2b"],
+                                    help="3 GRPO steps of a random model of the released 2B's shape")),
     ("--gpu-check", gpu_check, dict(help="every configuration the README promises, on one GPU; one table")),
     ("--contention", contention, dict(help="the default command alone and beside a busy core")),
     ("--kill-soak", kill_soak, dict(action="store", type=int, nargs="?", const=20, default=0, metavar="N",
