@@ -11,71 +11,8 @@
   python bench_grpo_speech.py --kill-soak 20      # SIGKILL a short run 20 times, resume, compare
   python bench_grpo_speech.py --gpu-check         # every README configuration on one GPU (--dry-run: the plan)
 
---compare runs the real command line once per (task, method, seed) into runs/compare/ (SFT,
-GRPO, MP-GRPO, then SFT -> GRPO and SFT -> SFT from each seed's SFT best/), writes
-runs/compare/table.md (corpus BLEU and chrF on the test split, greedy and sampled, mean +- std
-over seeds, of each method's best-on-dev checkpoint) and puts it into README.md between the compare markers, with
-the command and its wall time; with matplotlib installed it also draws runs/compare/curves.png.
-SFT and GRPO get an equal budget of updates and sequences: the same number of steps, each
-step pushing B x G = 32 sequences through the policy (SFT: 32 references; GRPO: 4 prompts x 8
-samples; MP-GRPO: 4 x (7 samples + the reference)).
-
---voices scores --compare's runs again (no training) by the speaker's voice set: A, the start model's
-pre-training voices (also in train), B, voices of train only, C, voices of the test split only (data/make_data.py's
-VOICES, data/audio/synthesis.jsonl). Corpus BLEU of each set, as evaluate() scores the whole split, from each run's
-hyps_final.jsonl and hyps_final_sample.jsonl (the start model: the SFT runs' hyps_base*), mean +- std over seeds;
-then each method's gain over the start model per set, and SFT's over GRPO. Into runs/compare/voices.md and
-README.md between the voices markers (--out: another compare root, README untouched).
-
---ablation is the paper's reward ablation at small scale: GRPO on sqa from the shipped start model
-with each reward of ABLATION_REWARDS, 3 seeds, --compare's budget and selection, into
-runs/ablation/; its table (test BLEU, chrF, ROUGE-1/2/L and their average, greedy and sampled,
-mean +- std over seeds) goes to runs/ablation/table.md and into README.md between the ablation
-markers. --quick: one seed, 100 steps.
-
-Each ratio is (baseline time) / (our time), median of --repeats runs after a warm-up:
-  * group sampling (B prompts x G samples, every row forced to the same length) against
-    transformers' generate(num_return_sequences=G, do_sample=True), printed last;
-  * the GRPO policy forward + backward with the audio encoder run once per group against
-    running it for every completion;
-  * bf16 autocast and torch.compile against eager fp32 for that forward + backward;
-  * achieved FLOP/s of the update against this machine's dense matmul peak, and peak memory;
-  * a step-time breakdown: sampling, reward, reference log-probs, policy update.
-
---full-size 2b builds runs/full-size-2b/ once (granite-speech-3.3-2b's shape from RELEASED.md, random bf16
-weights, the shipped tokenizer; ~3.0B parameters) and runs grpo_speech.main in a worker process (--lora 64 --bf16,
-B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances). It prints the peak RSS (GB; the most resident
-while in the phase, earlier phases' memory included), on a GPU also the peak of torch.cuda.max_memory_allocated within
-each phase, and seconds of each phase: load, start scoring, dev scoring, sampling, update, save, best/ scoring, other
-(the rest); and the whole run's VmHWM; also in runs/full-size-2b-run/memory.json.
---full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the = form:
-ARGS start with --).
-
---gpu-check runs GPU_CHECKS on one GPU, in under 5 minutes on an H100 by estimate (README: the GPU check; no GPU has
-run it yet; the 2B rows have no time limit): the shipped model through the command line (fp32, --bf16, --lora 8
---bf16, --grad-checkpointing, --compile with and without it, its graph breaks and recompiles counted from
-TORCH_LOGS, greedy/sampled/beam evaluation, torchrun on NCCL, two processes on the one GPU through gloo given NCCL's
-device map, an SFT run interrupted and resumed), the tiny Qwen2-Audio with --lora 8 --bf16 --reward chrf, the
-left-padding probe on both shipped models, all side by side (a command-line row stopped past GPU_ROW_LIMIT seconds),
-then a random model of the released 2B's shape in this process: a --lora 64 --bf16 step and a full-training step at
-B 8, G 8, 200 tokens, --grad-accum 8, each with peak GPU memory and time, and sampling tokens/s against generate.
-One table, also in runs/gpu-check/table.md, with the device and the torch and transformers that ran. --dry-run
-prints the plan; without CUDA it stops in one line (exit 2).
-
---contention runs the README's default command for 20 steps four times, OMP_* unset: default (auto) threads and
-`--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
-It prints each run's mean perf/step_s and wall time, and a table of step seconds and busy / quiet, which a
-complete run puts into README.md between the contention markers.
-
---kill-soak N runs a short GRPO run (KILL_RUN: 5 steps, checkpoints at 2, 4 and 5) uninterrupted, then N times
-kills it with SIGKILL: half of N at the fixed instants of KILL_POINTS (inside saves and renames, between a
-step's line and its checkpoint, inside --resume's trim of metrics.jsonl), the rest at seeded random times over
-the uninterrupted run's life (loading, scoring, sampling, the update, saving). Each killed run is resumed as a
-user would: the same command with --resume where there is a checkpoint to resume from, else (as --resume's
-refusal says) the command again with --overwrite. Each finished run must equal the uninterrupted one: the
-same files, metrics.jsonl's steps each once with the same values (perf/ timings aside), best/ and final/
-weights bit for bit, results.json and the hypotheses files. One line per kill (what it left on disk), then
-"K of N kills resumed exactly".
+Each option is one function below (TABLES, at the end, maps them); its docstring says what it runs and
+writes.
 """
 
 import argparse
@@ -161,7 +98,7 @@ def saved_bytes(fn, model) -> int:
 # The lengths behind prompt_sharing_table, each a mean, with where it comes from:
 #   CoVoST 2 en clips: 430 h of train audio in 289,430 clips (Wang et al. 2020, Table 1): 5.3 s;
 #   LibriSQA part I: LibriSpeech utterances, 960 h in 281,241 (Panayotov et al. 2015): 12.3 s;
-#   audio tokens: 10 a second (window Q-Former: 15 frame pairs -> 3 embeddings; RELEASED.md);
+#   audio tokens: 10 a second (window Q-Former: 15 frame pairs -> 3 embeddings; the released config.json);
 #   text: the model card's system turn, the role markers and the paper's instruction, counted at
 #   4 characters a BPE token (an estimate: no Granite tokenizer here); SQA questions ~12 tokens;
 #   answers (NOT published; assumed): German translations 20 tokens, LibriSQA answers 30, + EOS.
@@ -292,6 +229,14 @@ def publish(path: Path, text: str, block: str | None) -> None:
 
 
 def compare(args) -> None:
+    """--compare runs the real command line once per (task, method, seed) into runs/compare/ (SFT,
+    GRPO, MP-GRPO, then SFT -> GRPO and SFT -> SFT from each seed's SFT best/), writes
+    runs/compare/table.md (corpus BLEU and chrF on the test split, greedy and sampled, mean +- std
+    over seeds, of each method's best-on-dev checkpoint) and puts it into README.md between the compare markers, with
+    the command and its wall time; with matplotlib installed it also draws runs/compare/curves.png.
+    SFT and GRPO get an equal budget of updates and sequences: the same number of steps, each
+    step pushing B x G = 32 sequences through the policy (SFT: 32 references; GRPO: 4 prompts x 8
+    samples; MP-GRPO: 4 x (7 samples + the reference))."""
     seeds, steps, every, options, root, command = sweep_plan(args, "compare")
     tasks = ("ast", "sqa")
     t0 = time.time()
@@ -338,8 +283,12 @@ ABLATION_METRICS = (("BLEU", "bleu"), ("chrF", "chrf"), ("ROUGE-1", "rouge1"), (
 
 
 def ablation(args) -> None:
-    """GRPO on sqa with each reward (the paper's reward ablation: BLEU, ROUGE-1/2/L and METEOR
-    rewards on LibriSQA, 2B), scored on every metric and their average, greedy and sampled."""
+    """--ablation is the paper's reward ablation (BLEU, ROUGE-1/2/L and METEOR rewards on LibriSQA, 2B) at small
+    scale: GRPO on sqa from the shipped start model
+    with each reward of ABLATION_REWARDS, 3 seeds, --compare's budget and selection, into
+    runs/ablation/; its table (test BLEU, chrF, ROUGE-1/2/L and their average, greedy and sampled,
+    mean +- std over seeds) goes to runs/ablation/table.md and into README.md between the ablation
+    markers. --quick: one seed, 100 steps."""
     seeds, steps, every, options, root, command = sweep_plan(args, "ablation")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(reward, seed) for reward in ABLATION_REWARDS for seed in seeds]
@@ -436,8 +385,13 @@ def voice_sets(task: str) -> dict[str, str]:
 
 
 def voices(args) -> None:
-    """--compare's test hypotheses scored again, split by the speaker's voice set: is SFT's lead over GRPO the
-    acoustic shift (voices B and C) or also on the voices the start model was trained on (A)?"""
+    """--voices scores --compare's runs again (no training) by the speaker's voice set: A, the start model's
+    pre-training voices (also in train), B, voices of train only, C, voices of the test split only (data/make_data.py's
+    VOICES, data/audio/synthesis.jsonl). Corpus BLEU of each set, as evaluate() scores the whole split, from each run's
+    hyps_final.jsonl and hyps_final_sample.jsonl (the start model: the SFT runs' hyps_base*), mean +- std over seeds;
+    then each method's gain over the start model per set, and SFT's over GRPO: is SFT's lead the acoustic shift
+    (voices B and C) or also on the voices the start model was trained on (A)? Into runs/compare/voices.md and
+    README.md between the voices markers (--out: another compare root, README untouched)."""
     root = Path(args.out) if args.out else HERE / "runs" / "compare"
     seeds = sorted(int(m[1]) for p in root.glob("ast-sft-s*") if (m := re.fullmatch(r"ast-sft-s(\d+)", p.name)))
     if not seeds:
@@ -481,13 +435,14 @@ def voices(args) -> None:
 
 
 # --memory: bytes per parameter measured on the shipped model through the training code, scaled
-# by the released models' parameter counts (RELEASED.md), counted on the meta device.
+# by the released models' parameter counts (their config.json files), counted on the meta device.
 GRANITE_LM = {"2B": dict(hidden_size=2048, intermediate_size=8192, attention_multiplier=0.015625, logits_scaling=8.),
               "8B": dict(hidden_size=4096, intermediate_size=12800, attention_multiplier=0.0078125, logits_scaling=16.)}
 
 
 def granite_speech_config(size: str, layers=(40, 16), audio_token_id=49159, **token_ids):
-    """granite-speech-3.3-{2b,8b}'s config (RELEASED.md); `layers` (LM, encoder) and the token ids may differ."""
+    """granite-speech-3.3-{2b,8b}'s config (the released config.json); `layers` (LM, encoder) and the token ids
+    may differ."""
     from transformers import GraniteSpeechConfig
     text = dict(model_type="granite", num_hidden_layers=layers[0], num_attention_heads=32, num_key_value_heads=8,
                 vocab_size=49160, tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
@@ -745,6 +700,15 @@ def full_size_worker(argv: list[str], out: str) -> int:
 
 
 def full_size(args) -> None:
+    """--full-size 2b builds runs/full-size-2b/ once (granite-speech-3.3-2b's shape from its config.json, random bf16
+    weights, the shipped tokenizer; ~3.0B parameters) and runs grpo_speech.main in a worker process (--lora 64 --bf16,
+    B 1, G 4, 16 new tokens, --steps steps, 2 dev and 2 test utterances). It prints the peak RSS (GB; the most
+    resident while in the phase, earlier phases' memory included), on a GPU also the peak of
+    torch.cuda.max_memory_allocated within each phase, and seconds of each phase: load, start scoring, dev scoring,
+    sampling, update, save, best/ scoring, other (the rest); and the whole run's VmHWM; also in
+    runs/full-size-2b-run/memory.json.
+    --full-size-model DIR runs it on DIR instead (nothing built); --full-size-extra="ARGS" appends arguments (the =
+    form: ARGS start with --)."""
     model = Path(args.full_size_model).resolve() if args.full_size_model else HERE / "runs" / "full-size-2b"
     if not args.full_size_model:   # built in its own process: its 6 GB are gone before the run starts
         build = f"import bench_grpo_speech as b; b.build_full_size(b.Path({str(model)!r}))"
@@ -1022,6 +986,16 @@ GPU_PARALLEL = 13   # the first GPU_PARALLEL run side by side; the 2B rows alone
 
 
 def gpu_check(args) -> None:
+    """--gpu-check runs GPU_CHECKS on one GPU, in under 5 minutes on an H100 by estimate (README: the GPU check; no
+    GPU has run it yet; the 2B rows have no time limit): the shipped model through the command line (fp32, --bf16,
+    --lora 8 --bf16, --grad-checkpointing, --compile with and without it, its graph breaks and recompiles counted from
+    TORCH_LOGS, greedy/sampled/beam evaluation, torchrun on NCCL, two processes on the one GPU through gloo given
+    NCCL's device map, an SFT run interrupted and resumed), the tiny Qwen2-Audio with --lora 8 --bf16 --reward chrf,
+    the left-padding probe on both shipped models, all side by side (a command-line row stopped past GPU_ROW_LIMIT
+    seconds), then a random model of the released 2B's shape in this process: a --lora 64 --bf16 step and a
+    full-training step at B 8, G 8, 200 tokens, --grad-accum 8, each with peak GPU memory and time, and sampling
+    tokens/s against generate. One table, also in runs/gpu-check/table.md, with the device and the torch and
+    transformers that ran. --dry-run prints the plan; without CUDA it stops in one line (exit 2)."""
     import transformers
     if not args.dry_run and not torch.cuda.is_available():
         raise gs.InputError(f"--gpu-check needs a CUDA GPU; torch {torch.__version__} sees none (--dry-run prints "
@@ -1068,8 +1042,10 @@ def busy_core(busy: bool):
 
 
 def contention(args) -> None:
-    """The README's default command, short, at the default (auto) threads and torch's own, alone and beside one
-    busy-looping process: mean perf/step_s each."""
+    """--contention runs the README's default command for 20 steps four times, OMP_* unset: default (auto) threads and
+    `--threads torch`, each alone and beside one `while True: pass` process; --contention-extra "ARGS" adds a row.
+    It prints each run's mean perf/step_s and wall time, and a table of step seconds and busy / quiet, which a
+    complete run puts into README.md between the contention markers."""
     steps = str(args.steps or 20)
     cmd = [sys.executable, str(HERE / "grpo_speech.py"), "--task", "ast", "--mode", "grpo", "--max-steps", steps,
            "--eval-every", steps, "--dev-limit", steps, "--eval-limit", steps, "--overwrite"]
@@ -1181,8 +1157,15 @@ def soak_differences(out: Path, straight: Path) -> list[str]:
 
 
 def kill_soak(args) -> None:
-    """SIGKILL a short GRPO run at N instants (the KILL_POINTS, then seeded random times over its life), resume
-    each as a user would until it ends, and compare it with the uninterrupted run."""
+    """--kill-soak N runs a short GRPO run (KILL_RUN: 5 steps, checkpoints at 2, 4 and 5) uninterrupted, then N times
+    kills it with SIGKILL: half of N at the fixed instants of KILL_POINTS (inside saves and renames, between a
+    step's line and its checkpoint, inside --resume's trim of metrics.jsonl), the rest at seeded random times over
+    the uninterrupted run's life (loading, scoring, sampling, the update, saving). Each killed run is resumed as a
+    user would: the same command with --resume where there is a checkpoint to resume from, else (as --resume's
+    refusal says) the command again with --overwrite. Each finished run must equal the uninterrupted one: the
+    same files, metrics.jsonl's steps each once with the same values (perf/ timings aside), best/ and final/
+    weights bit for bit, results.json and the hypotheses files. One line per kill (what it left on disk), then
+    "K of N kills resumed exactly"."""
     n, t_all = args.kill_soak, time.time()
     root = Path(args.out) if args.out else HERE / "runs" / "kill-soak"
     shutil.rmtree(root, ignore_errors=True)
@@ -1266,8 +1249,16 @@ def width_sweep() -> str:
 
 
 def speed(args) -> None:
-    """The hot loop against transformers' own (generate, a forward per completion), on --model's first
-    --batch-size utterances of --data."""
+    """--speed: the hot loop against transformers' own (generate, a forward per completion) in one process, on
+    --model's first --batch-size utterances of --data. Each ratio is (baseline time) / (our time), median of
+    --repeats runs after a warm-up:
+      * group sampling (B prompts x G samples, every row forced to the same length) against
+        transformers' generate(num_return_sequences=G, do_sample=True), printed last;
+      * the GRPO policy forward + backward with the audio encoder run once per group against
+        running it for every completion;
+      * bf16 autocast and torch.compile against eager fp32 for that forward + backward;
+      * achieved FLOP/s of the update against this machine's dense matmul peak, and peak memory;
+      * a step-time breakdown: sampling, reward, reference log-probs, policy update."""
     torch.manual_seed(0)
     device = gs.pick_device(args.device)
     model, tok = gs.load_model(args.model, device)
