@@ -315,8 +315,8 @@ def ablation(args) -> None:
     table = md_table(["reward", "decoding", *(name for name, _ in ABLATION_METRICS), "average"], rows)
     test = f"{'its first ' if args.quick else ''}{done[jobs[0]]['final']['n']} utterances"
     text = (f"{sweep_header(args, command, seeds, steps, t0)} GRPO on sqa from the shipped start model with each "
-            f"reward, everything else the default. Each cell: the best-on-dev checkpoint (greedy dev BLEU over every dev "
-            f"utterance, whatever the reward; step 0 and every {every} steps), scored on the sqa "
+            f"reward, everything else the default. Each cell: the best-on-dev checkpoint (greedy dev BLEU over "
+            f"every dev utterance, whatever the reward; step 0 and every {every} steps), scored on the sqa "
             f"test split ({test}), mean ± std over seeds: corpus BLEU and chrF, ROUGE as the mean "
             f"sentence F-measure x 100; average: of the five, per run. Sampled: the paper's "
             f"decoding (temperature 0.9, top-p 0.9, utterance i drawn from seeds (run seed, i)).\n\n"
@@ -1023,9 +1023,9 @@ def gpu_check(args) -> None:
                      [[name, "yes" if r.get("ok") else "**no**", f"{r.get('seconds', 0):.0f}",
                        f"{r['peak_gb']:.1f}" if "peak_gb" in r else "", r.get("note", "")]
                       for (name, _), r in zip(GPU_CHECKS, rows)])
+    when = f"{time.strftime('%Y-%m-%d', time.gmtime())}: {time.perf_counter() - t0:.0f} s"
     publish(root / "table.md", f"{table}\n\n{device}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}: {time.perf_counter() - t0:.0f} s\n",
-            None)
+                               f"{transformers.__version__}, {when}\n", None)
     sys.exit(0 if all(r.get("ok") for r in rows) else 1)
 
 
