@@ -1415,5 +1415,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+
 if __name__ == "__main__":
     main()
