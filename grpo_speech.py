@@ -1027,24 +1027,6 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.T
     return -(logp * mask).sum() / normaliser
 
 
-def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
-                    max_completion_length: int | None = None) -> torch.Tensor:
-    """What the loss's sum is divided by, counted over the (N, T) completions of `mask`: dapo's
-    (and SFT's) completion tokens, grpo's completions N, dr_grpo's N * max_completion_length."""
-    if loss_type == "dapo":
-        return mask.sum().float().clamp(min=1)
-    if loss_type == "grpo":
-        return torch.tensor(float(mask.shape[0]), device=mask.device)
-    if loss_type == "dr_grpo":
-        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
-        # dependent width would couple every token's gradient to the longest sample (the length
-        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
-        if max_completion_length is None:
-            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
-        return torch.tensor(float(mask.shape[0] * max_completion_length), device=mask.device)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
               epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None,
               normaliser=None):
@@ -1101,6 +1083,24 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
             "loss/ratio_mean": ((ratio * on).sum() / n_on).item(),
         }
     return loss, metrics
+
+
+def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
+                    max_completion_length: int | None = None) -> torch.Tensor:
+    """What the loss's sum is divided by, counted over the (N, T) completions of `mask`: dapo's
+    (and SFT's) completion tokens, grpo's completions N, dr_grpo's N * max_completion_length."""
+    if loss_type == "dapo":
+        return mask.sum().float().clamp(min=1)
+    if loss_type == "grpo":
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
+    if loss_type == "dr_grpo":
+        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
+        # dependent width would couple every token's gradient to the longest sample (the length
+        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
+        return torch.tensor(float(mask.shape[0] * max_completion_length), device=mask.device)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 # ---------------------------------------------------------------------------- one step ----

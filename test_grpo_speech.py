@@ -658,6 +658,43 @@ def test_dr_grpo_normaliser_is_a_constant_not_the_batch_width():
         gs.grpo_loss(logp, old, ref, A, mask, beta=0.04, loss_type="dr_grpo")
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "sft"])
+def test_micro_batch_losses_over_the_batch_normaliser_add_up_to_the_batch_loss(loss_type):
+    """Given the whole batch's normaliser (loss_normaliser over all its rows), two micro-batches'
+    losses, padded to their own widths, sum to the one-batch loss, and their gradients to its
+    gradient; without it each is its own batch's (a different number)."""
+    logp, old, ref, A, lengths, mask = _loss_inputs(seed=7)
+    off = torch.tensor([False, True, False, False, True, False])
+
+    def loss_of(lp, rows, normaliser=None):
+        w = int(lengths[rows].max())
+        if loss_type == "sft":
+            return gs.sft_loss(lp[rows, :w], mask[rows, :w], normaliser)
+        return gs.grpo_loss(lp[rows, :w], old[rows, :w], ref[rows, :w], A[rows], mask[rows, :w],
+                            beta=0.04, epsilon_high=0.3, loss_type=loss_type, off_policy=off[rows],
+                            max_completion_length=MAX_LEN, normaliser=normaliser)[0]
+    whole = loss_of(logp, slice(0, 6))
+    (g_whole,) = torch.autograd.grad(whole, logp)
+    norm = gs.loss_normaliser(mask, "dapo" if loss_type == "sft" else loss_type, MAX_LEN)
+    parts = [loss_of(logp, rows, norm) for rows in (slice(0, 2), slice(2, 6))]
+    (g_parts,) = torch.autograd.grad(parts[0] + parts[1], logp)
+    assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(g_parts, g_whole, atol=1e-7, rtol=1e-6)
+    alone = loss_of(logp, slice(0, 2)) + loss_of(logp, slice(2, 6))
+    assert alone.item() != pytest.approx(whole.item(), rel=1e-3)
+
+
+def test_batch_indices_walk_each_epochs_permutation():
+    """Step s takes places s*size..(s+1)*size-1 of the epochs' permutations laid end to end: a
+    step that spans two epochs takes the end of one and the start of the next."""
+    data = gs.SpeechData([{"id": str(i)} for i in range(7)])
+    stream = data.order(5, 0) + data.order(5, 1) + data.order(5, 2)
+    assert data.order(5, 0) != data.order(5, 1) and sorted(data.order(5, 1)) == list(range(7))
+    for step in range(5):                         # size 3: step 2 spans epochs 0 and 1
+        assert data.batch_indices(5, step, 3) == stream[step * 3:(step + 1) * 3]
+    assert data.batch_indices(5, 1, 10) == stream[10:20]   # larger than an epoch: three of them
+
+
 def test_dr_grpo_two_processes_sum_to_the_one_process_gradient():
     """Two halves of a batch, each padded to its own width and weighted as train() weights them
     (prompts / B), give the summed gradient of the whole batch: what torchrun's all-reduce adds."""
@@ -724,13 +761,13 @@ class _RecordingOptimizer:
             p.grad = None
 
 
-class _OtherProcessTokens(gs.Dist):
-    """One process of two: the all-reduce of the (float) token count adds the other process's tokens;
+class _OtherProcess(gs.Dist):
+    """One process of two: the all-reduce of the (float) loss normaliser adds the other process's;
     integer flags and gradients come back as they are (the other process agrees, adds zeros)."""
 
-    def __init__(self, other_tokens: float = 0.0):
+    def __init__(self, other_normaliser: float = 0.0):
         super().__init__()
-        self.other = other_tokens
+        self.other = other_normaliser
 
     def sum(self, x):
         return x + self.other if x.dim() == 0 and x.is_floating_point() else x
@@ -738,8 +775,8 @@ class _OtherProcessTokens(gs.Dist):
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model_tok, ast_test, loss_type):
-    """train()'s weighting of micro-batch losses: --grad-accum 2, and two processes that each pad
-    to their own width, sum to the gradient of the whole MP-GRPO batch in one pass."""
+    """Micro-batch losses over the whole batch's normaliser: --grad-accum 2, and two processes that
+    each pad to their own width, sum to the gradient of the whole MP-GRPO batch in one pass."""
     model, tok = model_tok
     params = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
     for n, p in model.named_parameters():
@@ -768,8 +805,9 @@ def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model
 
     whole = grads(cfg, slice(0, B * G), gs.Dist())
     accum = grads(dataclasses.replace(cfg, grad_accum=2), slice(0, B * G), gs.Dist())
-    halves = [grads(cfg, rows, _OtherProcessTokens(float(mask.sum() - mask[rows].sum())))
-              for rows in (slice(0, 2 * G), slice(2 * G, B * G))]
+    halves = [grads(cfg, rows, _OtherProcess(float(gs.loss_normaliser(mask[other], loss_type, 6))))
+              for rows, other in ((slice(0, 2 * G), slice(2 * G, B * G)),
+                                  (slice(2 * G, B * G), slice(0, 2 * G)))]
     for w, a, h0, h1 in zip(whole, accum, *halves):
         torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(h0 + h1, w, atol=1e-6, rtol=1e-4)
