@@ -83,6 +83,7 @@ import torch.utils.checkpoint
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import DynamicCache
+from transformers.audio_utils import mel_filter_bank
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_RATE = 16_000
@@ -232,22 +233,14 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE, where: str = 
     return resample(wave, sr, sampling_rate)
 
 
-def mel_filterbank(n_freqs: int = 257, n_mels: int = 80,
-                   sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Triangular HTK-scale mel filters with no area normalisation, (n_freqs, n_mels)."""
-    hz_to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
-    mels = torch.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2,
-                          dtype=torch.float64)
-    f_pts = 700.0 * (10 ** (mels / 2595.0) - 1.0)             # band edges in Hz
-    freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
-    slopes = f_pts[None, :] - freqs[:, None]                  # (n_freqs, n_mels + 2)
-    f_diff = f_pts[1:] - f_pts[:-1]
-    down = -slopes[:, :-2] / f_diff[:-1]
-    up = slopes[:, 2:] / f_diff[1:]
-    return torch.clamp(torch.minimum(down, up), min=0).float()
-
-
-_MEL = mel_filterbank()
+@functools.cache
+def granite_mel_filters() -> torch.Tensor:
+    """(257, 80) HTK-scale triangles with no area normalisation, 0-8 kHz: torchaudio's
+    MelSpectrogram defaults, which GraniteSpeechFeatureExtractor uses (transformers'
+    mel_filter_bank builds them equal in fp32)."""
+    return torch.from_numpy(mel_filter_bank(
+        num_frequency_bins=257, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk")).float()
 
 
 def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +252,7 @@ def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
                       center=True, pad_mode="reflect",
                       return_complex=True).abs() ** 2                          # (B, 257, frames)
-    mel = (_MEL.T @ spec).transpose(1, 2)                                      # (B, frames, 80)
+    mel = (granite_mel_filters().T @ spec).transpose(1, 2)                     # (B, frames, 80)
     logmel = mel.clamp(min=1e-10).log10()
     logmel = torch.maximum(logmel, logmel.amax(dim=(1, 2), keepdim=True) - 8.0) / 4 + 1
     if logmel.shape[1] % 2:
@@ -290,7 +283,6 @@ WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padde
 def whisper_mel_filters() -> torch.Tensor:
     """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
     mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
-    from transformers.audio_utils import mel_filter_bank
     return torch.from_numpy(mel_filter_bank(
         num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
         sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
@@ -688,11 +680,6 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     if tokenizer.pad_token is None:   # pads are masked by lengths: any real id serves
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(fam.stop_id(config))
     model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
-    # what the class itself makes fixed (Qwen2-Audio's sinusoidal encoder positions) stays fixed
-    # under --train-encoder (setup_training); from_pretrained forgets it, a meta-device build not
-    with torch.device("meta"):
-        skeleton = type(model)(config)
-    model.fixed = {n for n, p in skeleton.named_parameters() if not p.requires_grad}
     return model.to(device).requires_grad_(False), tokenizer
 
 
@@ -1318,9 +1305,15 @@ def setup_training(cfg: Config, policy, dist: Dist):
     """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
     the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
     encoder = family(policy.config).encoder_prefix
+    # what the class itself fixes (Qwen2-Audio's sinusoidal encoder positions) stays fixed under
+    # --train-encoder: from_pretrained forgets it, a build on the meta device (no memory) knows it
+    fixed = set()
+    if cfg.train_encoder:
+        with torch.device("meta"):
+            skeleton = type(policy)(policy.config)
+        fixed = {n for n, p in skeleton.named_parameters() if not p.requires_grad}
     for name, p in policy.named_parameters():
-        p.requires_grad_((cfg.train_encoder or not name.startswith(encoder))
-                         and name not in getattr(policy, "fixed", ()))    # load_model's
+        p.requires_grad_((cfg.train_encoder or not name.startswith(encoder)) and name not in fixed)
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
     # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
@@ -2514,10 +2507,8 @@ def run(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model, device, model_dtype)
     check_lengths(splits, family(model.config))       # Part II: what the encoder hears
     set_threads(cfg, model, device)
-    if cfg.lora_targets == "auto":   # the family's, written out in config.json
-        cfg.lora_targets = family(model.config).lora_targets
-    if cfg.lora:
-        lora_sites(model, cfg.lora_targets)   # the targets exist
+    if cfg.lora:   # the targets exist; config.json names them (auto: the family's)
+        cfg.lora_targets = ",".join(sorted({a for _, a in lora_sites(model, cfg.lora_targets)}))
     out = Path(cfg.out)
     # one run per directory: the lock is held until run() returns and frees its file
     lock = dist.on_main(prepare_out, cfg)  # noqa: F841
