@@ -24,8 +24,9 @@ Where this file departs from the paper (each is a flag or a stated default):
     conformer, which has no padding mask, hears the padding): an answer never depends on its
     batch mates, so on CPU batch size, process count and resumption leave results unchanged
     (on CUDA, repeat_interleave's backward and cumsum are not deterministic: close, not equal).
-  * MP-GRPO keeps the KL term on the reference answer's tokens too; the reference is cut to the
-    completion budget like a sample and rewarded as cut; reward/* metrics are the samples'.
+  * MP-GRPO keeps the KL term on the reference answer's tokens too. The reference is cut to the
+    completion budget like a sample and rewarded as cut. reward/mean is the samples' mean,
+    reward/ref_mean the reference's, and reward/std and reward/zero_std_frac the mixed groups'.
   * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
     constant, as TRL and the Dr. GRPO paper do.
   * best/ is chosen by greedy dev BLEU over every dev utterance (step 0 included); the test
@@ -828,9 +829,9 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) the sampler's fp32 log-probs of its tokens under the tempered softmax over the whole
-    # vocabulary (top-p and suppression only choose the token, as in TRL). Not pi_old: training
-    # recomputes pi_old teacher-forced; tests hold the two equal
+    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax over the whole
+    # vocabulary (top-p and suppression only choose the token, as in TRL). They are not pi_old,
+    # which training recomputes teacher-forced. Tests hold the two equal.
     sampler_logp: torch.Tensor
 
     def token_lists(self) -> list[list[int]]:
@@ -1007,8 +1008,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
-    """Cross-entropy of the reference tokens (EOS included), a token mean: the sum over the
-    whole batch's tokens, `normaliser` (grpo_loss says why; default: this batch's)."""
+    """Cross-entropy of the reference tokens (EOS included), a token mean. The sum is divided by
+    `normaliser`, the whole batch's token count, as in grpo_loss (default: this batch's)."""
     if normaliser is None:
         normaliser = loss_normaliser(mask)
     return -(logp * mask).sum() / normaliser
@@ -1017,17 +1018,17 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.T
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
               epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None,
               normaliser=None):
-    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's GRPO
-    objective, section 2: the clipped surrogate minus beta KL, DAPO's token mean).
-    logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
-    reference; advantages (N,); mask (N, T) from completion lengths; off_policy (N,) marks
-    MP-GRPO's reference rows; max_completion_length is dr_grpo's constant (--max-new-tokens).
-    The loss is this micro-batch's sum divided by `normaliser`, loss_normaliser counted over the
-    whole batch (every micro-batch and process), as TRL's num_items_in_batch: the micro-batches'
-    losses then add up to the batch's loss, and their gradients to its gradient. Without it the
-    batch is this one. A group whose rewards tie has A = 0: its tokens add nothing to the
-    surrogate but still count in DAPO's denominator and keep their KL term, which holds them
-    near pi_ref."""
+    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's section 2:
+    the clipped surrogate minus beta KL, with DAPO's token mean).
+    logp, old_logp and ref_logp are (N, T) log-probs of the policy, the behaviour policy and the
+    frozen reference. advantages is (N,), mask (N, T) comes from completion lengths, off_policy
+    (N,) marks MP-GRPO's reference rows, and max_completion_length is dr_grpo's constant.
+    The normalisation: this micro-batch's sum is divided by `normaliser`, loss_normaliser counted
+    over the whole batch (every micro-batch, every process), as TRL passes num_items_in_batch.
+    Micro-batch losses then add up to the batch's loss, and their gradients to its gradient.
+    Without a normaliser the batch is this one.
+    A group whose rewards tie has A = 0. Its tokens add nothing to the surrogate, but they still
+    count in DAPO's denominator and keep their KL term, which holds them near pi_ref."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     A = advantages[:, None]                                                 # (N, 1)
@@ -1050,10 +1051,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     per_token = torch.where(mask.bool(), per_token, 0.0)
     # dapo sums every completion token (the paper's), so a long answer's tokens weigh as much as
     # a short one's. grpo averages each sequence first, which gives a short answer's tokens more.
-    if normaliser is None:
+    if normaliser is None:   # the batch is this one
         normaliser = loss_normaliser(mask, loss_type, max_completion_length)
-    elif loss_type not in ("dapo", "grpo", "dr_grpo"):
-        raise ValueError(f"unknown loss_type {loss_type!r}")
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
     else:
@@ -1189,7 +1188,7 @@ def with_reference_member(cfg: Config, tokenizer, batch: Batch, groups: list[lis
     ref_r = score_completions(cfg, tokenizer, refs, batch.targets)                   # (B,)
     groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
     rewards = torch.cat([rewards, ref_r[:, None]], dim=1)                            # (B, G)
-    # reward/std and reward/zero_std_frac become the mixed group's: the spread the advantages see
+    # reward/std and reward/zero_std_frac become the mixed group's, whose spread the advantages see
     metrics = {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
     metrics["reward/ref_mean"] = ref_r.mean().item()
     metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
@@ -1298,6 +1297,15 @@ def optimizer_step(cfg: Config, params, optimizer, pass_loss: float, state,
     return float(grad_norm), skipped
 
 
+def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
+    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
+    names = sorted(update)
+    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
+    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
+    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
+    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
+
+
 # ------------------------------------------------------------------- the training loop ----
 
 
@@ -1305,8 +1313,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
     """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
     the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
     encoder = family(policy.config).encoder_prefix
-    # what the class itself fixes (Qwen2-Audio's sinusoidal encoder positions) stays fixed under
-    # --train-encoder: from_pretrained forgets it, a build on the meta device (no memory) knows it
+    # What the class itself fixes (Qwen2-Audio's sinusoidal encoder positions) stays fixed under
+    # --train-encoder. from_pretrained forgets which those are, and a meta-device build knows.
     fixed = set()
     if cfg.train_encoder:
         with torch.device("meta"):
@@ -1392,8 +1400,8 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit (Part II: command line)
     stop = threading.Event()
     restore_signals = handle_signals(lambda signum, frame: stop.set())
-    # --grad-checkpointing: the policy's layers recompute in the backward, pi_ref's never run one
-    # (Part II: memory); the layers are unwrapped when the loop ends
+    # --grad-checkpointing makes the policy's layers recompute in the backward (Part II: memory).
+    # pi_ref never runs a backward. The layers are unwrapped when the loop ends.
     unwrap_layers = checkpoint_layers(policy, cfg.compile) if cfg.grad_checkpointing else None
     try:
         if state.step == 0:  # the start model is a candidate too: best-on-dev may be step 0
@@ -1417,7 +1425,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             t0 = clock(device)
             update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, step_rollout,
                                               B, state, autocast, dist, encoded)
-            metrics = over_processes(metrics, update, dist)   # Part II (processes)
+            metrics = over_processes(metrics, update, dist)
             if not cfg.grpo:
                 metrics["loss/sft"] = metrics.pop("loss/total")
             metrics.update({"perf/update_s": clock(device) - t0, "perf/grad_norm": grad_norm,
@@ -2028,15 +2036,6 @@ def close_distributed(ok: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
-    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
-    names = sorted(update)
-    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
-    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
-    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
-    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
-
-
 # -------------------------------------------------------------- checkpoints and faults ----
 # Each directory is written under a temporary name and renamed into place: a run killed
 # mid-save keeps the previous one. The trainer state is loaded with weights_only=True.
@@ -2312,7 +2311,7 @@ def checkpoint_layers(model, compile: bool = False):
         forward = torch.compile(layer.forward, dynamic=True) if compile else layer.forward
         layer.forward = functools.partial(checkpointed, forward)
 
-    def unwrap():   # each wrapper refers to its layer (a reference cycle): the class's forward back
+    def unwrap():   # the class's forward again, and no wrapper left to refer to its layer
         for layer in layers:
             del layer.forward
     return unwrap
@@ -2507,7 +2506,7 @@ def run(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model, device, model_dtype)
     check_lengths(splits, family(model.config))       # Part II: what the encoder hears
     set_threads(cfg, model, device)
-    if cfg.lora:   # the targets exist; config.json names them (auto: the family's)
+    if cfg.lora:   # the targets must exist, and config.json names them (auto: the family's)
         cfg.lora_targets = ",".join(sorted({a for _, a in lora_sites(model, cfg.lora_targets)}))
     out = Path(cfg.out)
     # one run per directory: the lock is held until run() returns and frees its file
