@@ -810,9 +810,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                                         use_cache=True).last_hidden_state      # (N, T, D)
     # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
     hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
-    # fp32 (N, T, V) tensors: two alive in this line, one after it (log-softmax keeps its
-    # output), three in the backward (README: memory); each N x 200 x V x 4 bytes at paper
-    # scale, a group: 315 MB (Granite, V 49,160), 1.0 GB (Qwen2-Audio, V 156,032)
+    # the step's largest tensors, fp32 (N, T, V): two alive in this line, one after it, three in
+    # the backward (README: memory)
     logp_all = torch.log_softmax(lm_logits(model, hidden).float() / temperature, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
