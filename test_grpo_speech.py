@@ -2402,6 +2402,7 @@ def test_compile_with_grad_checkpointing_traces_every_layer_without_a_graph_brea
         policy = copy.deepcopy(model)
         cfg = gs.Config(mode="grpo", beta=0.0, grad_checkpointing=True, compile=compiled)
         gs.setup_training(cfg, policy, gs.Dist())
+        unwrap = gs.checkpoint_layers(policy, cfg.compile)      # as train() does under --grad-checkpointing
         torch._dynamo.reset()
         counters.clear()
         try:
@@ -2409,8 +2410,7 @@ def test_compile_with_grad_checkpointing_traces_every_layer_without_a_graph_brea
             (logp * torch.linspace(-1, 1, 6)).sum().backward()
             breaks, frames = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
         finally:
-            for layer in policy.model.language_model.layers:
-                layer.__dict__.pop("forward", None)
+            unwrap()
             torch._dynamo.reset()
         results.append((logp.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}))
     assert breaks == 0 and frames >= 3, (dict(counters["graph_break"]), frames)   # a graph per layer at least
