@@ -1155,16 +1155,22 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         metrics.update({"perf/completion_len": samples.lengths.float().mean().item(),
                         "perf/sample_s": t1 - t0, "perf/reward_s": clock(device) - t1})
-    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
-    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
-                               padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
-    mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
+    completions, mask = pad_completions(groups, tokenizer.pad_token_id, device)     # (N, T)
     t0 = clock(device)
     ref_logp, old_logp = fixed_logprobs(cfg, policy, ref_model, batch, completions, G, autocast,
                                         encoded)
     metrics["perf/ref_logp_s"] = clock(device) - t0
     return (Rollout(completions, mask, G, rewards, advantages, old_logp, ref_logp, off_policy),
             metrics)
+
+
+def pad_completions(groups: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(N, T) token ids padded after each completion, and the (N, T) mask of its real tokens.
+    The mask comes from lengths, never from == pad_id: the first EOS is an action and stays."""
+    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
+    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
+                               padding_value=pad_id).to(device)                      # (N, T)
+    return completions, torch.arange(completions.shape[1], device=device) < lengths[:, None]
 
 
 def score_completions(cfg: Config, tokenizer, completions: list[list[int]],
