@@ -24,8 +24,9 @@ Where this file departs from the paper (each is a flag or a stated default):
     conformer, which has no padding mask, hears the padding): an answer never depends on its
     batch mates, so on CPU batch size, process count and resumption leave results unchanged
     (on CUDA, repeat_interleave's backward and cumsum are not deterministic: close, not equal).
-  * MP-GRPO keeps the KL term on the reference answer's tokens too; the reference is cut to the
-    completion budget like a sample and rewarded as cut; reward/* metrics are the samples'.
+  * MP-GRPO keeps the KL term on the reference answer's tokens too. The reference is cut to the
+    completion budget like a sample and rewarded as cut. reward/mean is the samples' mean,
+    reward/ref_mean the reference's, and reward/std and reward/zero_std_frac the mixed groups'.
   * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
     constant, as TRL and the Dr. GRPO paper do.
   * best/ is chosen by greedy dev BLEU over every dev utterance (step 0 included); the test
@@ -83,6 +84,7 @@ import torch.utils.checkpoint
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import DynamicCache
+from transformers.audio_utils import mel_filter_bank
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_RATE = 16_000
@@ -232,22 +234,14 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE, where: str = 
     return resample(wave, sr, sampling_rate)
 
 
-def mel_filterbank(n_freqs: int = 257, n_mels: int = 80,
-                   sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Triangular HTK-scale mel filters with no area normalisation, (n_freqs, n_mels)."""
-    hz_to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
-    mels = torch.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2,
-                          dtype=torch.float64)
-    f_pts = 700.0 * (10 ** (mels / 2595.0) - 1.0)             # band edges in Hz
-    freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
-    slopes = f_pts[None, :] - freqs[:, None]                  # (n_freqs, n_mels + 2)
-    f_diff = f_pts[1:] - f_pts[:-1]
-    down = -slopes[:, :-2] / f_diff[:-1]
-    up = slopes[:, 2:] / f_diff[1:]
-    return torch.clamp(torch.minimum(down, up), min=0).float()
-
-
-_MEL = mel_filterbank()
+@functools.cache
+def granite_mel_filters() -> torch.Tensor:
+    """(257, 80) HTK-scale triangles with no area normalisation, 0-8 kHz: torchaudio's
+    MelSpectrogram defaults, which GraniteSpeechFeatureExtractor uses (transformers'
+    mel_filter_bank builds them equal in fp32)."""
+    return torch.from_numpy(mel_filter_bank(
+        num_frequency_bins=257, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk")).float()
 
 
 def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +253,7 @@ def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
                       center=True, pad_mode="reflect",
                       return_complex=True).abs() ** 2                          # (B, 257, frames)
-    mel = (_MEL.T @ spec).transpose(1, 2)                                      # (B, frames, 80)
+    mel = (granite_mel_filters().T @ spec).transpose(1, 2)                     # (B, frames, 80)
     logmel = mel.clamp(min=1e-10).log10()
     logmel = torch.maximum(logmel, logmel.amax(dim=(1, 2), keepdim=True) - 8.0) / 4 + 1
     if logmel.shape[1] % 2:
@@ -290,7 +284,6 @@ WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padde
 def whisper_mel_filters() -> torch.Tensor:
     """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
     mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
-    from transformers.audio_utils import mel_filter_bank
     return torch.from_numpy(mel_filter_bank(
         num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
         sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
@@ -619,7 +612,9 @@ class SpeechData:
     def batch_indices(self, seed: int, step: int, size: int) -> list[int]:
         """The prompts of optimizer step `step`, walking through shuffled epochs."""
         n = len(self.rows)
-        return [self.order(seed, k // n)[k % n] for k in range(step * size, (step + 1) * size)]
+        stream = range(step * size, (step + 1) * size)      # places in the endless epoch stream
+        orders = {epoch: self.order(seed, epoch) for epoch in {k // n for k in stream}}
+        return [orders[k // n][k % n] for k in stream]
 
 
 @dataclass
@@ -633,16 +628,13 @@ class Batch:
     attention_mask: torch.Tensor  # (B, P) 0 on left padding
     targets: list[str]            # references
     rows: list[dict]
-    # (B, F, H) a frozen encoder's states, set by train(): they depend on the audio alone, so
-    # one encoder pass serves the step's sampling, pi_ref and update (None: each runs it)
-    encoded: torch.Tensor | None = None
 
     def to(self, device):
         return Batch(*(v.to(device) if torch.is_tensor(v) else v for v in vars(self).values()))
 
     def select(self, b0: int, b1: int) -> "Batch":
         """Prompts b0..b1-1 (a micro-batch)."""
-        return Batch(*(v if v is None else v[b0:b1] for v in vars(self).values()))
+        return Batch(*(v[b0:b1] for v in vars(self).values()))
 
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *, config,
@@ -689,20 +681,17 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     if tokenizer.pad_token is None:   # pads are masked by lengths: any real id serves
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(fam.stop_id(config))
     model.name_or_path, model.source_dir = str(name), path   # save_model copies its files
-    # what the class itself makes fixed (Qwen2-Audio's sinusoidal encoder positions) stays fixed
-    # under --train-encoder (setup_training); from_pretrained forgets it, a meta-device build not
-    with torch.device("meta"):
-        skeleton = type(model)(config)
-    model.fixed = {n for n, p in skeleton.named_parameters() if not p.requires_grad}
     return model.to(device).requires_grad_(False), tokenizer
 
 
-def suppressed_ids(tokenizer, vocab_size: int, audio_token_id: int, eos_id: int) -> torch.Tensor:
-    """Tokens a completion must never contain: specials but the stop token eos_id (the family's:
-    a Qwen2 tokenizer's own eos is <|endoftext|>, the chat's <|im_end|>), <|audio|>, ids past the
+def suppressed_ids(tokenizer, config) -> torch.Tensor:
+    """Tokens a completion must never contain: specials but the family's stop token (a Qwen2
+    tokenizer's own eos is <|endoftext|>, the chat's <|im_end|>), <|audio|>, and ids past the
     tokenizer. A sampled <|audio|> id would be replaced by audio features in the next forward."""
-    bad = set(tokenizer.all_special_ids) | {audio_token_id} | set(range(len(tokenizer), vocab_size))
-    bad.discard(eos_id)
+    vocab_size = config.text_config.vocab_size
+    bad = (set(tokenizer.all_special_ids) | {config.audio_token_id}
+           | set(range(len(tokenizer), vocab_size)))
+    bad.discard(family(config).stop_id(config))
     return torch.tensor(sorted(bad), dtype=torch.long)
 
 
@@ -717,10 +706,11 @@ def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Te
                             batch_first=True)
 
 
-def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
+def audio_embeddings(model, batch: Batch, train_encoder: bool = False,
+                     encoded: torch.Tensor | None = None) -> torch.Tensor:
     """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
-    tokens. The encoder does not run when the batch holds its states (a frozen one's)."""
-    encoded = batch.encoded
+    tokens. `encoded` is the frozen encoder's (B, F, H) states when the caller has them: they
+    depend on the audio alone, so train() runs the encoder once for a whole step."""
     if encoded is None:
         encoded = encoder_states(model, batch, train_encoder)                  # (B, F, H)
     fam = family(model.config)
@@ -730,11 +720,12 @@ def audio_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.
     return F.pad(audio, (0, 0, 0, batch.features_mask.shape[1] - audio.shape[1]))   # (B, A, D)
 
 
-def prompt_embeddings(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
+def prompt_embeddings(model, batch: Batch, train_encoder: bool = False,
+                      encoded: torch.Tensor | None = None) -> torch.Tensor:
     """The LM's input embeddings for B prompts, the audio spliced in at the audio token's ids:
     (B, P, D), as both families' transformers classes do it. The G completions of a group repeat
     the result, not the encoder."""
-    audio = audio_embeddings(model, batch, train_encoder)                     # (B, A, D)
+    audio = audio_embeddings(model, batch, train_encoder, encoded)            # (B, A, D)
     is_audio = batch.input_ids == model.config.audio_token_id                  # (B, P)
     embeds = model.get_input_embeddings()(torch.where(is_audio, 0, batch.input_ids))
     # row-major: utterance b's A_b real embeddings fill its A_b audio positions in order
@@ -797,7 +788,7 @@ class PromptCache(DynamicCache):
 
 def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_size: int,
                         temperature: float = 1.0, train_encoder: bool = False,
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, encoded: torch.Tensor | None = None):
     """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
     (under bf16 the ratio of two nearly equal probabilities drifts from 1).
     The G completions of a group share their prompt q, and a causal LM's states at q's positions
@@ -807,7 +798,7 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
     running q G times would give (README: Speed)."""
     P, T = batch.attention_mask.shape[1], completions.shape[1]
     cache = PromptCache(config=model.config)
-    prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder),
+    prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder, encoded),
                          attention_mask=prompt_mask(model, batch.attention_mask, P),
                          position_ids=positions(batch.attention_mask), cache=cache,
                          use_cache=True).last_hidden_state[:, -1:]             # (B, 1, D)
@@ -819,9 +810,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                                         use_cache=True).last_hidden_state      # (N, T, D)
     # the prompt's last position predicts o_{i,1}; completion position t-1 predicts o_{i,t}
     hidden = torch.cat([prompt.repeat_interleave(group_size, 0), hidden[:, :-1]], dim=1)
-    # fp32 (N, T, V) tensors: two alive in this line, one after it (log-softmax keeps its
-    # output), three in the backward (README: memory); each N x 200 x V x 4 bytes at paper
-    # scale, a group: 315 MB (Granite, V 49,160), 1.0 GB (Qwen2-Audio, V 156,032)
+    # the step's largest tensors, fp32 (N, T, V): two alive in this line, one after it, three in
+    # the backward (README: memory)
     logp_all = torch.log_softmax(lm_logits(model, hidden).float() / temperature, dim=-1)
     logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)            # (N, T)
     if not with_entropy:
@@ -838,17 +828,18 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) fp32 log-probs of the tempered softmax over the whole vocabulary, as the teacher-
-    # forced pass computes them (top-p and suppression only choose the token, as in TRL). A
-    # diagnostic: the update recomputes them (tests hold the two equal)
-    logps: torch.Tensor
+    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax over the whole
+    # vocabulary (top-p and suppression only choose the token, as in TRL). They are not pi_old,
+    # which training recomputes teacher-forced. Tests hold the two equal.
+    sampler_logp: torch.Tensor
 
     def token_lists(self) -> list[list[int]]:
         """Each completion's ids, cut at its length (never at the first pad id)."""
         return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
 
 
-def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None):
+def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None,
+            encoded: torch.Tensor | None = None):
     """Encode and prefill B prompts once, then repeat the KV cache `copies` times: a group
     shares its prompt, so it shares the prefill. Returns the cache, the (N, P + max_new_tokens)
     attention mask, the (N, 1) next positions and (N, V) first logits of the N = B * copies
@@ -860,7 +851,7 @@ def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None
     attn = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(B, max_new_tokens)],
                      dim=1)
     pos = positions(batch.attention_mask)
-    out = model.model(inputs_embeds=prompt_embeddings(model, batch),
+    out = model.model(inputs_embeds=prompt_embeddings(model, batch, encoded=encoded),
                       attention_mask=prompt_mask(model, attn, P),
                       position_ids=pos, cache=cache, use_cache=True)
     cache.reorder_cache(torch.arange(B, device=attn.device).repeat_interleave(copies))
@@ -875,18 +866,18 @@ def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None
 @torch.no_grad()
 def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, eos_id: int,
                   pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                  suppress: torch.Tensor | None = None,
-                  uniforms: torch.Tensor | None = None) -> Samples:
+                  suppress: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
+                  encoded: torch.Tensor | None = None) -> Samples:
     """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache in
     lock-step (generate(num_return_sequences=G) would run the encoder G times). temperature 0
     is greedy. Token t of row i inverts the CDF at uniforms[i, t], seeded per prompt
     (row_uniforms): batch mates cannot change a completion."""
     N = batch.input_ids.shape[0] * group_size
     cache, attn, next_pos, logits, banned = prefill(model, batch, group_size, max_new_tokens,
-                                                    suppress)
+                                                    suppress, encoded)
     device = logits.device
     tokens = torch.full((N, max_new_tokens), pad_id, device=device)
-    logps = torch.zeros(N, max_new_tokens, device=device)
+    sampler_logp = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.full((N,), max_new_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     uniforms = (torch.rand(N, max_new_tokens) if uniforms is None else uniforms).to(device)
@@ -899,7 +890,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         token = choose_tokens(logits, logp_all, banned, temperature, top_p, uniforms[:, t])
         token = torch.where(done, pad_id, token)                           # finished rows only pad
         tokens[:, t] = token
-        logps[:, t] = torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
+        sampler_logp[:, t] = torch.where(done, 0.0,
+                                         logp_all.gather(1, token[:, None]).squeeze(1))
         # lengths count the first EOS: it is an action the policy took, and the loss's mask
         # (built from lengths, never from == pad_id) must keep it
         finished_now = ~done & (token == eos_id)
@@ -911,7 +903,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
                  use_cache=True)
         logits, next_pos = lm_logits(model, out.last_hidden_state[:, -1]).float(), next_pos + 1
     T = int(lengths.max())
-    return Samples(tokens[:, :T], lengths, logps[:, :T])
+    return Samples(tokens[:, :T], lengths, sampler_logp[:, :T])
 
 
 def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
@@ -1014,20 +1006,28 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
 # a token's probability far from the policy that sampled it, and held near pi_ref by a KL term.
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the reference tokens (EOS included), averaged over tokens."""
-    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
+    """Cross-entropy of the reference tokens (EOS included), a token mean. The sum is divided by
+    `normaliser`, the whole batch's token count, as in grpo_loss (default: this batch's)."""
+    if normaliser is None:
+        normaliser = loss_normaliser(mask)
+    return -(logp * mask).sum() / normaliser
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
-              epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None):
-    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's GRPO
-    objective, section 2: the clipped surrogate minus beta KL, DAPO's token mean).
-    logp, old_logp, ref_logp: (N, T) log-probs of the policy, the behaviour policy and the frozen
-    reference; advantages (N,); mask (N, T) from completion lengths; off_policy (N,) marks
-    MP-GRPO's reference rows; max_completion_length is dr_grpo's constant (--max-new-tokens).
-    A group whose rewards tie has A = 0: its tokens add nothing to the surrogate but still count
-    in DAPO's denominator and keep their KL term, which holds them near pi_ref."""
+              epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None,
+              normaliser=None):
+    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's section 2:
+    the clipped surrogate minus beta KL, with DAPO's token mean).
+    logp, old_logp and ref_logp are (N, T) log-probs of the policy, the behaviour policy and the
+    frozen reference. advantages is (N,), mask (N, T) comes from completion lengths, off_policy
+    (N,) marks MP-GRPO's reference rows, and max_completion_length is dr_grpo's constant.
+    The normalisation: this micro-batch's sum is divided by `normaliser`, loss_normaliser counted
+    over the whole batch (every micro-batch, every process), as TRL passes num_items_in_batch.
+    Micro-batch losses then add up to the batch's loss, and their gradients to its gradient.
+    Without a normaliser the batch is this one.
+    A group whose rewards tie has A = 0. Its tokens add nothing to the surrogate, but they still
+    count in DAPO's denominator and keep their KL term, which holds them near pi_ref."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     A = advantages[:, None]                                                 # (N, 1)
@@ -1048,22 +1048,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
     # padding never reaches the loss, not even as inf * 0
     per_token = torch.where(mask.bool(), per_token, 0.0)
-    # normalisation: dapo averages over every completion token of the group (the paper's), so a
-    # long answer's tokens weigh as much as a short one's; grpo averages each sequence first,
-    # which gives every token of a short answer more weight
-    if loss_type == "dapo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif loss_type == "grpo":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
-        # dependent width would couple every token's gradient to the longest sample (the length
-        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
-        if max_completion_length is None:
-            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
-        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+    # dapo sums every completion token (the paper's), so a long answer's tokens weigh as much as
+    # a short one's. grpo averages each sequence first, which gives a short answer's tokens more.
+    if normaliser is None:   # the batch is this one
+        normaliser = loss_normaliser(mask, loss_type, max_completion_length)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+        loss = (per_token * mask).sum() / normaliser
     with torch.no_grad():
         on = mask if off_policy is None else mask * (~off_policy[:, None]).float()
         n_on = on.sum().clamp(min=1)
@@ -1078,10 +1070,28 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     return loss, metrics
 
 
+def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
+                    max_completion_length: int | None = None) -> torch.Tensor:
+    """What the loss's sum is divided by, counted over the (N, T) completions of `mask`: dapo's
+    (and SFT's) completion tokens, grpo's completions N, dr_grpo's N * max_completion_length."""
+    if loss_type == "dapo":
+        return mask.sum().float().clamp(min=1)
+    if loss_type == "grpo":
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
+    if loss_type == "dr_grpo":
+        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
+        # dependent width would couple every token's gradient to the longest sample (the length
+        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
+        return torch.tensor(float(mask.shape[0] * max_completion_length), device=mask.device)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
 # ---------------------------------------------------------------------------- one step ----
 # One step: rollout (sample G completions per prompt, reward them, normalise the rewards into
-# advantages, take pi_ref's log-probs) then policy_update (the GRPO loss, backward, AdamW).
-# SFT takes the same path with the reference answers as its completions.
+# advantages, take pi_ref's log-probs), then policy_update (the GRPO loss, backward) and its last
+# act, optimizer_step (AdamW). SFT takes the same path with the reference answers as completions.
 
 
 def clock(device: torch.device) -> float:
@@ -1106,20 +1116,21 @@ class Rollout:
 
 
 def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
-            prompt_ids: list[int], suppress, autocast) -> tuple[Rollout, dict]:
-    """Everything one update needs, fixed before it starts: for GRPO the sampled groups (MP-GRPO:
-    G-1 samples and the reference answer), their rewards and advantages; for SFT the references.
-    Then the log-probs held constant through the update: pi_ref's for the KL term and, when
-    mu > 1, pi_old's for the ratio. reward/* metrics describe the on-policy samples only."""
-    mixed = cfg.mode == "mp-grpo"
-    G = cfg.group_size if cfg.grpo else 1
+            prompt_ids: list[int], suppress, autocast,
+            encoded: torch.Tensor | None = None) -> tuple[Rollout, dict]:
+    """Everything one update needs, fixed before it starts: the completions (GRPO: G samples a
+    prompt; MP-GRPO: G-1 samples and the reference answer; SFT: the references), their rewards
+    and advantages, and the log-probs held fixed through the update. `encoded`: the frozen
+    encoder's states, when train() has them."""
     device = batch.input_ids.device
     eos_id = family(policy.config).stop_id(policy.config)
-    reward_fn = REWARDS[cfg.reward]
-    metrics = {}
+    G = cfg.group_size if cfg.grpo else 1
     rewards = advantages = off_policy = None                        # SFT has none of them
-    if cfg.grpo:
-        n = G - 1 if mixed else G                                   # on-policy samples a prompt
+    metrics = {}
+    if not cfg.grpo:
+        groups = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
+    else:
+        n = G - 1 if cfg.mode == "mp-grpo" else G                   # on-policy samples a prompt
         # o_1..o_n ~ pi_old(. | q) at the training temperature (the paper: 1): the group must be
         # diverse, or all its rewards tie and the advantages vanish
         t0 = clock(device)
@@ -1128,68 +1139,107 @@ def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
                 policy, batch, n, max_new_tokens=cfg.max_new_tokens,
                 eos_id=eos_id, pad_id=tokenizer.pad_token_id,
                 temperature=cfg.temperature, top_p=cfg.top_p, suppress=suppress,
-                uniforms=row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens))
+                uniforms=row_uniforms(cfg.seed, step, prompt_ids, n, cfg.max_new_tokens),
+                encoded=encoded)
         t1 = clock(device)
         groups = samples.token_lists()
-        # r_i = BLEU(o_i, reference): the reward sees text, so score the decoded completion
         references = [t for t in batch.targets for _ in range(n)]
-        rewards = torch.nan_to_num(reward_fn(decode(tokenizer, groups), references), nan=0.)
-        metrics = reward_metrics(rewards.view(-1, n))
-        if mixed:
-            # The reference answer as the G-th, off-policy member. It is cut to the completion
-            # budget like any sample, and scored as cut: a truncated reference (no EOS) earns
-            # less than 1, so the same tokens never score 1 as the reference and less as a sample.
-            full = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
-            refs = [f[:cfg.max_new_tokens] for f in full]
-            ref_r = torch.nan_to_num(reward_fn(decode(tokenizer, refs), batch.targets),
-                                     nan=0.0)
-            groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
-            rewards = torch.cat([rewards.view(-1, n), ref_r[:, None]], dim=1)      # (B, G)
-            # the spread that makes advantages is the mixed group's, reference included
-            metrics |= {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
-            metrics["reward/ref_mean"] = ref_r.mean().item()
-            metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
-                                                       for f in full) / len(full)
+        rewards = score_completions(cfg, tokenizer, groups, references).view(-1, n)  # (B, n)
+        metrics = reward_metrics(rewards)
+        if cfg.mode == "mp-grpo":
+            groups, rewards, mixed_metrics = with_reference_member(cfg, tokenizer, batch, groups,
+                                                                   rewards, eos_id)
+            metrics |= mixed_metrics
             off_policy = (torch.arange(len(groups), device=device) % G) == G - 1    # (N,)
         rewards = rewards.reshape(-1).to(device)                                     # (N,)
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         metrics.update({"perf/completion_len": samples.lengths.float().mean().item(),
                         "perf/sample_s": t1 - t0, "perf/reward_s": clock(device) - t1})
-    else:
-        groups = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
-    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
-    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
-                               padding_value=tokenizer.pad_token_id).to(device)      # (N, T)
-    mask = torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]  # (N, T)
+    completions, mask = pad_completions(groups, tokenizer.pad_token_id, device)     # (N, T)
     t0 = clock(device)
-    old_logp = ref_logp = None
-    with torch.no_grad(), autocast():
-        if ref_model is not None:
-            ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature)
-        if cfg.grpo and cfg.num_iterations > 1:
-            old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature)
+    ref_logp, old_logp = fixed_logprobs(cfg, policy, ref_model, batch, completions, G, autocast,
+                                        encoded)
     metrics["perf/ref_logp_s"] = clock(device) - t0
     return (Rollout(completions, mask, G, rewards, advantages, old_logp, ref_logp, off_policy),
             metrics)
 
 
+def pad_completions(groups: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(N, T) token ids padded after each completion, and the (N, T) mask of its real tokens.
+    The mask comes from lengths, never from == pad_id: the first EOS is an action and stays."""
+    lengths = torch.tensor([len(o) for o in groups], device=device)                  # (N,)
+    completions = pad_sequence([torch.tensor(o) for o in groups], batch_first=True,
+                               padding_value=pad_id).to(device)                      # (N, T)
+    return completions, torch.arange(completions.shape[1], device=device) < lengths[:, None]
+
+
+def score_completions(cfg: Config, tokenizer, completions: list[list[int]],
+                      references: list[str]) -> torch.Tensor:
+    """(N,) r_i = reward(o_i, reference), --reward's: the reward sees text, so it scores the
+    decoded completion."""
+    return torch.nan_to_num(REWARDS[cfg.reward](decode(tokenizer, completions), references),
+                            nan=0.0)
+
+
+def with_reference_member(cfg: Config, tokenizer, batch: Batch, groups: list[list[int]],
+                          rewards: torch.Tensor, eos_id: int):
+    """MP-GRPO's groups: each prompt's n = G-1 samples, then its reference answer as the G-th,
+    off-policy member. The reference is cut to the completion budget like any sample, and scored
+    as cut: a truncated reference (no EOS) earns less than 1, so the same tokens never score 1 as
+    the reference and less as a sample. Returns the N groups, their (B, G) rewards and metrics."""
+    n = rewards.shape[1]
+    full = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
+    refs = [f[:cfg.max_new_tokens] for f in full]
+    ref_r = score_completions(cfg, tokenizer, refs, batch.targets)                   # (B,)
+    groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
+    rewards = torch.cat([rewards, ref_r[:, None]], dim=1)                            # (B, G)
+    # reward/std and reward/zero_std_frac become the mixed group's, whose spread the advantages see
+    metrics = {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
+    metrics["reward/ref_mean"] = ref_r.mean().item()
+    metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
+                                               for f in full) / len(full)
+    return groups, rewards, metrics
+
+
 def reward_metrics(r: torch.Tensor) -> dict:
-    """Mean, within-group std and the share of (B, n) groups whose rewards tie (no advantage)."""
+    """Of (B, n) rewards: reward/mean, their mean; reward/std, the mean within-group std; and
+    reward/zero_std_frac, the share of groups whose rewards tie (no advantage). rollout reports
+    the mean of the on-policy samples; under MP-GRPO std and zero_std_frac are the mixed groups'
+    (reference included), since those make the advantages."""
     return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
             "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
 
 
+@torch.no_grad()
+def fixed_logprobs(cfg: Config, policy, ref_model, batch: Batch, completions: torch.Tensor,
+                   G: int, autocast, encoded: torch.Tensor | None = None):
+    """The (N, T) log-probs the update holds constant: pi_ref's for the KL term (None when
+    beta = 0) and pi_old's for the ratio, when mu > 1 (None: with mu = 1 the update's own
+    logp.detach() is pi_old)."""
+    ref_logp = old_logp = None
+    with autocast():
+        if ref_model is not None:
+            ref_logp = completion_logprobs(ref_model, batch, completions, G, cfg.temperature,
+                                           encoded=encoded)
+        if cfg.grpo and cfg.num_iterations > 1:
+            old_logp = completion_logprobs(policy, batch, completions, G, cfg.temperature,
+                                           encoded=encoded)
+    return ref_logp, old_logp
+
+
 def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout: Rollout,
-                  B: int, state: TrainState, autocast, dist: Dist) -> tuple[dict, float]:
-    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Each
-    micro-batch's loss is weighted by its share of the global batch (tokens for dapo and SFT,
-    prompts otherwise): the gradients summed over micro-batches and processes are the gradient
-    of the whole batch's loss. Returns metrics (mean over the mu passes) and the grad norm."""
+                  B: int, state: TrainState, autocast, dist: Dist,
+                  encoded: torch.Tensor | None = None) -> tuple[dict, float]:
+    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Every
+    micro-batch's loss is divided by the whole batch's normaliser (grpo_loss), so the gradients
+    summed over micro-batches and processes are the gradient of the batch's loss. Returns
+    metrics (mean over the mu passes) and the grad norm."""
     G = rollout.group_size
     # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
     # later passes honest, since the policy has moved away from pi_old that sampled the tokens
     mu = cfg.num_iterations if cfg.grpo else 1
-    n_tok = dist.sum(rollout.mask.sum().float()).clamp(min=1)   # completion tokens, all processes
+    loss_type = cfg.loss_type if cfg.grpo else "dapo"                   # SFT: a token mean
+    normaliser = dist.sum(loss_normaliser(rollout.mask, loss_type, cfg.max_new_tokens))
     update_metrics: dict[str, float] = {}
     for _ in range(mu):
         pass_loss = 0.0
@@ -1201,7 +1251,8 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout:
             with autocast():
                 logp, entropy = completion_logprobs(
                     policy, batch.select(b0, b1), rollout.completions[rows], G,
-                    cfg.temperature if cfg.grpo else 1.0, cfg.train_encoder, with_entropy=True)
+                    cfg.temperature if cfg.grpo else 1.0, cfg.train_encoder, with_entropy=True,
+                    encoded=None if encoded is None else encoded[b0:b1])
             if cfg.grpo:  # mu = 1: pi_old is the policy itself, logp.detach() (the ratio is 1)
                 old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows]
                 ref_logp = None if rollout.ref_logp is None else rollout.ref_logp[rows]
@@ -1209,23 +1260,55 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout:
                 loss, loss_metrics = grpo_loss(
                     logp, old_logp, ref_logp, rollout.advantages[rows], mb_mask, beta=cfg.beta,
                     epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                    max_completion_length=cfg.max_new_tokens, off_policy=off_policy)
-                weight = mb_mask.sum() / n_tok if cfg.loss_type == "dapo" else (b1 - b0) / B
+                    max_completion_length=cfg.max_new_tokens, off_policy=off_policy,
+                    normaliser=normaliser)
             else:
-                loss, loss_metrics = sft_loss(logp, mb_mask), {}
-                weight = mb_mask.sum() / n_tok
-            (loss * weight).backward()
-            pass_loss += loss.item() * float(weight)
-            loss_metrics["loss/total"] = loss.item()
+                loss, loss_metrics = sft_loss(logp, mb_mask, normaliser), {}
+            loss.backward()
+            pass_loss += loss.item()
+            # the other metrics are micro-batch means, weighted here by the micro-batch's share
+            share = float(mb_mask.sum() / normaliser) if loss_type == "dapo" else (b1 - b0) / B
             loss_metrics["perf/entropy"] = ((entropy * mb_mask).sum()
                                             / mb_mask.sum().clamp(min=1)).item()
             for k, v in loss_metrics.items():
-                update_metrics[k] = update_metrics.get(k, 0.0) + v * float(weight) / mu
-        # Part II (processes): gradients summed over processes, clipped, applied unless non-finite
+                update_metrics[k] = update_metrics.get(k, 0.0) + v * share / mu
+            update_metrics["loss/total"] = update_metrics.get("loss/total", 0.0) + loss.item() / mu
         grad_norm, skipped = optimizer_step(cfg, params, optimizer, pass_loss, state, dist)
         if skipped:
             update_metrics["loss/skipped"] = update_metrics.get("loss/skipped", 0.0) + 1.0 / mu
     return update_metrics, grad_norm
+
+
+def optimizer_step(cfg: Config, params, optimizer, pass_loss: float, state,
+                   dist: Dist) -> tuple[float, bool]:
+    """One AdamW step: the processes' gradients summed, clipped to --max-grad-norm, and applied
+    unless the loss or a gradient is non-finite (skipped; --max-bad-steps in a row stop the
+    run). Returns the grad norm and whether the step was skipped."""
+    for p in params:
+        dist.sum(p.grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    # every process takes the same decision, or their weights would part ways
+    bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
+    skipped = not (torch.isfinite(grad_norm) and bad_loss == 0)
+    if not skipped:
+        optimizer.step()
+        state.bad_steps = 0
+    else:  # a non-finite loss or gradient never reaches the weights
+        state.bad_steps += 1
+        if state.bad_steps >= cfg.max_bad_steps:
+            raise InputError(f"aborting: {state.bad_steps} non-finite losses/gradients in a "
+                             f"row at step {state.step}")
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), skipped
+
+
+def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
+    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
+    names = sorted(update)
+    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
+    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
+    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
+    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
 
 
 # ------------------------------------------------------------------- the training loop ----
@@ -1235,9 +1318,15 @@ def setup_training(cfg: Config, policy, dist: Dist):
     """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
     the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
     encoder = family(policy.config).encoder_prefix
+    # What the class itself fixes (Qwen2-Audio's sinusoidal encoder positions) stays fixed under
+    # --train-encoder. from_pretrained forgets which those are, and a meta-device build knows.
+    fixed = set()
+    if cfg.train_encoder:
+        with torch.device("meta"):
+            skeleton = type(policy)(policy.config)
+        fixed = {n for n, p in skeleton.named_parameters() if not p.requires_grad}
     for name, p in policy.named_parameters():
-        p.requires_grad_((cfg.train_encoder or not name.startswith(encoder))
-                         and name not in getattr(policy, "fixed", ()))    # load_model's
+        p.requires_grad_((cfg.train_encoder or not name.startswith(encoder)) and name not in fixed)
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
     # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
@@ -1250,8 +1339,6 @@ def setup_training(cfg: Config, policy, dist: Dist):
             module._buffers.update({k: b.float() for k, b in module._buffers.items()
                                     if b is not None and b.is_floating_point()})
     ref_model = frozen_reference(policy, cfg) if cfg.grpo and cfg.beta != 0 else None
-    if cfg.grad_checkpointing:  # the policy only: pi_ref never runs a backward (Part II: memory)
-        checkpoint_layers(policy, cfg.compile)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.99))
@@ -1309,15 +1396,18 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     B_local = B // dist.world                                       # this process's share
     params, optimizer, scheduler, ref_model = setup_training(cfg, policy, dist)
     audio_id = policy.config.audio_token_id
-    suppress = suppressed_ids(tokenizer, policy.config.text_config.vocab_size, audio_id,
-                              family(policy.config).stop_id(policy.config))
+    suppress = suppressed_ids(tokenizer, policy.config)
     system = system_turn(tokenizer, cfg.system_prompt, policy.config)
-    state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II: --resume
+    state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II (checkpoints)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
-    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # rank 0 writes
-    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit cleanly (Part II)
+    # rank 0 writes metrics.jsonl (Part II: checkpoints and faults)
+    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))
+    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit (Part II: command line)
     stop = threading.Event()
     restore_signals = handle_signals(lambda signum, frame: stop.set())
+    # --grad-checkpointing makes the policy's layers recompute in the backward (Part II: memory).
+    # pi_ref never runs a backward. The layers are unwrapped when the loop ends.
+    unwrap_layers = checkpoint_layers(policy, cfg.compile) if cfg.grad_checkpointing else None
     try:
         if state.step == 0:  # the start model is a candidate too: best-on-dev may be step 0
             log(0, evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"], autocast, state,
@@ -1328,15 +1418,18 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
                             config=policy.config).to(device)
-            if not cfg.train_encoder:   # frozen: the policy's encoder is pi_ref's, unchanged
+            # a frozen encoder's states depend on the audio alone, and it is pi_ref's too: one
+            # pass serves the step's sampling, pi_ref and update
+            encoded = None
+            if not cfg.train_encoder:
                 with autocast():
-                    batch.encoded = encoder_states(policy, batch)
+                    encoded = encoder_states(policy, batch)                    # (B, F, H)
             step_rollout, metrics = rollout(cfg, policy, ref_model, tokenizer, batch, state.step,
                                             list(range(first, first + B_local)), suppress,
-                                            autocast)
+                                            autocast, encoded)
             t0 = clock(device)
             update, grad_norm = policy_update(cfg, policy, params, optimizer, batch, step_rollout,
-                                              B, state, autocast, dist)
+                                              B, state, autocast, dist, encoded)
             metrics = over_processes(metrics, update, dist)
             if not cfg.grpo:
                 metrics["loss/sft"] = metrics.pop("loss/total")
@@ -1352,19 +1445,19 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             # the line, then checkpoint/: a line past the checkpoint is trimmed on resume, while a
             # step the checkpoint holds but the log lacks would be lost for good
             log(state.step, metrics)
-            if saves:
+            if saves:   # Part II (checkpoints)
                 save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
     finally:
         bar.close()
         restore_signals()
-        for layer in policy.model.language_model.layers:  # checkpoint_layers' wrapper refers
-            layer.__dict__.pop("forward", None)           # to its layer: a cycle, undone
+        if unwrap_layers is not None:
+            unwrap_layers()
     if state.step < cfg.max_steps:  # a process was asked to stop
         save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
         dist.print(f"stopped at step {state.step}; checkpoint in {out / 'checkpoint'} "
                    "(continue with --resume)")
         raise SystemExit(130)
-    dist.on_main(save_model, policy, tokenizer, out / "final")
+    dist.on_main(save_model, policy, tokenizer, out / "final")   # Part II (checkpoints)
     return out / "best"
 
 
@@ -1439,7 +1532,7 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
     idx.sort(key=data.num_samples)             # similar lengths batch well; no audio decoded for it
     audio_id = model.config.audio_token_id
     eos_id = family(model.config).stop_id(model.config)
-    suppress = suppressed_ids(tokenizer, model.config.text_config.vocab_size, audio_id, eos_id)
+    suppress = suppressed_ids(tokenizer, model.config)
     decoding = decoding or cfg.eval_decoding
     greedy = decoding == "greedy"
     system = system_turn(tokenizer, cfg.system_prompt, model.config)
@@ -1948,38 +2041,6 @@ def close_distributed(ok: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-def optimizer_step(cfg: Config, params, optimizer, pass_loss: float, state,
-                   dist: Dist) -> tuple[float, bool]:
-    """One AdamW step of policy_update: the processes' gradients of their shares summed, clipped
-    to --max-grad-norm, and applied unless the loss or a gradient is non-finite (skipped;
-    --max-bad-steps in a row stop the run). Returns the grad norm and whether it was skipped."""
-    for p in params:
-        dist.sum(p.grad)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    # every process takes the same decision, or their weights would part ways
-    bad_loss = dist.sum(torch.tensor(0 if math.isfinite(pass_loss) else 1))
-    skipped = not (torch.isfinite(grad_norm) and bad_loss == 0)
-    if not skipped:
-        optimizer.step()
-        state.bad_steps = 0
-    else:  # a non-finite loss or gradient never reaches the weights
-        state.bad_steps += 1
-        if state.bad_steps >= cfg.max_bad_steps:
-            raise InputError(f"aborting: {state.bad_steps} non-finite losses/gradients in a "
-                             f"row at step {state.step}")
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), skipped
-
-
-def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
-    """The step's metrics over processes: update terms summed (batch-weighted), rollout averaged."""
-    names = sorted(update)
-    totals = dist.sum(torch.tensor([update[k] for k in names], dtype=torch.float64))
-    stats = sorted(k for k in metrics if k.startswith(("reward/", "perf/completion")))
-    means = dist.sum(torch.tensor([metrics[k] for k in stats], dtype=torch.float64)) / dist.world
-    return metrics | dict(zip(names, totals.tolist())) | dict(zip(stats, means.tolist()))
-
-
 # -------------------------------------------------------------- checkpoints and faults ----
 # Each directory is written under a temporary name and renamed into place: a run killed
 # mid-save keeps the previous one. The trainer state is loaded with weights_only=True.
@@ -2244,14 +2305,21 @@ def prepare_out(cfg: Config):
 # ------------------------------------------------------------------------------ memory ----
 
 
-def checkpoint_layers(model, compile: bool = False) -> None:
+def checkpoint_layers(model, compile: bool = False):
     """--grad-checkpointing: each LM layer keeps only its input and runs again in the backward
     (transformers' own switch acts in training mode only; the policy runs in eval mode). Under
     --compile the checkpoint wraps the compiled layer: Dynamo cannot trace a checkpoint around
-    transformers' layer (a side effect inside it), so a compiled LM would run its layers eager."""
-    for layer in model.model.language_model.layers:
+    transformers' layer (a side effect inside it), so a compiled LM would run its layers eager.
+    Returns what unwraps the layers again."""
+    layers = model.model.language_model.layers
+    for layer in layers:
         forward = torch.compile(layer.forward, dynamic=True) if compile else layer.forward
         layer.forward = functools.partial(checkpointed, forward)
+
+    def unwrap():   # the class's forward again, and no wrapper left to refer to its layer
+        for layer in layers:
+            del layer.forward
+    return unwrap
 
 
 def compile_lm(model, whole: bool = True) -> None:
@@ -2443,10 +2511,8 @@ def run(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model, device, model_dtype)
     check_lengths(splits, family(model.config))       # Part II: what the encoder hears
     set_threads(cfg, model, device)
-    if cfg.lora_targets == "auto":   # the family's, written out in config.json
-        cfg.lora_targets = family(model.config).lora_targets
-    if cfg.lora:
-        lora_sites(model, cfg.lora_targets)   # the targets exist
+    if cfg.lora:   # the targets must exist, and config.json names them (auto: the family's)
+        cfg.lora_targets = ",".join(sorted({a for _, a in lora_sites(model, cfg.lora_targets)}))
     out = Path(cfg.out)
     # one run per directory: the lock is held until run() returns and frees its file
     lock = dist.on_main(prepare_out, cfg)  # noqa: F841

@@ -658,6 +658,43 @@ def test_dr_grpo_normaliser_is_a_constant_not_the_batch_width():
         gs.grpo_loss(logp, old, ref, A, mask, beta=0.04, loss_type="dr_grpo")
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "sft"])
+def test_micro_batch_losses_over_the_batch_normaliser_add_up_to_the_batch_loss(loss_type):
+    """Given the whole batch's normaliser (loss_normaliser over all its rows), two micro-batches'
+    losses, padded to their own widths, sum to the one-batch loss, and their gradients to its
+    gradient; without it each is its own batch's (a different number)."""
+    logp, old, ref, A, lengths, mask = _loss_inputs(seed=7)
+    off = torch.tensor([False, True, False, False, True, False])
+
+    def loss_of(lp, rows, normaliser=None):
+        w = int(lengths[rows].max())
+        if loss_type == "sft":
+            return gs.sft_loss(lp[rows, :w], mask[rows, :w], normaliser)
+        return gs.grpo_loss(lp[rows, :w], old[rows, :w], ref[rows, :w], A[rows], mask[rows, :w],
+                            beta=0.04, epsilon_high=0.3, loss_type=loss_type, off_policy=off[rows],
+                            max_completion_length=MAX_LEN, normaliser=normaliser)[0]
+    whole = loss_of(logp, slice(0, 6))
+    (g_whole,) = torch.autograd.grad(whole, logp)
+    norm = gs.loss_normaliser(mask, "dapo" if loss_type == "sft" else loss_type, MAX_LEN)
+    parts = [loss_of(logp, rows, norm) for rows in (slice(0, 2), slice(2, 6))]
+    (g_parts,) = torch.autograd.grad(parts[0] + parts[1], logp)
+    assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(g_parts, g_whole, atol=1e-7, rtol=1e-6)
+    alone = loss_of(logp, slice(0, 2)) + loss_of(logp, slice(2, 6))
+    assert alone.item() != pytest.approx(whole.item(), rel=1e-3)
+
+
+def test_batch_indices_walk_each_epochs_permutation():
+    """Step s takes places s*size..(s+1)*size-1 of the epochs' permutations laid end to end: a
+    step that spans two epochs takes the end of one and the start of the next."""
+    data = gs.SpeechData([{"id": str(i)} for i in range(7)])
+    stream = data.order(5, 0) + data.order(5, 1) + data.order(5, 2)
+    assert data.order(5, 0) != data.order(5, 1) and sorted(data.order(5, 1)) == list(range(7))
+    for step in range(5):                         # size 3: step 2 spans epochs 0 and 1
+        assert data.batch_indices(5, step, 3) == stream[step * 3:(step + 1) * 3]
+    assert data.batch_indices(5, 1, 10) == stream[10:20]   # larger than an epoch: three of them
+
+
 def test_dr_grpo_two_processes_sum_to_the_one_process_gradient():
     """Two halves of a batch, each padded to its own width and weighted as train() weights them
     (prompts / B), give the summed gradient of the whole batch: what torchrun's all-reduce adds."""
@@ -689,7 +726,7 @@ def test_mp_grpo_reference_is_scored_as_trained_and_kept_out_of_reward_metrics(m
     model, tok = model_tok
     cfg = _rollout_cfg(mode="mp-grpo", max_new_tokens=budget)
     batch = make_batch(model, tok, ast_test, [0, 1])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
+    suppress = gs.suppressed_ids(tok, model.config)
     r, m = gs.rollout(cfg, model, None, tok, batch, 0, [0, 1], suppress, nullamp)
     completions, lengths, rewards, off = r.completions, r.mask.sum(1), r.rewards, r.off_policy
     assert off.tolist() == [False, False, True] * 2
@@ -724,13 +761,13 @@ class _RecordingOptimizer:
             p.grad = None
 
 
-class _OtherProcessTokens(gs.Dist):
-    """One process of two: the all-reduce of the (float) token count adds the other process's tokens;
+class _OtherProcess(gs.Dist):
+    """One process of two: the all-reduce of the (float) loss normaliser adds the other process's;
     integer flags and gradients come back as they are (the other process agrees, adds zeros)."""
 
-    def __init__(self, other_tokens: float = 0.0):
+    def __init__(self, other_normaliser: float = 0.0):
         super().__init__()
-        self.other = other_tokens
+        self.other = other_normaliser
 
     def sum(self, x):
         return x + self.other if x.dim() == 0 and x.is_floating_point() else x
@@ -738,8 +775,8 @@ class _OtherProcessTokens(gs.Dist):
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model_tok, ast_test, loss_type):
-    """train()'s weighting of micro-batch losses: --grad-accum 2, and two processes that each pad
-    to their own width, sum to the gradient of the whole MP-GRPO batch in one pass."""
+    """Micro-batch losses over the whole batch's normaliser: --grad-accum 2, and two processes that
+    each pad to their own width, sum to the gradient of the whole MP-GRPO batch in one pass."""
     model, tok = model_tok
     params = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
     for n, p in model.named_parameters():
@@ -768,8 +805,9 @@ def test_policy_update_micro_batches_and_processes_give_the_batch_gradient(model
 
     whole = grads(cfg, slice(0, B * G), gs.Dist())
     accum = grads(dataclasses.replace(cfg, grad_accum=2), slice(0, B * G), gs.Dist())
-    halves = [grads(cfg, rows, _OtherProcessTokens(float(mask.sum() - mask[rows].sum())))
-              for rows in (slice(0, 2 * G), slice(2 * G, B * G))]
+    halves = [grads(cfg, rows, _OtherProcess(float(gs.loss_normaliser(mask[other], loss_type, 6))))
+              for rows, other in ((slice(0, 2 * G), slice(2 * G, B * G)),
+                                  (slice(2 * G, B * G), slice(0, 2 * G)))]
     for w, a, h0, h1 in zip(whole, accum, *halves):
         torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(h0 + h1, w, atol=1e-6, rtol=1e-4)
@@ -886,25 +924,29 @@ def test_shared_prompt_pass_equals_the_per_completion_pass(shipped, qwen, qwen_n
                                        msg=name)
 
 
-def test_encoder_states_held_on_the_batch_change_nothing(shipped, ast_test):
-    """train() gives each step's batch the frozen encoder's states once (Batch.encoded): sampling,
-    pi_ref's pass and the update's micro-batches (Batch.select) compute what running it would."""
+def test_encoder_states_given_change_nothing(shipped, ast_test):
+    """train() runs a frozen encoder once a step and passes its states down (encoded=): sampling,
+    pi_ref's pass and the update's micro-batches (their rows of it) compute what running it would."""
     model, tok = shipped
     batch = make_batch(model, tok, ast_test, [0, 1, 2, 3])
-    held = dataclasses.replace(batch, encoded=gs.encoder_states(model, batch))
+    encoded = gs.encoder_states(model, batch)
     completions = torch.randint(5, len(tok), (8, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(gs.completion_logprobs(model, held, completions, 2),
+        assert torch.equal(gs.completion_logprobs(model, batch, completions, 2, encoded=encoded),
                            gs.completion_logprobs(model, batch, completions, 2))
-        part = held.select(2, 4)
-        assert part.encoded.shape[0] == 2
-        assert torch.equal(gs.completion_logprobs(model, part, completions[4:], 2),
-                           gs.completion_logprobs(model, batch.select(2, 4), completions[4:], 2))
-    samples = [gs.sample_groups(model, b, 2, max_new_tokens=6, eos_id=tok.eos_token_id,
-                                pad_id=tok.pad_token_id, uniforms=gs.row_uniforms(0, 0, range(4), 2, 6))
-               for b in (held, batch)]
+        part = batch.select(2, 4)
+        assert torch.equal(gs.completion_logprobs(model, part, completions[4:], 2, encoded=encoded[2:4]),
+                           gs.completion_logprobs(model, part, completions[4:], 2))
+        # the states are used, not recomputed: another clip's states change the answer
+        swapped = encoded[[1, 0, 2, 3]]
+        assert not torch.equal(gs.completion_logprobs(model, batch, completions, 2, encoded=swapped),
+                               gs.completion_logprobs(model, batch, completions, 2))
+    samples = [gs.sample_groups(model, batch, 2, max_new_tokens=6, eos_id=tok.eos_token_id,
+                                pad_id=tok.pad_token_id, uniforms=gs.row_uniforms(0, 0, range(4), 2, 6),
+                                encoded=e)
+               for e in (encoded, None)]
     assert torch.equal(samples[0].tokens, samples[1].tokens)
-    assert torch.equal(samples[0].logps, samples[1].logps)
+    assert torch.equal(samples[0].sampler_logp, samples[1].sampler_logp)
 
 
 def test_shared_prompt_pass_under_bf16_is_as_close_as_bf16_itself(shipped, ast_test):
@@ -968,14 +1010,14 @@ def test_completion_logprobs_holds_two_vocabulary_sized_tensors_forward_three_ba
 def test_sampler_logprobs_equal_teacher_forced(model_tok, ast_test, temperature):
     model, tok = model_tok
     batch = make_batch(model, tok, ast_test, [0, 1])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
+    suppress = gs.suppressed_ids(tok, model.config)
     s = gs.sample_groups(model, batch, 3, max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                          temperature=temperature, suppress=suppress, uniforms=gs.row_uniforms(0, 0, [0, 1], 3, 8))
     with torch.no_grad():
         tf = gs.completion_logprobs(model, batch, s.tokens, 3, temperature)
     mask = torch.arange(s.tokens.shape[1])[None] < s.lengths[:, None]
     assert s.tokens.shape[0] == 6 and mask.sum() > 6
-    torch.testing.assert_close(s.logps[mask], tf[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(s.sampler_logp[mask], tf[mask], atol=1e-4, rtol=0)
 
 
 def test_greedy_sampler_equals_transformers_generate(model_tok, ast_test):
@@ -1006,7 +1048,7 @@ def test_lengths_stop_at_first_eos_and_pad_follows(model_tok, ast_test):
     eos = int(free.tokens[0, 2])                           # a token the sampler does produce, used as EOS
     s = gs.sample_groups(model, batch, 3, max_new_tokens=8, eos_id=eos, pad_id=pad, temperature=1.0, uniforms=u)
     assert s.lengths[0] <= 3
-    for row, n, lp in zip(s.tokens.tolist(), s.lengths.tolist(), s.logps):
+    for row, n, lp in zip(s.tokens.tolist(), s.lengths.tolist(), s.sampler_logp):
         first = row.index(eos) + 1 if eos in row else None
         assert n == (first if first is not None else 8)
         assert all(t == pad for t in row[n:])
@@ -1025,7 +1067,7 @@ def test_completion_does_not_depend_on_batch_mates(model_tok, ast_test):
         n = int(alone.lengths[k])
         assert int(both.lengths[2 + k]) == n
         assert both.tokens[2 + k, :n].tolist() == alone.tokens[k, :n].tolist()
-        torch.testing.assert_close(both.logps[2 + k, :n], alone.logps[k, :n], atol=1e-4, rtol=0)
+        torch.testing.assert_close(both.sampler_logp[2 + k, :n], alone.sampler_logp[k, :n], atol=1e-4, rtol=0)
 
 
 def _nan_on_rows_with_no_key(module, query, key, value, attention_mask, **kw):
@@ -1119,7 +1161,7 @@ def test_sampler_inverse_cdf_follows_the_distribution(model_tok, ast_test):
 def test_sampler_never_draws_a_suppressed_token_even_at_u_zero(model_tok, ast_test):
     model, tok = model_tok
     batch = make_batch(model, tok, ast_test, [0])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
+    suppress = gs.suppressed_ids(tok, model.config)
     assert 0 in suppress.tolist()
     s = gs.sample_groups(model, batch, 2, max_new_tokens=4, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                          temperature=1.0, suppress=suppress, uniforms=torch.zeros(2, 4))
@@ -1147,7 +1189,7 @@ def test_model_listens_shipped_model():
     model.eval()
     rows = gs.read_manifest(DATA / "asr" / "test.jsonl")[:2]
     data = gs.SpeechData(rows)
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
+    suppress = gs.suppressed_ids(tok, model.config)
     hyps = []
     for i in range(2):
         b = make_batch(model, tok, data, [i])
@@ -1971,10 +2013,10 @@ def test_logits_scaling_8_equivalent_network_samples_the_same(scaled_dir, ast_te
     assert torch.equal(s["scaled"].tokens, s["shipped"].tokens)
     assert len(set(map(tuple, s["shipped"].tokens.tolist()))) > 3              # T=1 draws differ
     mask = torch.arange(s["shipped"].tokens.shape[1])[None] < s["shipped"].lengths[:, None]
-    torch.testing.assert_close(s["scaled"].logps[mask], s["shipped"].logps[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(s["scaled"].sampler_logp[mask], s["shipped"].sampler_logp[mask], atol=1e-4, rtol=0)
     with torch.no_grad():
         tf = gs.completion_logprobs(scaled, batch, s["scaled"].tokens, 8)
-    torch.testing.assert_close(tf[mask], s["scaled"].logps[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(tf[mask], s["scaled"].sampler_logp[mask], atol=1e-4, rtol=0)
 
 
 def test_logits_scaling_applied_once_as_in_granite_for_causal_lm(scaled_dir, ast_test):
@@ -2326,11 +2368,15 @@ def test_grad_checkpointing_recomputes_each_layer_and_keeps_the_gradient(model_t
         return logp.detach(), grads, len(calls), kept
 
     plain, ckpt = copy.deepcopy(start), copy.deepcopy(start)
-    gs.checkpoint_layers(ckpt)
+    unwrap = gs.checkpoint_layers(ckpt)
     lp0, g0, calls0, kept0 = run(plain)
     lp1, g1, calls1, kept1 = run(ckpt)
     # the prompts' and the completions' passes, with and without grad; + their two recomputes
     assert (calls0, calls1) == (4, 6)
+    unwrap()   # the class's forward again: no wrapper left, no recompute
+    assert not any("forward" in vars(layer) for layer in ckpt.model.language_model.layers)
+    ckpt.zero_grad(set_to_none=True)
+    assert run(ckpt)[2] == 4
     assert kept1 < 0.7 * kept0, (kept0, kept1)
     assert torch.equal(lp0, lp1) and g0.keys() == g1.keys() and len(g0) > (10 if lora else 30)
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
@@ -2356,6 +2402,7 @@ def test_compile_with_grad_checkpointing_traces_every_layer_without_a_graph_brea
         policy = copy.deepcopy(model)
         cfg = gs.Config(mode="grpo", beta=0.0, grad_checkpointing=True, compile=compiled)
         gs.setup_training(cfg, policy, gs.Dist())
+        unwrap = gs.checkpoint_layers(policy, cfg.compile)      # as train() does under --grad-checkpointing
         torch._dynamo.reset()
         counters.clear()
         try:
@@ -2363,8 +2410,7 @@ def test_compile_with_grad_checkpointing_traces_every_layer_without_a_graph_brea
             (logp * torch.linspace(-1, 1, 6)).sum().backward()
             breaks, frames = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
         finally:
-            for layer in policy.model.language_model.layers:
-                layer.__dict__.pop("forward", None)
+            unwrap()
             torch._dynamo.reset()
         results.append((logp.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}))
     assert breaks == 0 and frames >= 3, (dict(counters["graph_break"]), frames)   # a graph per layer at least
@@ -2445,7 +2491,7 @@ def test_model_card_snippet_on_final_gives_the_project_greedy_outputs(fixture_mo
 
 def test_beam_search_with_one_beam_is_greedy(model_tok, ast_test):
     model, tok = model_tok
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
+    suppress = gs.suppressed_ids(tok, model.config)
     batch = make_batch(model, tok, ast_test, range(4))
     greedy = gs.sample_groups(model, batch, 1, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                               temperature=0.0, suppress=suppress).token_lists()
@@ -2460,7 +2506,7 @@ def test_beam_search_equals_transformers_generate_num_beams_4():
     model.eval()
     assert model.config.text_config.logits_scaling == 1.0
     data = gs.SpeechData(gs.read_manifest(DATA / "ast" / "test.jsonl")[:10])
-    suppress = gs.suppressed_ids(tok, model.config.text_config.vocab_size, model.config.audio_token_id, tok.eos_token_id)
+    suppress = gs.suppressed_ids(tok, model.config)
     batch = make_batch(model, tok, data, range(10))
     ours = gs.beam_search(model, batch, num_beams=4, max_new_tokens=24, eos_id=tok.eos_token_id, suppress=suppress)
     differs_from_greedy = 0
@@ -3223,7 +3269,7 @@ def test_qwen2_audio_completion_does_not_depend_on_batch_mates(qwen, ast_test):
     for k in range(2):
         n = int(alone.lengths[k])
         assert both.tokens[2 + k, :n].tolist() == alone.tokens[k, :n].tolist()
-        torch.testing.assert_close(both.logps[2 + k, :n], alone.logps[k, :n], atol=1e-4, rtol=0)
+        torch.testing.assert_close(both.sampler_logp[2 + k, :n], alone.sampler_logp[k, :n], atol=1e-4, rtol=0)
 
 
 def test_qwen2_audio_no_gqa_greedy_equals_transformers_generate(qwen_no_gqa, ast_test):
