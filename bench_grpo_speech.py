@@ -51,12 +51,12 @@ QWEN = HERE / "data" / "tiny-qwen2-audio"
 
 
 def per_completion_logprobs(model, batch, completions, group_size, temperature=1.0,
-                            train_encoder=False):
+                            train_encoder=False, encoded=None):
     """The teacher-forced pass as it was before the prompt was shared: every one of the N = B*G
     rows runs [prompt + completion] through the LM. The reference that tests and --speed hold
     gs.completion_logprobs to."""
     N, T = completions.shape
-    prompt = gs.prompt_embeddings(model, batch, train_encoder).repeat_interleave(group_size, 0)
+    prompt = gs.prompt_embeddings(model, batch, train_encoder, encoded).repeat_interleave(group_size, 0)
     embeds = torch.cat([prompt, model.get_input_embeddings()(completions)], dim=1)
     mask = torch.cat([batch.attention_mask.repeat_interleave(group_size, 0),
                       torch.ones_like(completions)], dim=1)
@@ -932,14 +932,14 @@ def gpu_2b(root: Path, lora: bool, layers=(40, 16), device="cuda", B=8, G=8, T=2
     batch = gs.collate(data, list(range(B)), tok, config.audio_token_id, config=config).to(device)
     # EOS suppressed too: 200 tokens every completion, the worst case
     eos_id = gs.family(config).stop_id(config)
-    suppress = torch.cat([gs.suppressed_ids(tok, config.text_config.vocab_size, config.audio_token_id, eos_id),
+    suppress = torch.cat([gs.suppressed_ids(tok, config),
                           torch.tensor([eos_id])])
     t0 = gs.clock(torch.device(device))
     with autocast():
-        batch.encoded = gs.encoder_states(model, batch)
-    rollout, metrics = gs.rollout(cfg, model, ref_model, tok, batch, 0, list(range(B)), suppress, autocast)
+        encoded = gs.encoder_states(model, batch)
+    rollout, metrics = gs.rollout(cfg, model, ref_model, tok, batch, 0, list(range(B)), suppress, autocast, encoded)
     _, grad_norm = gs.policy_update(cfg, model, params, optimizer, batch, rollout, B, gs.TrainState(), autocast,
-                                    gs.Dist())
+                                    gs.Dist(), encoded)
     row = dict(ok=math.isfinite(grad_norm) and grad_norm > 0 and metrics["perf/completion_len"] == T,
                seconds=gs.clock(torch.device(device)) - t0,
                **(dict(peak_gb=torch.cuda.max_memory_allocated() / 1e9) if cuda else {}),
@@ -1290,8 +1290,8 @@ def speed(args) -> None:
     completions = s.tokens
     mask = torch.ones_like(completions, dtype=torch.bool)
     adv = torch.randn(B * G, device=device)
-    def update(m, b, g, train_encoder=True, logprobs=gs.completion_logprobs):
-        logp = logprobs(m, b, completions, g, train_encoder=train_encoder)
+    def update(m, b, g, train_encoder=True, logprobs=gs.completion_logprobs, encoded=None):
+        logp = logprobs(m, b, completions, g, train_encoder=train_encoder, encoded=encoded)
         loss, _ = gs.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
         loss.backward()
         m.zero_grad(set_to_none=True)
@@ -1307,12 +1307,13 @@ def speed(args) -> None:
 
     # 2b. the teacher-forced pass: the LM reads each prompt once per group vs once per completion,
     # the frozen encoder's states given, as train() gives them
-    held = gs.Batch(*list(vars(batch).values())[:-1], gs.encoder_states(model, batch))
-    t_shared, t_each = (timed(lambda: f(model, held, G, False), args.repeats) for f in (update, each))
+    held = gs.encoder_states(model, batch)
+    t_shared, t_each = (timed(lambda: f(model, batch, G, False, encoded=held), args.repeats)
+                        for f in (update, each))
     with torch.no_grad():
-        ng_shared, ng_each = (timed(lambda: f(model, held, completions, G), args.repeats)
+        ng_shared, ng_each = (timed(lambda: f(model, batch, completions, G, encoded=held), args.repeats)
                               for f in (gs.completion_logprobs, per_completion_logprobs))
-    kept = {name: saved_bytes(lambda: f(model, held, G, False), model)
+    kept = {name: saved_bytes(lambda: f(model, batch, G, False, encoded=held), model)
             for name, f in (("shared", update), ("each", each))}
 
     # 3. bf16 autocast and torch.compile against eager fp32 (encoder frozen, as in training)
@@ -1361,6 +1362,29 @@ def speed(args) -> None:
           f"{t_ours * 1e3:.0f} ms")
 
     print(f"{t_hf / t_ours:.2f}x")
+    ms = lambda base, ours: f"**{base / ours:.2f}x** ({base * 1e3:.0f} / {ours * 1e3:.0f} ms)"
+    rows = [["teacher-forced pass, prompt once per group vs once per completion, forward + backward",
+             ms(t_each, t_shared)],
+            ["the same, no grad (pi_ref, pi_old)", ms(ng_each, ng_shared)],
+            ["tensors kept for the backward, per completion / shared",
+             f"{kept['each'] / 2**20:.1f} / {kept['shared'] / 2**20:.1f} MiB"],
+            [f"group sampling, {B} prompts x {G} samples x {T} tokens, vs `generate("
+             f"num_return_sequences={G}, do_sample=True)`", ms(t_hf, t_ours)],
+            ["policy forward + backward, encoder once per group vs once per completion (encoder "
+             "trained)", f"{t_per / t_once:.2f}x"],
+            ["bf16 autocast vs fp32, forward + backward", f"{t_fp32 / t_bf16:.2f}x"],
+            ["`torch.compile` of the LM vs eager, forward + backward", f"{t_fp32 / t_compile:.2f}x"],
+            [f"achieved FLOP/s of the update ({flops / 1e9:.2f} GFLOP) vs the fp32 matmul peak",
+             f"{flops / t_fp32 / 1e9:.0f} of {peak / 1e9:.0f} GFLOP/s"],
+            ["one step, by part: sampling / reward / reference log-probs / policy update",
+             f"{t_ours:.3f} / {t_reward:.3f} / {t_ref:.3f} / {t_fp32:.3f} s"]]
+    text = (f"`python bench_grpo_speech.py --speed` on {device}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}: each ratio is baseline time / ours, median of {args.repeats} "
+            f"after a warm-up, same process, same inputs.\n\n"
+            + md_table(["", "measured"], rows) + "\n\nAt the paper's scale (computed, not measured):\n\n"
+            + prompt_sharing_table(G) + "\n")
+    (HERE / "runs").mkdir(exist_ok=True)
+    publish(HERE / "runs" / "speed.md", text, "speed" if args.model == str(SHIPPED) else None)
 
 
 # The README's tables, one option each (the first given runs): (flag, function, argparse keywords)

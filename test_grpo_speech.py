@@ -3409,3 +3409,73 @@ def test_families_state_the_interface_and_the_refusal_lists_them(tmp_path, monke
     with pytest.raises(gs.InputError, match=r"supported: Granite Speech \('granite_speech'\), Qwen2-Audio "
                                             r"\('qwen2_audio'\), Voxtral \('voxtral'\)"):
         gs.model_files(str(src))
+
+
+def test_bench_voices_scores_each_voice_set_of_the_comparison_runs(tmp_path):
+    """--voices on a compare root of synthetic hypotheses: exact on voice set A, empty on C, the first k words of
+    the reference on B (k by method and seed). Each cell against sacrebleu's corpus BLEU of the set computed here
+    (voices from synthesis.jsonl by id, the sets as data/README.md lists them), mean ± std over the seeds; the
+    gains table from those means; README untouched under --out; a missing run is one line, exit 2."""
+    import statistics
+    sets = {"B": ["en-gb-scotland", "en-029+f1", "en-us+klatt2"],
+            "C": ["en-gb-x-gbclan+m2", "en-gb-x-gbcwmd+f5", "en-029+klatt"]}
+    voice = {r["id"]: r["voice"] for r in map(json.loads, (DATA / "audio" / "synthesis.jsonl").open())}
+    set_of = lambda i: next((k for k, v in sets.items() if voice[i] in v), "A")
+    runs = {"start model": "sft", "SFT": "sft", "GRPO": "grpo", "MP-GRPO": "mp-grpo", "SFT → GRPO": "sft-grpo",
+            "SFT → SFT": "sft-sft"}
+    seeds = (0, 1)
+    expected, counts = {}, {}
+    for task in ("ast", "sqa"):
+        rows = [json.loads(l) for l in (DATA / task / "test.jsonl").read_text().splitlines()]
+        counts[task] = collections.Counter(set_of(r["id"]) for r in rows)
+        for m, (method, name) in enumerate(runs.items()):
+            kind = "base" if method == "start model" else "final"
+            for decoding, suffix in (("greedy", ""), ("sampled", "_sample")):
+                for seed in seeds:
+                    k = 1 + m + 2 * seed + len(suffix) // 7
+                    hyps = [{"id": r["id"], "ref": r["target"],
+                             "hyp": {"A": r["target"], "B": " ".join(r["target"].split()[:k]), "C": ""}[
+                                 set_of(r["id"])]} for r in rows]
+                    run = tmp_path / f"{task}-{name}-s{seed}"
+                    run.mkdir(exist_ok=True)
+                    (run / f"hyps_{kind}{suffix}.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hyps))
+                    for s in "ABC":
+                        H = [h["hyp"] for h in hyps if set_of(h["id"]) == s]
+                        R = [h["ref"] for h in hyps if set_of(h["id"]) == s]
+                        expected.setdefault((task, method, decoding, s), []).append(
+                            sacrebleu.corpus_bleu(H, [R]).score)
+    assert all(counts[t][s] for t in counts for s in "ABC")
+    readme = (REPO / "README.md").read_bytes()
+    cmd = [sys.executable, str(REPO / "bench_grpo_speech.py"), "--voices", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (REPO / "README.md").read_bytes() == readme
+    text = (tmp_path / "voices.md").read_text()
+    assert text in p.stdout
+    lines = [l.strip("| ").split(" | ") for l in text.splitlines() if l.startswith("| ")]
+    header, cells = lines[0], {tuple(l[:3]): l[3:] for l in lines[1:] if l[2] in ("greedy", "sampled")}
+    for s, col in zip("ABC", header[3:]):
+        assert col.endswith(f"({counts['ast'][s]} / {counts['sqa'][s]})"), col
+    fmt = lambda xs: f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+    assert len(cells) == 2 * len(runs) * 2
+    for (task, method, decoding, s), xs in expected.items():
+        assert cells[task, method, decoding]["ABC".index(s)] == fmt(xs), (task, method, decoding, s)
+    assert {round(xs[0], 9) for (_, _, _, s), xs in expected.items() if s != "B"} == {100.0, 0.0}
+    gains = {tuple(l[:2]): l[2:] for l in lines if len(l) == 8 and l[1].endswith(("start model", "GRPO"))
+             and l[0] in ("ast", "sqa")}
+    for task in ("ast", "sqa"):
+        for method, base in [*((m, "start model") for m in list(runs)[1:]), ("SFT", "GRPO")]:
+            want = [f"{statistics.mean(expected[task, method, d, s]) - statistics.mean(expected[task, base, d, s]):+.1f}"
+                    for d in ("greedy", "sampled") for s in "ABC"]
+            assert gains[task, f"{method} over {base}"] == want, (task, method)
+    (tmp_path / "sqa-sft-sft-s1" / "hyps_final_sample.jsonl").unlink()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "sqa-sft-sft-s1/hyps_final_sample.jsonl: missing" in p.stderr, p.stderr
+
+
+def test_bench_full_size_phases_name_functions_of_grpo_speech():
+    """--full-size times a run by wrapping these grpo_speech functions (a rename would stop its worker)."""
+    import bench_grpo_speech as bench
+    assert all(callable(getattr(gs, name, None)) for name in [*bench.PHASES, "train"])
+    assert set(bench.ORDER) == {p for phases in bench.PHASES.values() for p in phases.values()} | {"other"}
