@@ -555,9 +555,12 @@ def memory(args) -> None:
                       ref_lora * c["projector"]]))
     names = ["weights", "gradients", "AdamW moments", "reference pi_ref"]
     fmt = lambda x: f"{x / GB:.1f}" if x >= GB else f"{x / GB:.2f}"
-    print("\n" + md_table(["GB (1e9 bytes)", *(h for h, _ in cols)],
-                          [[name, *(fmt(v[i]) for _, v in cols)] for i, name in enumerate(names)] +
-                          [["**total before activations**", *(f"**{fmt(sum(v))}**" for _, v in cols)]]))
+    table = md_table(["GB (1e9 bytes)", *(h for h, _ in cols)],
+                     [[name, *(fmt(v[i]) for _, v in cols)] for i, name in enumerate(names)] +
+                     [["**total before activations**", *(f"**{fmt(sum(v))}**" for _, v in cols)]])
+    print("\n" + table)
+    if args.model == str(SHIPPED):   # bytes per parameter measured on the shipped model: README's table
+        replace_readme_block("memory", table + "\n")
     print(f"\nmeasured bytes per parameter (fp32 master weights): weights {w:.0f}, gradients {g:.0f}, AdamW {a:.0f} "
           f"(two moments), reference {per('full', 'reference', 'n_reference'):.0f} (fp32) or {ref16:.0f} (--bf16); "
           f"--lora: the reference shares the LM and copies only the projector ({ref_lora:.0f} B/param); "
