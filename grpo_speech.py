@@ -1,44 +1,27 @@
 """grpo_speech.py: GRPO for speech-aware language models, in one readable file.
 
-A speech-aware LM (SALLM) takes audio plus a text instruction and writes text. This file
-fine-tunes one, Granite Speech (conformer encoder, window Q-Former projector, Granite LM:
-transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy Optimisation
-and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in Speech-Aware
-Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, MP-GRPO (the
-reference answer as an off-policy group member) and evaluation. The same code trains a second
-family, Qwen2-Audio (`Qwen2AudioForConditionalGeneration`, `--model Qwen/Qwen2-Audio-7B-Instruct`):
-what differs between families sits in one section, "model families". Part I is the lesson, read top
-to bottom in the order data flows: config, audio, text, model families, data, model, sampling,
-rewards, advantages, losses, one step, the training loop, evaluation. Part II is the machinery
-that runs the same code in the paper's setting: LoRA, released checkpoints, data layouts and
-input checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
+A speech-aware LM takes audio plus a text instruction and writes text. This file fine-tunes one,
+Granite Speech (transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy
+Optimisation and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in
+Speech-Aware Language Models with GRPO" (arXiv 2509.16990), beside the SFT baseline, MP-GRPO (the
+reference answer as an off-policy group member) and evaluation. Part I is the lesson, in the order
+data flows; Part II is the machinery: a second family (Qwen2-Audio), LoRA, released checkpoints,
+data layouts and input checks, processes (torchrun), checkpoints and faults, beam search, the CLI.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by data/make_model.py on
-    espeak-ng speech; `--model ibm-granite/granite-speech-3.3-2b` runs the same code on the real
-    one: its LoRA adapter merged at load (exact: every prompt carries audio), its logits divided
-    by `logits_scaling` (lm_logits), the model card's system turn with a fixed date.
-  * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm on
-    running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
-  * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
-    conformer, which has no padding mask, hears the padding): an answer never depends on its
-    batch mates, so on CPU batch size, process count and resumption leave results unchanged
-    (on CUDA, repeat_interleave's backward and cumsum are not deterministic: close, not equal).
-  * MP-GRPO keeps the KL term on the reference answer's tokens too. The reference is cut to the
-    completion budget like a sample and rewarded as cut. reward/mean is the samples' mean,
-    reward/ref_mean the reference's, and reward/std and reward/zero_std_frac the mixed groups'.
-  * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
-    constant, as TRL and the Dr. GRPO paper do.
-  * best/ is chosen by greedy dev BLEU over every dev utterance (step 0 included); the test
-    split is scored greedy and with the paper's decoding (T 0.9, top-p 0.9); beam search (the
-    model card's num_beams=4) on request. Test metrics: BLEU, chrF, ROUGE-1/2/L (and WER for
-    asr); not the paper's METEOR and BERTScore, which need WordNet data and a BERT model.
-  * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
-    `--lora R` trains a rank-R LoRA on the LM instead (as IBM trained the released adapter).
-  * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
-    48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps.
-  * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1 (with
-    mu > 1 a step is one rollout: its mu updates share one learning rate, metrics average them).
+    espeak-ng speech; `--model ibm-granite/granite-speech-3.3-2b` runs the real one.
+  * Rollouts, log-probs and SFT run in eval mode (no dropout, BatchNorm frozen), so that the
+    ratio s_{i,t} is exactly 1 on-policy.
+  * Each utterance is encoded alone (the conformer has no padding mask), so on CPU no answer
+    depends on batch size, process count or resumption.
+  * MP-GRPO keeps the KL term on the reference answer's tokens, and cuts the reference to the
+    completion budget like a sample.
+  * best/ is chosen by greedy dev BLEU (step 0 included); test is scored greedy and with the
+    paper's sampling (T 0.9, top-p 0.9); BLEU, chrF, ROUGE and WER, not METEOR or BERTScore.
+  * The audio encoder is frozen unless --train-encoder; --lora R trains a LoRA on the LM instead.
+  * Defaults fit a 2-core CPU: 4 prompts x G=8, completions of 48 tokens (the paper: 200).
+  * Not stated in the paper, chosen here: epsilon 0.2, the k3 KL estimator, mu = 1.
 
 First commands:
   python grpo_speech.py --task ast --mode eval          # score the shipped start model
@@ -274,46 +257,6 @@ def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: i
     return math.ceil(encoder_frames / window_size) * (window_size // downsample_rate)
 
 
-# Qwen2-Audio hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded
-# with silence to 30 s (3000 frames) and a mask of its real frames. The encoder halves the frames
-# twice (a stride-2 convolution, then average pooling): 25 LM embeddings a second.
-WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padded to 30 s
-
-
-@functools.cache
-def whisper_mel_filters() -> torch.Tensor:
-    """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
-    mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
-    return torch.from_numpy(mel_filter_bank(
-        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
-        sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
-
-
-def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Qwen2-Audio features of one utterance, (128, 3000), and its real frames l: exactly
-    WhisperFeatureExtractor (128 mels). The clip zero-padded to 30 s, power spectrogram (n_fft
-    400, Hann window, hop 160, centred, the last frame dropped), log10 floored at (max - 8),
-    (+4) / 4. The max is the padded clip's: the silence counts, so features of a clip never
-    depend on anything but the clip."""
-    wave = wave[:WHISPER_SAMPLES]
-    x = F.pad(wave, (0, WHISPER_SAMPLES - wave.numel()))                     # (480000,)
-    spec = torch.stft(x, n_fft=400, hop_length=160, window=torch.hann_window(400),
-                      return_complex=True)[:, :-1].abs() ** 2                  # (201, 3000)
-    logmel = (whisper_mel_filters().T @ spec).clamp(min=1e-10).log10()         # (128, 3000)
-    logmel = (torch.maximum(logmel, logmel.max() - 8.0) + 4.0) / 4.0
-    return logmel, math.ceil(wave.numel() / 160)    # the feature mask's sum: frames with audio
-
-
-def whisper_encoder_frames(frames: int) -> int:
-    """Encoder positions that hold audio after the stride-2 convolution, of l real frames."""
-    return (frames - 1) // 2 + 1
-
-
-def whisper_audio_tokens(frames: int) -> int:
-    """<|AUDIO|> embeddings Qwen2-Audio makes from l real frames (Qwen2AudioProcessor's count)."""
-    return (whisper_encoder_frames(frames) - 2) // 2 + 1    # the stride-2 average pooling
-
-
 # -------------------------------------------------------------------------------- text ----
 # Prompts are the task instruction in the model's chat template; the one <|audio|> in it is
 # expanded to as many copies as the projector makes embeddings, which replace them in the LM.
@@ -469,75 +412,6 @@ class GraniteSpeech(Family):
             "projector_window_size": config.window_size, "return_attention_mask": True,
             "sampling_rate": SAMPLE_RATE}, "audio_token": AUDIO_TOKEN,
             "processor_class": "GraniteSpeechProcessor"}
-
-
-class Qwen2Audio(Family):
-    """Qwen2-Audio (Qwen2AudioForConditionalGeneration): a Whisper-large encoder on 30 s of
-    log-mel, one Linear projector, a Qwen2 LM; no adapter, no logits scaling."""
-    name = "Qwen2-Audio"
-    model_class = "Qwen2AudioForConditionalGeneration"
-    encoder_prefix = "model.audio_tower."
-    # no released adapter: every Linear of the LM's layers (ms-swift's all-linear default)
-    lora_targets = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
-    card_system = None                       # the template writes its own default system turn
-    max_seconds = WHISPER_SAMPLES / SAMPLE_RATE   # 30: longer clips would be cut, not heard
-    released_adapter = False
-
-    def tokenizer(self, path: Path):
-        """With the processor's chat template where the checkpoint has it (chat_template.json):
-        the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if (template := Path(path) / "chat_template.json").is_file():
-            try:
-                tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
-            except (ValueError, TypeError, KeyError):   # not JSON, not an object, no key
-                raise InputError(f"{template}: not a JSON object with a \"chat_template\" "
-                                 "string") from None
-        return tokenizer
-
-    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
-        """(128, 3000) Whisper features, the real frames l, and 25 audio embeddings a second."""
-        feats, frames = whisper_log_mel(wave)
-        return feats, frames, whisper_audio_tokens(frames)
-
-    def user_turn(self, text: str) -> list[dict]:
-        """The audio, then the instruction without its <|audio|>: the template writes
-        'Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>' before the text, as the model card."""
-        # the template asks for an 'audio' (or 'audio_url') key; it never reads its value
-        return [{"type": "audio", "audio": "clip"},
-                {"type": "text", "text": " ".join(text.replace(AUDIO_TOKEN, " ").split())}]
-
-    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
-        """(1, 750, H): the encoder on all 3000 frames (it refuses fewer), its attention kept
-        off the padding after the stride-2 convolution, as Qwen2AudioModel builds the mask."""
-        from transformers.masking_utils import create_bidirectional_mask
-        tower = model.model.audio_tower
-        positions = feats.shape[-1] // 2                                        # 1500
-        keep = torch.arange(positions, device=feats.device) < whisper_encoder_frames(frames)
-        like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
-        mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
-                                         inputs_embeds=like)
-        return tower(feats[None], attention_mask=mask).last_hidden_state
-
-    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
-        """(1, A, D): the first A = whisper_audio_tokens(l) states, projected."""
-        return model.model.multi_modal_projector(states[:, :whisper_audio_tokens(frames)])
-
-    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """The head alone: Qwen has no logits scaling (its head is untied from the embeddings)."""
-        return model.lm_head(hidden)
-
-    def processor_config(self, config) -> dict:
-        """processor_config.json as Qwen2AudioProcessor.save_pretrained writes it (5.x)."""
-        from transformers import WhisperFeatureExtractor
-        whisper = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
-        return {"audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
-                "audio_token": "<|AUDIO|>", "feature_extractor": whisper.to_dict(),
-                "processor_class": "Qwen2AudioProcessor"}
-
-
-FAMILIES: dict[str, Family] = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}
 
 
 def family(config) -> Family:
@@ -1575,6 +1449,116 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 # =========================================================================================
 # === Part II: the machinery (LoRA, released checkpoints, data layouts, processes, faults, CLI)
 # =========================================================================================
+
+
+# -------------------------------------------------------- a second family: Qwen2-Audio ----
+# Qwen2-Audio hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded
+# with silence to 30 s (3000 frames) and a mask of its real frames. The encoder halves the frames
+# twice (a stride-2 convolution, then average pooling): 25 LM embeddings a second.
+WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padded to 30 s
+
+
+@functools.cache
+def whisper_mel_filters() -> torch.Tensor:
+    """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
+    mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
+    return torch.from_numpy(mel_filter_bank(
+        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
+
+
+def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Qwen2-Audio features of one utterance, (128, 3000), and its real frames l: exactly
+    WhisperFeatureExtractor (128 mels). The clip zero-padded to 30 s, power spectrogram (n_fft
+    400, Hann window, hop 160, centred, the last frame dropped), log10 floored at (max - 8),
+    (+4) / 4. The max is the padded clip's: the silence counts, so features of a clip never
+    depend on anything but the clip."""
+    wave = wave[:WHISPER_SAMPLES]
+    x = F.pad(wave, (0, WHISPER_SAMPLES - wave.numel()))                     # (480000,)
+    spec = torch.stft(x, n_fft=400, hop_length=160, window=torch.hann_window(400),
+                      return_complex=True)[:, :-1].abs() ** 2                  # (201, 3000)
+    logmel = (whisper_mel_filters().T @ spec).clamp(min=1e-10).log10()         # (128, 3000)
+    logmel = (torch.maximum(logmel, logmel.max() - 8.0) + 4.0) / 4.0
+    return logmel, math.ceil(wave.numel() / 160)    # the feature mask's sum: frames with audio
+
+
+def whisper_encoder_frames(frames: int) -> int:
+    """Encoder positions that hold audio after the stride-2 convolution, of l real frames."""
+    return (frames - 1) // 2 + 1
+
+
+def whisper_audio_tokens(frames: int) -> int:
+    """<|AUDIO|> embeddings Qwen2-Audio makes from l real frames (Qwen2AudioProcessor's count)."""
+    return (whisper_encoder_frames(frames) - 2) // 2 + 1    # the stride-2 average pooling
+
+
+class Qwen2Audio(Family):
+    """Qwen2-Audio (Qwen2AudioForConditionalGeneration): a Whisper-large encoder on 30 s of
+    log-mel, one Linear projector, a Qwen2 LM; no adapter, no logits scaling."""
+    name = "Qwen2-Audio"
+    model_class = "Qwen2AudioForConditionalGeneration"
+    encoder_prefix = "model.audio_tower."
+    # no released adapter: every Linear of the LM's layers (ms-swift's all-linear default)
+    lora_targets = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+    card_system = None                       # the template writes its own default system turn
+    max_seconds = WHISPER_SAMPLES / SAMPLE_RATE   # 30: longer clips would be cut, not heard
+    released_adapter = False
+
+    def tokenizer(self, path: Path):
+        """With the processor's chat template where the checkpoint has it (chat_template.json):
+        the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (template := Path(path) / "chat_template.json").is_file():
+            try:
+                tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
+            except (ValueError, TypeError, KeyError):   # not JSON, not an object, no key
+                raise InputError(f"{template}: not a JSON object with a \"chat_template\" "
+                                 "string") from None
+        return tokenizer
+
+    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
+        """(128, 3000) Whisper features, the real frames l, and 25 audio embeddings a second."""
+        feats, frames = whisper_log_mel(wave)
+        return feats, frames, whisper_audio_tokens(frames)
+
+    def user_turn(self, text: str) -> list[dict]:
+        """The audio, then the instruction without its <|audio|>: the template writes
+        'Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>' before the text, as the model card."""
+        # the template asks for an 'audio' (or 'audio_url') key; it never reads its value
+        return [{"type": "audio", "audio": "clip"},
+                {"type": "text", "text": " ".join(text.replace(AUDIO_TOKEN, " ").split())}]
+
+    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, 750, H): the encoder on all 3000 frames (it refuses fewer), its attention kept
+        off the padding after the stride-2 convolution, as Qwen2AudioModel builds the mask."""
+        from transformers.masking_utils import create_bidirectional_mask
+        tower = model.model.audio_tower
+        positions = feats.shape[-1] // 2                                        # 1500
+        keep = torch.arange(positions, device=feats.device) < whisper_encoder_frames(frames)
+        like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
+        mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
+                                         inputs_embeds=like)
+        return tower(feats[None], attention_mask=mask).last_hidden_state
+
+    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, A, D): the first A = whisper_audio_tokens(l) states, projected."""
+        return model.model.multi_modal_projector(states[:, :whisper_audio_tokens(frames)])
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The head alone: Qwen has no logits scaling (its head is untied from the embeddings)."""
+        return model.lm_head(hidden)
+
+    def processor_config(self, config) -> dict:
+        """processor_config.json as Qwen2AudioProcessor.save_pretrained writes it (5.x)."""
+        from transformers import WhisperFeatureExtractor
+        whisper = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+        return {"audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+                "audio_token": "<|AUDIO|>", "feature_extractor": whisper.to_dict(),
+                "processor_class": "Qwen2AudioProcessor"}
+
+
+FAMILIES: dict[str, Family] = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}
 
 
 # -------------------------------------------------------------------------------- LoRA ----
