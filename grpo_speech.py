@@ -181,9 +181,7 @@ class Config:
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int = 6,
              rolloff: float = 0.99) -> torch.Tensor:
-    """Band-limited polyphase resampling with a Hann-windowed sinc (torchaudio's algorithm):
-    with both rates divided by their gcd, output phase j of each block of `new` samples is the
-    input dotted with a sinc centred at j * orig / new, low-passed below the lower Nyquist."""
+    """Band-limited polyphase resampling with a Hann-windowed sinc, torchaudio's algorithm."""
     if orig_sr == new_sr:
         return wave
     g = math.gcd(orig_sr, new_sr)
@@ -219,18 +217,15 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE, where: str = 
 
 @functools.cache
 def granite_mel_filters() -> torch.Tensor:
-    """(257, 80) HTK-scale triangles with no area normalisation, 0-8 kHz: torchaudio's
-    MelSpectrogram defaults, which GraniteSpeechFeatureExtractor uses (transformers'
-    mel_filter_bank builds them equal in fp32)."""
+    """(257, 80) HTK mel triangles, 0-8 kHz, unnormalised: GraniteSpeechFeatureExtractor's."""
     return torch.from_numpy(mel_filter_bank(
         num_frequency_bins=257, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
         sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk")).float()
 
 
 def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Granite Speech features for a batch, (B, F, 160), and (B,) audio-token counts: exactly
-    GraniteSpeechFeatureExtractor. Power spectrogram (n_fft 512, 400-sample Hann window, hop 160,
-    centred), 80 HTK mel bands, log10 floored at (max - 8), /4 + 1, frame pairs stacked."""
+    """Granite Speech features, (B, F, 160), and (B,) audio-token counts: exactly
+    GraniteSpeechFeatureExtractor (log10 mel power floored at max - 8, frame pairs stacked)."""
     lengths = torch.tensor([w.numel() for w in waves])
     x = pad_sequence(waves, batch_first=True)                                  # (B, S)
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
@@ -269,11 +264,8 @@ CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.
 
 
 def system_turn(tokenizer, system_prompt: str, config) -> str | None:
-    """The system turn text for --system-prompt (None: none). auto asks the chat template: one
-    that writes a system turn of its own for a user turn alone (released Granite 3.x, dated
-    today) gets the model card's (the family's card_system), dated; one that writes none (the
-    shipped model's) gets none. A family with no card system turn (Qwen2-Audio: its template's
-    own, undated) gets none: the template writes its default."""
+    """The system turn for --system-prompt (None: none). auto gives the family's card_system
+    only when the chat template writes a dated system turn of its own (released Granite 3.x)."""
     if system_prompt != "auto":
         return None if system_prompt in ("", "none") else system_prompt
     card = family(config).card_system
@@ -292,8 +284,7 @@ def system_turn(tokenizer, system_prompt: str, config) -> str | None:
 
 def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id: int,
                   system: str | None = None) -> list[int]:
-    """The chat's user turn (the family's: the instruction holding <|audio|>, or a list of
-    audio and text parts), its one audio token expanded to n_audio copies."""
+    """The chat's token ids, its one audio token expanded to n_audio copies."""
     turns = [{"role": "system", "content": system}] if system is not None else []
     turns.append({"role": "user", "content": user_turn})
     chat = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -305,24 +296,20 @@ def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id
 
 
 def encode_target(tokenizer, text: str, eos_id: int) -> list[int]:
-    """A reference completion: its tokens and the stop token (the family's), an action too."""
+    """A reference completion's ids, ending in the stop token (an action too)."""
     return tokenizer(text, add_special_tokens=False).input_ids + [eos_id]
 
 
 # ---------------------------------------------------------------------- model families ----
-# What differs between speech LM families, and nothing else, chosen by the checkpoint's config
-# `model_type`: the rest of the file asks family(config) and never which one it has. Both share
-# the rest: a causal LM at model.model.language_model, its head at model.lm_head, input
-# embeddings at model.get_input_embeddings(), an audio token whose embeddings the audio replaces
-# (prompt_embeddings), 1-D RoPE positions (positions). Family is the whole contract.
+# What differs between speech LM families, and nothing else, chosen by the config's model_type:
+# the rest of the file asks family(config), never which one it has. All share a causal LM at
+# model.model.language_model, its head at model.lm_head, an audio token whose embeddings the audio
+# replaces, and 1-D RoPE positions. Part II holds the second family, Qwen2-Audio.
 
 
 class Family(Protocol):
-    """What a family writes: seven names and eight methods. A third family subclasses it and adds
-    one FAMILIES entry. Qwen2.5-Omni's thinker (model_type qwen2_5_omni) also needs its config
-    read from thinker_config, its weights' thinker. prefix, and M-RoPE positions, which
-    positions() does not make (a hook there); Voxtral's processor expands the audio tokens
-    itself, so its features() returns the count its processor writes."""
+    """What a family writes: seven names and eight methods. A new family subclasses it and adds
+    one FAMILIES entry (Part II, beside Qwen2-Audio)."""
     name: str                   # for messages: "Granite Speech"
     model_class: str            # the transformers class that loads it
     encoder_prefix: str         # parameter names frozen unless --train-encoder
@@ -353,9 +340,8 @@ class Family(Protocol):
         """processor_config.json for a checkpoint whose source had none."""
 
     def stop_id(self, config) -> int:
-        """The token that ends a completion: the LM config's eos (model_files fills it from
-        generation_config.json, which transformers' generate stops on, where config.json has
-        none); the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
+        """The token that ends a completion: the LM config's eos, which generate stops on (the
+        tokenizer's may differ: a Qwen2 tokenizer's is <|endoftext|>)."""
         eos = config.text_config.eos_token_id
         return eos[0] if isinstance(eos, list) else eos
 
@@ -372,7 +358,6 @@ class GraniteSpeech(Family):
     released_adapter = True                  # the 3.3 releases' LoRA, merged at load
 
     def tokenizer(self, path: Path):
-        """The tokenizer whose chat template writes the prompt."""
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(path)
 
@@ -395,14 +380,12 @@ class GraniteSpeech(Family):
         return model.model.projector(states[:, :frames])
 
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5's
-        GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1
-        nearly greedy, a wrong KL), so callers never read model(...).logits."""
+        """Divided by logits_scaling (8 for the 3.3 2B), which transformers 5's class forgets:
+        unscaled logits sample nearly greedy at temperature 1 and give a wrong KL."""
         return model.lm_head(hidden) / model.config.text_config.logits_scaling
 
     def processor_config(self, config) -> dict:
-        """processor_config.json as transformers' GraniteSpeechProcessor.save_pretrained writes it
-        for the front end of log_mel_batch and num_audio_tokens (no torchaudio needed)."""
+        """processor_config.json as GraniteSpeechProcessor.save_pretrained writes it."""
         mel = {"hop_length": 160, "n_fft": 512, "n_mels": 80, "sample_rate": SAMPLE_RATE,
                "win_length": 400}
         return {"audio_processor": {
@@ -415,7 +398,7 @@ class GraniteSpeech(Family):
 
 
 def family(config) -> Family:
-    """The family of a model's config (load_model has refused any other model_type)."""
+    """The family of a model's config (FAMILIES, in Part II, lists every one)."""
     return FAMILIES[config.model_type]
 
 
@@ -461,8 +444,7 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
 
 
 class SpeechData:
-    """Examples and a seeded, resumable order; audio decoded when a batch needs it (milliseconds
-    a clip), so memory stays flat whatever the split's size."""
+    """Examples and a seeded, resumable order; audio is decoded when a batch needs it."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -513,9 +495,8 @@ class Batch:
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *, config,
             system: str | None = None) -> Batch:
-    """Features of each utterance alone (Granite's encoder has no padding mask: batch padding
-    would make an answer depend on its batch mates); `config` is the model's, whose family
-    makes the features and the user turn."""
+    """B prompts with each utterance's features made alone, by the family of the model's
+    `config`: batch padding would make an answer depend on its batch mates."""
     fam = family(config)
     feats, frames, n_audio = zip(*(fam.features(data.wave(i), config) for i in idx))
     frames, n_audio = torch.tensor(frames), torch.tensor(n_audio)
@@ -535,10 +516,8 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """A speech LM of a known family and its tokenizer by local path or hub id, frozen
-    (setup_training says what trains: frozen weights need no autocast copies). Part II finds and
-    checks the files, and merges the released Granite 3.3 checkpoints' LoRA adapter into the LM
-    weights, peft or not: transformers gets the weights, not the directory, so it never sees it."""
+    """A speech LM and its tokenizer by local path or hub id, frozen (setup_training says what
+    trains). Part II finds and checks the files, and merges a released LoRA adapter first."""
     import transformers
     path, config, weights = model_files(name)                 # Part II: checks, hub, shards
     fam = family(config)
@@ -559,9 +538,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
 
 
 def suppressed_ids(tokenizer, config) -> torch.Tensor:
-    """Tokens a completion must never contain: specials but the family's stop token (a Qwen2
-    tokenizer's own eos is <|endoftext|>, the chat's <|im_end|>), <|audio|>, and ids past the
-    tokenizer. A sampled <|audio|> id would be replaced by audio features in the next forward."""
+    """Tokens a completion must never contain: specials but the stop token, ids past the
+    tokenizer, and <|audio|>, which the next forward would replace by audio features."""
     vocab_size = config.text_config.vocab_size
     bad = (set(tokenizer.all_special_ids) | {config.audio_token_id}
            | set(range(len(tokenizer), vocab_size)))
@@ -570,9 +548,8 @@ def suppressed_ids(tokenizer, config) -> torch.Tensor:
 
 
 def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """(B, F, H): the encoder on each utterance alone (the family's: Granite's on its own frames,
-    zero-padded to the batch's longest; Qwen2-Audio's on all 3000, its padding masked). A frozen
-    encoder runs without autograd: none of its activations are kept."""
+    """(B, F, H): the family's encoder on each utterance alone, zero-padded to the longest. A
+    frozen encoder runs without autograd, so none of its activations are kept."""
     fam = family(model.config)
     with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
         return pad_sequence([fam.encode(model, feats, n)[0]
@@ -582,9 +559,9 @@ def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Te
 
 def audio_embeddings(model, batch: Batch, train_encoder: bool = False,
                      encoded: torch.Tensor | None = None) -> torch.Tensor:
-    """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
-    tokens. `encoded` is the frozen encoder's (B, F, H) states when the caller has them: they
-    depend on the audio alone, so train() runs the encoder once for a whole step."""
+    """(B, A, D): encoder + projector on each utterance, zero rows past its audio tokens.
+    `encoded` is the frozen encoder's states when the caller has them (train() runs it once a
+    step)."""
     if encoded is None:
         encoded = encoder_states(model, batch, train_encoder)                  # (B, F, H)
     fam = family(model.config)
@@ -596,9 +573,8 @@ def audio_embeddings(model, batch: Batch, train_encoder: bool = False,
 
 def prompt_embeddings(model, batch: Batch, train_encoder: bool = False,
                       encoded: torch.Tensor | None = None) -> torch.Tensor:
-    """The LM's input embeddings for B prompts, the audio spliced in at the audio token's ids:
-    (B, P, D), as both families' transformers classes do it. The G completions of a group repeat
-    the result, not the encoder."""
+    """(B, P, D): the LM's input embeddings for B prompts, the audio spliced in at the audio
+    token's positions, as the transformers classes do it."""
     audio = audio_embeddings(model, batch, train_encoder, encoded)            # (B, A, D)
     is_audio = batch.input_ids == model.config.audio_token_id                  # (B, P)
     embeds = model.get_input_embeddings()(torch.where(is_audio, 0, batch.input_ids))
@@ -613,11 +589,9 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def prompt_mask(model, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
     """The attention mask of a pass over P left-padded prompt positions: (B, K) as given when
-    no row is padded, else (B, 1, P, K), causal over the real keys, where each pad position also
-    sees itself. transformers 5.25 leaves a pad query with no key at all; some CUDA kernels give
-    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN).
-    transformers passes a 4D mask through as given: boolean for SDPA (True: attend), additive
-    (0 or the fp32 minimum) for eager attention, which adds it to the scores."""
+    no row is padded, else (B, 1, P, K), causal over the real keys, each pad position also seeing
+    itself. transformers 5.25 leaves a pad query with no key, where some CUDA kernels give NaN
+    that the next layer carries into every real row. Boolean for SDPA, additive for eager."""
     # one host sync per prompt pass (a step's, a micro-batch's), never per token
     if bool(attention_mask.all()):  # transformers' own causal path: kept, no mask made
         return attention_mask
@@ -631,18 +605,17 @@ def prompt_mask(model, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from the LM's last hidden states, the one place they are computed, by
-    the family (Granite scales them): callers run model.model and never read model(...).logits."""
+    """Next-token logits from the LM's last hidden states, by the family (Granite scales them):
+    the one place they are computed, so no caller reads model(...).logits."""
     # contiguous: a strided (N, T, D) slice sends the bf16 head to a batched matmul that expands
     # the (V, D) weight N times (README: memory)
     return family(model.config).logits(model, hidden.contiguous())
 
 
 class PromptCache(DynamicCache):
-    """The keys and values of B prompts: the prompts' pass writes them, once per layer, and the
-    completions' pass reads them through for_groups(G), each prompt's repeated for its group.
-    Neither appends, so a layer that --grad-checkpointing reruns in the backward writes, or
-    reads, the same tensors again (a growing cache would double its length there)."""
+    """The keys and values of B prompts: the prompts' pass writes them and the completions'
+    pass reads them through for_groups(G), each repeated for its group. Neither appends, so a
+    layer rerun in the backward by --grad-checkpointing sees the same tensors again."""
     group_size = 0                                          # 0: this cache is written
 
     def update(self, keys, values, layer_idx: int, *args, **kwargs):
@@ -664,12 +637,9 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                         temperature: float = 1.0, train_encoder: bool = False,
                         with_entropy: bool = False, encoded: torch.Tensor | None = None):
     """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
-    (under bf16 the ratio of two nearly equal probabilities drifts from 1).
-    The G completions of a group share their prompt q, and a causal LM's states at q's positions
-    do not depend on what follows q: so the LM runs once over the B prompts, and each completion
-    attends to its prompt's keys and values. The loss is the same function of the same numbers;
-    autograd sums the G completions' gradients into the prompt's one pass, which is the gradient
-    running q G times would give (README: Speed)."""
+    (under bf16 the ratio of two nearly equal probabilities drifts from 1). A causal LM's states
+    at the prompt q do not depend on what follows it, so the LM reads the B prompts once and each
+    of the G completions attends to its prompt's keys and values (README: Speed)."""
     P, T = batch.attention_mask.shape[1], completions.shape[1]
     cache = PromptCache(config=model.config)
     prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder, encoded),
@@ -702,9 +672,9 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax over the whole
-    # vocabulary (top-p and suppression only choose the token, as in TRL). They are not pi_old,
-    # which training recomputes teacher-forced. Tests hold the two equal.
+    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax (top-p and
+    # suppression only choose the token, as in TRL). Training recomputes pi_old teacher-forced;
+    # tests hold the two equal.
     sampler_logp: torch.Tensor
 
     def token_lists(self) -> list[list[int]]:
@@ -714,11 +684,10 @@ class Samples:
 
 def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None,
             encoded: torch.Tensor | None = None):
-    """Encode and prefill B prompts once, then repeat the KV cache `copies` times: a group
-    shares its prompt, so it shares the prefill. Returns the cache, the (N, P + max_new_tokens)
-    attention mask, the (N, 1) next positions and (N, V) first logits of the N = B * copies
-    rows, and the (V,) mask of suppressed tokens. The cache is static (K/V buffers written in
-    place; a dynamic one copies itself every token); the causal mask hides later positions."""
+    """Prefill B prompts once and repeat the cache `copies` times, since a group shares its
+    prompt. Returns the static cache (written in place, where a dynamic one copies itself every
+    token), the (N, P + max_new_tokens) attention mask, the (N, 1) next positions, the (N, V)
+    first logits, and the (V,) mask of suppressed tokens."""
     from transformers import StaticCache
     B, P = batch.input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
@@ -742,10 +711,9 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
                   pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                   suppress: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
                   encoded: torch.Tensor | None = None) -> Samples:
-    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache in
-    lock-step (generate(num_return_sequences=G) would run the encoder G times). temperature 0
-    is greedy. Token t of row i inverts the CDF at uniforms[i, t], seeded per prompt
-    (row_uniforms): batch mates cannot change a completion."""
+    """G completions o_i ~ pi(. | q) for each of B prompts, decoded in lock-step from one
+    prefill (temperature 0: greedy). Token t of row i inverts the CDF at uniforms[i, t], seeded
+    per prompt (row_uniforms), so batch mates cannot change a completion."""
     N = batch.input_ids.shape[0] * group_size
     cache, attn, next_pos, logits, banned = prefill(model, batch, group_size, max_new_tokens,
                                                     suppress, encoded)
@@ -781,9 +749,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
 
 
 def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
-    """One token per row: the argmax at temperature 0, else a draw from the (top-p) distribution
-    without the banned tokens, inverting its CDF at the uniforms u (N,) (unlike
-    torch.multinomial, a pure function of (seed, step, prompt))."""
+    """One token per row: the argmax at temperature 0, else the (top-p) distribution without the
+    banned tokens, its CDF inverted at the (N,) uniforms u (unlike torch.multinomial, seeded)."""
     if temperature <= 0:
         return logits.masked_fill(banned, -float("inf")).argmax(-1)
     if top_p < 1.0:
@@ -841,8 +808,7 @@ def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
 
 
 def rouge_reward(completions: list[str], references: list[str], key: str) -> torch.Tensor:
-    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL; `rouge` is in the
-    evaluation section): the rewards the paper's ablation trains against BLEU's."""
+    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL), the paper's ablation."""
     return torch.tensor([rouge(c, r)[key] for c, r in zip(completions, references)])
 
 
@@ -861,9 +827,8 @@ REWARDS = {  # --reward; only the ranking within a group matters once advantages
 
 def group_advantages(rewards: torch.Tensor, group_size: int,
                      scale_rewards: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i. std
-    is unbiased, +1e-4 so an all-equal group gives A = 0, not 0/0; unscaled (Dr. GRPO), easy and
-    hard prompts are not re-weighted."""
+    """A_i = (r_i - mean(r)) / (std(r) + 1e-4) within each group of G, shared by all tokens of
+    o_i; a group whose rewards tie gets A = 0. Unscaled (Dr. GRPO) it is r_i - mean(r)."""
     r = rewards.view(-1, group_size)                                        # (B, G)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale_rewards:
@@ -881,8 +846,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
-    """Cross-entropy of the reference tokens (EOS included), a token mean. The sum is divided by
-    `normaliser`, the whole batch's token count, as in grpo_loss (default: this batch's)."""
+    """Cross-entropy of the reference tokens (EOS included), divided by `normaliser`, the whole
+    batch's token count as in grpo_loss (default: this batch's)."""
     if normaliser is None:
         normaliser = loss_normaliser(mask)
     return -(logp * mask).sum() / normaliser
@@ -891,17 +856,12 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.T
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
               epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None,
               normaliser=None):
-    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's section 2:
-    the clipped surrogate minus beta KL, with DAPO's token mean).
-    logp, old_logp and ref_logp are (N, T) log-probs of the policy, the behaviour policy and the
-    frozen reference. advantages is (N,), mask (N, T) comes from completion lengths, off_policy
-    (N,) marks MP-GRPO's reference rows, and max_completion_length is dr_grpo's constant.
-    The normalisation: this micro-batch's sum is divided by `normaliser`, loss_normaliser counted
-    over the whole batch (every micro-batch, every process), as TRL passes num_items_in_batch.
-    Micro-batch losses then add up to the batch's loss, and their gradients to its gradient.
-    Without a normaliser the batch is this one.
-    A group whose rewards tie has A = 0. Its tokens add nothing to the surrogate, but they still
-    count in DAPO's denominator and keep their KL term, which holds them near pi_ref."""
+    """The paper's objective (section 2), negated: the clipped surrogate minus beta KL, with
+    DAPO's token mean; and its metrics. logp, old_logp and ref_logp are (N, T) log-probs of the
+    policy, the behaviour policy and the reference; advantages (N,); mask (N, T) from lengths;
+    off_policy (N,) marks MP-GRPO's reference rows. The sum is divided by `normaliser`, counted
+    by loss_normaliser over the whole batch (every micro-batch, every process, as TRL's
+    num_items_in_batch), so micro-batch losses add up to the batch's; default: this batch."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     A = advantages[:, None]                                                 # (N, 1)
@@ -922,9 +882,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
     # padding never reaches the loss, not even as inf * 0
     per_token = torch.where(mask.bool(), per_token, 0.0)
-    # dapo sums every completion token (the paper's), so a long answer's tokens weigh as much as
-    # a short one's. grpo averages each sequence first, which gives a short answer's tokens more.
-    if normaliser is None:   # the batch is this one
+    # dapo sums every token (the paper's), so a long answer's tokens weigh as much as a short
+    # one's; grpo averages each sequence first, which gives a short answer's tokens more
+    if normaliser is None:
         normaliser = loss_normaliser(mask, loss_type, max_completion_length)
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
@@ -953,9 +913,8 @@ def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
     if loss_type == "grpo":
         return torch.tensor(float(mask.shape[0]), device=mask.device)
     if loss_type == "dr_grpo":
-        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
-        # dependent width would couple every token's gradient to the longest sample (the length
-        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
+        # a constant, never this batch's longest completion: that would bring back the length
+        # bias Dr. GRPO removes, and differ between processes
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
         return torch.tensor(float(mask.shape[0] * max_completion_length), device=mask.device)
@@ -1452,9 +1411,11 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 
 
 # -------------------------------------------------------- a second family: Qwen2-Audio ----
-# Qwen2-Audio hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded
-# with silence to 30 s (3000 frames) and a mask of its real frames. The encoder halves the frames
-# twice (a stride-2 convolution, then average pooling): 25 LM embeddings a second.
+# Qwen2-Audio (`--model Qwen/Qwen2-Audio-7B-Instruct`) runs the same Part I through its Family.
+# It hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded with
+# silence to 30 s (3000 frames). The encoder halves the frames twice (a stride-2 convolution, then
+# average pooling): 25 LM embeddings a second. A third family is one more section like this one
+# and a FAMILIES entry; Qwen2.5-Omni's thinker would also need M-RoPE positions, a hook there.
 WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padded to 30 s
 
 
