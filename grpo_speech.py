@@ -928,8 +928,8 @@ def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
 
 
 def clock(device: torch.device) -> float:
-    """time.perf_counter() once the device's queued work is done: CUDA runs asynchronously, and
-    a perf/*_s timer read without waiting would time the kernel launches."""
+    """time.perf_counter() after the device's queued work: CUDA is asynchronous, and a perf/*_s
+    timer that does not wait times the kernel launches."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -951,10 +951,9 @@ class Rollout:
 def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
             prompt_ids: list[int], suppress, autocast,
             encoded: torch.Tensor | None = None) -> tuple[Rollout, dict]:
-    """Everything one update needs, fixed before it starts: the completions (GRPO: G samples a
-    prompt; MP-GRPO: G-1 samples and the reference answer; SFT: the references), their rewards
-    and advantages, and the log-probs held fixed through the update. `encoded`: the frozen
-    encoder's states, when train() has them."""
+    """Everything one update holds fixed: the completions (GRPO: G samples a prompt; MP-GRPO:
+    G-1 samples and the reference answer; SFT: the references), their rewards and advantages,
+    and the reference's (and, when mu > 1, the old policy's) log-probs."""
     device = batch.input_ids.device
     eos_id = family(policy.config).stop_id(policy.config)
     G = cfg.group_size if cfg.grpo else 1
@@ -1008,8 +1007,7 @@ def pad_completions(groups: list[list[int]], pad_id: int, device) -> tuple[torch
 
 def score_completions(cfg: Config, tokenizer, completions: list[list[int]],
                       references: list[str]) -> torch.Tensor:
-    """(N,) r_i = reward(o_i, reference), --reward's: the reward sees text, so it scores the
-    decoded completion."""
+    """(N,) r_i = reward(o_i, reference) of --reward, on the decoded text."""
     return torch.nan_to_num(REWARDS[cfg.reward](decode(tokenizer, completions), references),
                             nan=0.0)
 
@@ -1017,16 +1015,16 @@ def score_completions(cfg: Config, tokenizer, completions: list[list[int]],
 def with_reference_member(cfg: Config, tokenizer, batch: Batch, groups: list[list[int]],
                           rewards: torch.Tensor, eos_id: int):
     """MP-GRPO's groups: each prompt's n = G-1 samples, then its reference answer as the G-th,
-    off-policy member. The reference is cut to the completion budget like any sample, and scored
-    as cut: a truncated reference (no EOS) earns less than 1, so the same tokens never score 1 as
-    the reference and less as a sample. Returns the N groups, their (B, G) rewards and metrics."""
+    off-policy member, cut to the completion budget like a sample and scored as cut (the same
+    tokens never score 1 as the reference and less as a sample). Returns the N groups, their
+    (B, G) rewards and metrics."""
     n = rewards.shape[1]
     full = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
     refs = [f[:cfg.max_new_tokens] for f in full]
     ref_r = score_completions(cfg, tokenizer, refs, batch.targets)                   # (B,)
     groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
     rewards = torch.cat([rewards, ref_r[:, None]], dim=1)                            # (B, G)
-    # reward/std and reward/zero_std_frac become the mixed group's, whose spread the advantages see
+    # reward/std and reward/zero_std_frac become the mixed groups', whose spread the advantages see
     metrics = {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
     metrics["reward/ref_mean"] = ref_r.mean().item()
     metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
@@ -1035,10 +1033,8 @@ def with_reference_member(cfg: Config, tokenizer, batch: Batch, groups: list[lis
 
 
 def reward_metrics(r: torch.Tensor) -> dict:
-    """Of (B, n) rewards: reward/mean, their mean; reward/std, the mean within-group std; and
-    reward/zero_std_frac, the share of groups whose rewards tie (no advantage). rollout reports
-    the mean of the on-policy samples; under MP-GRPO std and zero_std_frac are the mixed groups'
-    (reference included), since those make the advantages."""
+    """Of (B, n) rewards: their mean, the mean within-group std, and the share of groups whose
+    rewards tie (no advantage)."""
     return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
             "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
 
@@ -1046,9 +1042,8 @@ def reward_metrics(r: torch.Tensor) -> dict:
 @torch.no_grad()
 def fixed_logprobs(cfg: Config, policy, ref_model, batch: Batch, completions: torch.Tensor,
                    G: int, autocast, encoded: torch.Tensor | None = None):
-    """The (N, T) log-probs the update holds constant: pi_ref's for the KL term (None when
-    beta = 0) and pi_old's for the ratio, when mu > 1 (None: with mu = 1 the update's own
-    logp.detach() is pi_old)."""
+    """The (N, T) log-probs the update holds constant: pi_ref's (None when beta = 0) and, when
+    mu > 1, pi_old's (else None: the update's own logp.detach() is pi_old)."""
     ref_logp = old_logp = None
     with autocast():
         if ref_model is not None:
@@ -1063,10 +1058,9 @@ def fixed_logprobs(cfg: Config, policy, ref_model, batch: Batch, completions: to
 def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout: Rollout,
                   B: int, state: TrainState, autocast, dist: Dist,
                   encoded: torch.Tensor | None = None) -> tuple[dict, float]:
-    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Every
-    micro-batch's loss is divided by the whole batch's normaliser (grpo_loss), so the gradients
-    summed over micro-batches and processes are the gradient of the batch's loss. Returns
-    metrics (mean over the mu passes) and the grad norm."""
+    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups whose
+    losses share the whole batch's normaliser, so their gradients sum to the batch loss's.
+    Returns the metrics (mean over the mu passes) and the grad norm."""
     G = rollout.group_size
     # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
     # later passes honest, since the policy has moved away from pi_old that sampled the tokens
@@ -1114,9 +1108,8 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout:
 
 def optimizer_step(cfg: Config, params, optimizer, pass_loss: float, state,
                    dist: Dist) -> tuple[float, bool]:
-    """One AdamW step: the processes' gradients summed, clipped to --max-grad-norm, and applied
-    unless the loss or a gradient is non-finite (skipped; --max-bad-steps in a row stop the
-    run). Returns the grad norm and whether the step was skipped."""
+    """One AdamW step on the processes' summed gradients, clipped to --max-grad-norm; skipped if
+    the loss or a gradient is non-finite. Returns the grad norm and whether it was skipped."""
     for p in params:
         dist.sum(p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -1148,11 +1141,11 @@ def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
 
 
 def setup_training(cfg: Config, policy, dist: Dist):
-    """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
-    the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
+    """What trains (projector and LM, or LoRA; --train-encoder adds the encoder), AdamW, the
+    schedule, and pi_ref (None when beta = 0)."""
     encoder = family(policy.config).encoder_prefix
-    # What the class itself fixes (Qwen2-Audio's sinusoidal encoder positions) stays fixed under
-    # --train-encoder. from_pretrained forgets which those are, and a meta-device build knows.
+    # what the class itself freezes (Qwen2-Audio's sinusoidal positions) stays frozen under
+    # --train-encoder: from_pretrained forgets which those are, a meta-device build knows
     fixed = set()
     if cfg.train_encoder:
         with torch.device("meta"):
@@ -1162,8 +1155,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
         p.requires_grad_((cfg.train_encoder or not name.startswith(encoder)) and name not in fixed)
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
-    # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
-    # under --lora --bf16 the frozen rest stays bf16 (run())
+    # what trains keeps fp32 weights, buffers and AdamW state (under --lora --bf16 the frozen
+    # rest stays bf16)
     for module in policy.modules():
         trained = [p for p in module.parameters(recurse=False) if p.requires_grad]
         for p in trained:
@@ -1188,9 +1181,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
 
 
 def frozen_reference(model, cfg: Config):
-    """pi_ref: the start policy, frozen, for the KL term: a deep copy (in bf16 under --bf16:
-    autocast's matmuls see the same rounded weights). With LoRA the LM never changes, so Part II's
-    lora_reference shares it instead."""
+    """pi_ref: a frozen deep copy of the start policy, in bf16 under --bf16 as autocast rounds
+    the policy's. With LoRA the LM never changes, so Part II's lora_reference shares it."""
     if cfg.lora:
         return lora_reference(model)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -1233,13 +1225,11 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     system = system_turn(tokenizer, cfg.system_prompt, policy.config)
     state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II (checkpoints)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
-    # rank 0 writes metrics.jsonl (Part II: checkpoints and faults)
-    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))
-    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit (Part II: command line)
+    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # Part II
+    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit (Part II)
     stop = threading.Event()
     restore_signals = handle_signals(lambda signum, frame: stop.set())
-    # --grad-checkpointing makes the policy's layers recompute in the backward (Part II: memory).
-    # pi_ref never runs a backward. The layers are unwrapped when the loop ends.
+    # the policy's layers recompute in the backward until the loop ends (Part II: memory)
     unwrap_layers = checkpoint_layers(policy, cfg.compile) if cfg.grad_checkpointing else None
     try:
         if state.step == 0:  # the start model is a candidate too: best-on-dev may be step 0
@@ -1251,8 +1241,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
                             config=policy.config).to(device)
-            # a frozen encoder's states depend on the audio alone, and it is pi_ref's too: one
-            # pass serves the step's sampling, pi_ref and update
+            # a frozen encoder is pi_ref's too: one pass serves sampling, pi_ref and the update
             encoded = None
             if not cfg.train_encoder:
                 with autocast():
@@ -1275,8 +1264,8 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             if saves:
                 metrics.update(evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"],
                                                       autocast, state, out, dist))
-            # the line, then checkpoint/: a line past the checkpoint is trimmed on resume, while a
-            # step the checkpoint holds but the log lacks would be lost for good
+            # the line before checkpoint/: resuming trims a line past the checkpoint, but could
+            # not restore a step the checkpoint holds and the log lacks
             log(state.step, metrics)
             if saves:   # Part II (checkpoints)
                 save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
@@ -1356,9 +1345,9 @@ def rouge(hyp: str, ref: str) -> dict[str, float]:
 def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autocast,
              desc: str = "eval", dist: Dist | None = None,
              decoding: str | None = None) -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy; the paper's T 0.9, top-p 0.9, seeded by
-    (--seed, utterance): no score depends on batch size, process count or order; or beam) and
-    score them. Under torchrun each process decodes every world-th utterance."""
+    """Decode the first `limit` utterances greedy, with the paper's sampling (T 0.9, top-p 0.9,
+    seeded per utterance) or by beam search, and score them; under torchrun each process decodes
+    every world-th utterance."""
     dist = dist or Dist()
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
@@ -1406,7 +1395,7 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 
 
 # =========================================================================================
-# === Part II: the machinery (LoRA, released checkpoints, data layouts, processes, faults, CLI)
+# === Part II: the machinery (Qwen2-Audio, LoRA, released checkpoints, data, processes, CLI)
 # =========================================================================================
 
 
