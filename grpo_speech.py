@@ -879,6 +879,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
     else:
         kl = torch.zeros_like(logp)
+    # a group whose rewards tie (A = 0) adds no surrogate but keeps its KL and its denominator
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
     # padding never reaches the loss, not even as inf * 0
     per_token = torch.where(mask.bool(), per_token, 0.0)
