@@ -672,9 +672,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax (top-p and
-    # suppression only choose the token, as in TRL). Training recomputes pi_old teacher-forced;
-    # tests hold the two equal.
+    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax, as in TRL; training
+    # recomputes them teacher-forced, and tests hold the two equal
     sampler_logp: torch.Tensor
 
     def token_lists(self) -> list[list[int]]:
@@ -734,8 +733,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         tokens[:, t] = token
         sampler_logp[:, t] = torch.where(done, 0.0,
                                          logp_all.gather(1, token[:, None]).squeeze(1))
-        # lengths count the first EOS: it is an action the policy took, and the loss's mask
-        # (built from lengths, never from == pad_id) must keep it
+        # lengths count the first EOS: it is an action the policy took, and the loss keeps it
         finished_now = ~done & (token == eos_id)
         lengths = torch.where(finished_now, t + 1, lengths)
         done |= finished_now
@@ -1420,10 +1418,8 @@ def whisper_mel_filters() -> torch.Tensor:
 
 def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Qwen2-Audio features of one utterance, (128, 3000), and its real frames l: exactly
-    WhisperFeatureExtractor (128 mels). The clip zero-padded to 30 s, power spectrogram (n_fft
-    400, Hann window, hop 160, centred, the last frame dropped), log10 floored at (max - 8),
-    (+4) / 4. The max is the padded clip's: the silence counts, so features of a clip never
-    depend on anything but the clip."""
+    WhisperFeatureExtractor's, the clip zero-padded to 30 s before the log10 is floored at its
+    max - 8 (the silence counts, so a clip's features depend on the clip alone)."""
     wave = wave[:WHISPER_SAMPLES]
     x = F.pad(wave, (0, WHISPER_SAMPLES - wave.numel()))                     # (480000,)
     spec = torch.stft(x, n_fft=400, hop_length=160, window=torch.hann_window(400),
