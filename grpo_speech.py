@@ -1394,7 +1394,7 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 
 
 # =========================================================================================
-# === Part II: the machinery (Qwen2-Audio, LoRA, released checkpoints, data, processes, CLI)
+# === Part II: the machinery (Qwen2-Audio, LoRA, released checkpoints, data, processes, faults, CLI)
 # =========================================================================================
 
 
