@@ -1,44 +1,27 @@
 """grpo_speech.py: GRPO for speech-aware language models, in one readable file.
 
-A speech-aware LM (SALLM) takes audio plus a text instruction and writes text. This file
-fine-tunes one, Granite Speech (conformer encoder, window Q-Former projector, Granite LM:
-transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy Optimisation
-and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in Speech-Aware
-Language Models with GRPO" (arXiv 2509.16990). It also holds the SFT baseline, MP-GRPO (the
-reference answer as an off-policy group member) and evaluation. The same code trains a second
-family, Qwen2-Audio (`Qwen2AudioForConditionalGeneration`, `--model Qwen/Qwen2-Audio-7B-Instruct`):
-what differs between families sits in one section, "model families". Part I is the lesson, read top
-to bottom in the order data flows: config, audio, text, model families, data, model, sampling,
-rewards, advantages, losses, one step, the training loop, evaluation. Part II is the machinery
-that runs the same code in the paper's setting: LoRA, released checkpoints, data layouts and
-input checks, processes (torchrun), checkpoints and faults, memory, beam search, the command line.
+A speech-aware LM takes audio plus a text instruction and writes text. This file fine-tunes one,
+Granite Speech (transformers' `GraniteSpeechForConditionalGeneration`), with Group Relative Policy
+Optimisation and a BLEU reward, after Elmakies et al., "Advancing Speech Understanding in
+Speech-Aware Language Models with GRPO" (arXiv 2509.16990), beside the SFT baseline, MP-GRPO (the
+reference answer as an off-policy group member) and evaluation. Part I is the lesson, in the order
+data flows; Part II is the machinery: a second family (Qwen2-Audio), LoRA, released checkpoints,
+data layouts and input checks, processes (torchrun), checkpoints and faults, beam search, the CLI.
 
 Where this file departs from the paper (each is a flag or a stated default):
   * The default model is a ~3M-parameter Granite Speech trained by data/make_model.py on
-    espeak-ng speech; `--model ibm-granite/granite-speech-3.3-2b` runs the same code on the real
-    one: its LoRA adapter merged at load (exact: every prompt carries audio), its logits divided
-    by `logits_scaling` (lm_logits), the model card's system turn with a fixed date.
-  * Rollouts, GRPO log-probs and SFT run with the model in eval mode (no dropout, BatchNorm on
-    running statistics): otherwise the ratio s_{i,t} is not 1 on-policy.
-  * Each utterance is encoded alone (transformers' feature extractor pads a batch, and the
-    conformer, which has no padding mask, hears the padding): an answer never depends on its
-    batch mates, so on CPU batch size, process count and resumption leave results unchanged
-    (on CUDA, repeat_interleave's backward and cumsum are not deterministic: close, not equal).
-  * MP-GRPO keeps the KL term on the reference answer's tokens too. The reference is cut to the
-    completion budget like a sample and rewarded as cut. reward/mean is the samples' mean,
-    reward/ref_mean the reference's, and reward/std and reward/zero_std_frac the mixed groups'.
-  * dr_grpo (an option; the paper uses DAPO's token mean) divides by N * --max-new-tokens, a
-    constant, as TRL and the Dr. GRPO paper do.
-  * best/ is chosen by greedy dev BLEU over every dev utterance (step 0 included); the test
-    split is scored greedy and with the paper's decoding (T 0.9, top-p 0.9); beam search (the
-    model card's num_beams=4) on request. Test metrics: BLEU, chrF, ROUGE-1/2/L (and WER for
-    asr); not the paper's METEOR and BERTScore, which need WordNet data and a BERT model.
-  * The audio encoder is frozen by default (`--train-encoder` trains it); projector and LM train.
-    `--lora R` trains a rank-R LoRA on the LM instead (as IBM trained the released adapter).
-  * Defaults are sized for a 2-core CPU: 4 prompts x G=8 per step, completions of at most
-    48 tokens (the paper: 200), 300 steps at lr 1e-4, dev evaluation every 30 steps.
-  * Unstated in the paper and chosen here: epsilon 0.2, the k3 KL estimator, mu = 1 (with
-    mu > 1 a step is one rollout: its mu updates share one learning rate, metrics average them).
+    espeak-ng speech; `--model ibm-granite/granite-speech-3.3-2b` runs the real one.
+  * Rollouts, log-probs and SFT run in eval mode (no dropout, BatchNorm frozen), so that the
+    ratio s_{i,t} is exactly 1 on-policy.
+  * Each utterance is encoded alone (the conformer has no padding mask), so on CPU no answer
+    depends on batch size, process count or resumption.
+  * MP-GRPO keeps the KL term on the reference answer's tokens, and cuts the reference to the
+    completion budget like a sample.
+  * best/ is chosen by greedy dev BLEU (step 0 included); test is scored greedy and with the
+    paper's sampling (T 0.9, top-p 0.9); BLEU, chrF, ROUGE and WER, not METEOR or BERTScore.
+  * The audio encoder is frozen unless --train-encoder; --lora R trains a LoRA on the LM instead.
+  * Defaults fit a 2-core CPU: 4 prompts x G=8, completions of 48 tokens (the paper: 200).
+  * Not stated in the paper, chosen here: epsilon 0.2, the k3 KL estimator, mu = 1.
 
 First commands:
   python grpo_speech.py --task ast --mode eval          # score the shipped start model
@@ -198,9 +181,7 @@ class Config:
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int = 6,
              rolloff: float = 0.99) -> torch.Tensor:
-    """Band-limited polyphase resampling with a Hann-windowed sinc (torchaudio's algorithm):
-    with both rates divided by their gcd, output phase j of each block of `new` samples is the
-    input dotted with a sinc centred at j * orig / new, low-passed below the lower Nyquist."""
+    """Band-limited polyphase resampling with a Hann-windowed sinc, torchaudio's algorithm."""
     if orig_sr == new_sr:
         return wave
     g = math.gcd(orig_sr, new_sr)
@@ -236,18 +217,15 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE, where: str = 
 
 @functools.cache
 def granite_mel_filters() -> torch.Tensor:
-    """(257, 80) HTK-scale triangles with no area normalisation, 0-8 kHz: torchaudio's
-    MelSpectrogram defaults, which GraniteSpeechFeatureExtractor uses (transformers'
-    mel_filter_bank builds them equal in fp32)."""
+    """(257, 80) HTK mel triangles, 0-8 kHz, unnormalised: GraniteSpeechFeatureExtractor's."""
     return torch.from_numpy(mel_filter_bank(
         num_frequency_bins=257, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
         sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk")).float()
 
 
 def log_mel_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Granite Speech features for a batch, (B, F, 160), and (B,) audio-token counts: exactly
-    GraniteSpeechFeatureExtractor. Power spectrogram (n_fft 512, 400-sample Hann window, hop 160,
-    centred), 80 HTK mel bands, log10 floored at (max - 8), /4 + 1, frame pairs stacked."""
+    """Granite Speech features, (B, F, 160), and (B,) audio-token counts: exactly
+    GraniteSpeechFeatureExtractor (log10 mel power floored at max - 8, frame pairs stacked)."""
     lengths = torch.tensor([w.numel() for w in waves])
     x = pad_sequence(waves, batch_first=True)                                  # (B, S)
     spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
@@ -274,46 +252,6 @@ def num_audio_tokens(num_samples: int, window_size: int = 15, downsample_rate: i
     return math.ceil(encoder_frames / window_size) * (window_size // downsample_rate)
 
 
-# Qwen2-Audio hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded
-# with silence to 30 s (3000 frames) and a mask of its real frames. The encoder halves the frames
-# twice (a stride-2 convolution, then average pooling): 25 LM embeddings a second.
-WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padded to 30 s
-
-
-@functools.cache
-def whisper_mel_filters() -> torch.Tensor:
-    """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
-    mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
-    return torch.from_numpy(mel_filter_bank(
-        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
-        sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
-
-
-def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Qwen2-Audio features of one utterance, (128, 3000), and its real frames l: exactly
-    WhisperFeatureExtractor (128 mels). The clip zero-padded to 30 s, power spectrogram (n_fft
-    400, Hann window, hop 160, centred, the last frame dropped), log10 floored at (max - 8),
-    (+4) / 4. The max is the padded clip's: the silence counts, so features of a clip never
-    depend on anything but the clip."""
-    wave = wave[:WHISPER_SAMPLES]
-    x = F.pad(wave, (0, WHISPER_SAMPLES - wave.numel()))                     # (480000,)
-    spec = torch.stft(x, n_fft=400, hop_length=160, window=torch.hann_window(400),
-                      return_complex=True)[:, :-1].abs() ** 2                  # (201, 3000)
-    logmel = (whisper_mel_filters().T @ spec).clamp(min=1e-10).log10()         # (128, 3000)
-    logmel = (torch.maximum(logmel, logmel.max() - 8.0) + 4.0) / 4.0
-    return logmel, math.ceil(wave.numel() / 160)    # the feature mask's sum: frames with audio
-
-
-def whisper_encoder_frames(frames: int) -> int:
-    """Encoder positions that hold audio after the stride-2 convolution, of l real frames."""
-    return (frames - 1) // 2 + 1
-
-
-def whisper_audio_tokens(frames: int) -> int:
-    """<|AUDIO|> embeddings Qwen2-Audio makes from l real frames (Qwen2AudioProcessor's count)."""
-    return (whisper_encoder_frames(frames) - 2) // 2 + 1    # the stride-2 average pooling
-
-
 # -------------------------------------------------------------------------------- text ----
 # Prompts are the task instruction in the model's chat template; the one <|audio|> in it is
 # expanded to as many copies as the projector makes embeddings, which replace them in the LM.
@@ -326,11 +264,8 @@ CARD_SYSTEM = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.
 
 
 def system_turn(tokenizer, system_prompt: str, config) -> str | None:
-    """The system turn text for --system-prompt (None: none). auto asks the chat template: one
-    that writes a system turn of its own for a user turn alone (released Granite 3.x, dated
-    today) gets the model card's (the family's card_system), dated; one that writes none (the
-    shipped model's) gets none. A family with no card system turn (Qwen2-Audio: its template's
-    own, undated) gets none: the template writes its default."""
+    """The system turn for --system-prompt (None: none). auto gives the family's card_system
+    only when the chat template writes a dated system turn of its own (released Granite 3.x)."""
     if system_prompt != "auto":
         return None if system_prompt in ("", "none") else system_prompt
     card = family(config).card_system
@@ -349,8 +284,7 @@ def system_turn(tokenizer, system_prompt: str, config) -> str | None:
 
 def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id: int,
                   system: str | None = None) -> list[int]:
-    """The chat's user turn (the family's: the instruction holding <|audio|>, or a list of
-    audio and text parts), its one audio token expanded to n_audio copies."""
+    """The chat's token ids, its one audio token expanded to n_audio copies."""
     turns = [{"role": "system", "content": system}] if system is not None else []
     turns.append({"role": "user", "content": user_turn})
     chat = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -362,24 +296,20 @@ def encode_prompt(tokenizer, user_turn: str | list, n_audio: int, audio_token_id
 
 
 def encode_target(tokenizer, text: str, eos_id: int) -> list[int]:
-    """A reference completion: its tokens and the stop token (the family's), an action too."""
+    """A reference completion's ids, ending in the stop token (an action too)."""
     return tokenizer(text, add_special_tokens=False).input_ids + [eos_id]
 
 
 # ---------------------------------------------------------------------- model families ----
-# What differs between speech LM families, and nothing else, chosen by the checkpoint's config
-# `model_type`: the rest of the file asks family(config) and never which one it has. Both share
-# the rest: a causal LM at model.model.language_model, its head at model.lm_head, input
-# embeddings at model.get_input_embeddings(), an audio token whose embeddings the audio replaces
-# (prompt_embeddings), 1-D RoPE positions (positions). Family is the whole contract.
+# What differs between speech LM families, and nothing else, chosen by the config's model_type:
+# the rest of the file asks family(config), never which one it has. All share a causal LM at
+# model.model.language_model, its head at model.lm_head, an audio token whose embeddings the audio
+# replaces, and 1-D RoPE positions. Part II holds the second family, Qwen2-Audio.
 
 
 class Family(Protocol):
-    """What a family writes: seven names and eight methods. A third family subclasses it and adds
-    one FAMILIES entry. Qwen2.5-Omni's thinker (model_type qwen2_5_omni) also needs its config
-    read from thinker_config, its weights' thinker. prefix, and M-RoPE positions, which
-    positions() does not make (a hook there); Voxtral's processor expands the audio tokens
-    itself, so its features() returns the count its processor writes."""
+    """What a family writes: seven names and eight methods. A new family subclasses it and adds
+    one FAMILIES entry (Part II, beside Qwen2-Audio)."""
     name: str                   # for messages: "Granite Speech"
     model_class: str            # the transformers class that loads it
     encoder_prefix: str         # parameter names frozen unless --train-encoder
@@ -410,9 +340,8 @@ class Family(Protocol):
         """processor_config.json for a checkpoint whose source had none."""
 
     def stop_id(self, config) -> int:
-        """The token that ends a completion: the LM config's eos (model_files fills it from
-        generation_config.json, which transformers' generate stops on, where config.json has
-        none); the tokenizer's eos may be another (a Qwen2 tokenizer's <|endoftext|>)."""
+        """The token that ends a completion: the LM config's eos, which generate stops on (the
+        tokenizer's may differ: a Qwen2 tokenizer's is <|endoftext|>)."""
         eos = config.text_config.eos_token_id
         return eos[0] if isinstance(eos, list) else eos
 
@@ -429,7 +358,6 @@ class GraniteSpeech(Family):
     released_adapter = True                  # the 3.3 releases' LoRA, merged at load
 
     def tokenizer(self, path: Path):
-        """The tokenizer whose chat template writes the prompt."""
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(path)
 
@@ -452,14 +380,12 @@ class GraniteSpeech(Family):
         return model.model.projector(states[:, :frames])
 
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """Granite divides by logits_scaling (8 for the 3.3 2B, 16 for the 8B); transformers 5's
-        GraniteSpeechForConditionalGeneration does not (too sharp: samples at temperature 1
-        nearly greedy, a wrong KL), so callers never read model(...).logits."""
+        """Divided by logits_scaling (8 for the 3.3 2B), which transformers 5's class forgets:
+        unscaled logits sample nearly greedy at temperature 1 and give a wrong KL."""
         return model.lm_head(hidden) / model.config.text_config.logits_scaling
 
     def processor_config(self, config) -> dict:
-        """processor_config.json as transformers' GraniteSpeechProcessor.save_pretrained writes it
-        for the front end of log_mel_batch and num_audio_tokens (no torchaudio needed)."""
+        """processor_config.json as GraniteSpeechProcessor.save_pretrained writes it."""
         mel = {"hop_length": 160, "n_fft": 512, "n_mels": 80, "sample_rate": SAMPLE_RATE,
                "win_length": 400}
         return {"audio_processor": {
@@ -471,77 +397,8 @@ class GraniteSpeech(Family):
             "processor_class": "GraniteSpeechProcessor"}
 
 
-class Qwen2Audio(Family):
-    """Qwen2-Audio (Qwen2AudioForConditionalGeneration): a Whisper-large encoder on 30 s of
-    log-mel, one Linear projector, a Qwen2 LM; no adapter, no logits scaling."""
-    name = "Qwen2-Audio"
-    model_class = "Qwen2AudioForConditionalGeneration"
-    encoder_prefix = "model.audio_tower."
-    # no released adapter: every Linear of the LM's layers (ms-swift's all-linear default)
-    lora_targets = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
-    card_system = None                       # the template writes its own default system turn
-    max_seconds = WHISPER_SAMPLES / SAMPLE_RATE   # 30: longer clips would be cut, not heard
-    released_adapter = False
-
-    def tokenizer(self, path: Path):
-        """With the processor's chat template where the checkpoint has it (chat_template.json):
-        the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if (template := Path(path) / "chat_template.json").is_file():
-            try:
-                tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
-            except (ValueError, TypeError, KeyError):   # not JSON, not an object, no key
-                raise InputError(f"{template}: not a JSON object with a \"chat_template\" "
-                                 "string") from None
-        return tokenizer
-
-    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
-        """(128, 3000) Whisper features, the real frames l, and 25 audio embeddings a second."""
-        feats, frames = whisper_log_mel(wave)
-        return feats, frames, whisper_audio_tokens(frames)
-
-    def user_turn(self, text: str) -> list[dict]:
-        """The audio, then the instruction without its <|audio|>: the template writes
-        'Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>' before the text, as the model card."""
-        # the template asks for an 'audio' (or 'audio_url') key; it never reads its value
-        return [{"type": "audio", "audio": "clip"},
-                {"type": "text", "text": " ".join(text.replace(AUDIO_TOKEN, " ").split())}]
-
-    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
-        """(1, 750, H): the encoder on all 3000 frames (it refuses fewer), its attention kept
-        off the padding after the stride-2 convolution, as Qwen2AudioModel builds the mask."""
-        from transformers.masking_utils import create_bidirectional_mask
-        tower = model.model.audio_tower
-        positions = feats.shape[-1] // 2                                        # 1500
-        keep = torch.arange(positions, device=feats.device) < whisper_encoder_frames(frames)
-        like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
-        mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
-                                         inputs_embeds=like)
-        return tower(feats[None], attention_mask=mask).last_hidden_state
-
-    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
-        """(1, A, D): the first A = whisper_audio_tokens(l) states, projected."""
-        return model.model.multi_modal_projector(states[:, :whisper_audio_tokens(frames)])
-
-    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """The head alone: Qwen has no logits scaling (its head is untied from the embeddings)."""
-        return model.lm_head(hidden)
-
-    def processor_config(self, config) -> dict:
-        """processor_config.json as Qwen2AudioProcessor.save_pretrained writes it (5.x)."""
-        from transformers import WhisperFeatureExtractor
-        whisper = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
-        return {"audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
-                "audio_token": "<|AUDIO|>", "feature_extractor": whisper.to_dict(),
-                "processor_class": "Qwen2AudioProcessor"}
-
-
-FAMILIES: dict[str, Family] = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}
-
-
 def family(config) -> Family:
-    """The family of a model's config (load_model has refused any other model_type)."""
+    """The family of a model's config (FAMILIES, in Part II, lists every one)."""
     return FAMILIES[config.model_type]
 
 
@@ -587,8 +444,7 @@ def read_manifest(path: str | Path, max_seconds: float = float("inf")) -> list[d
 
 
 class SpeechData:
-    """Examples and a seeded, resumable order; audio decoded when a batch needs it (milliseconds
-    a clip), so memory stays flat whatever the split's size."""
+    """Examples and a seeded, resumable order; audio is decoded when a batch needs it."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -639,9 +495,8 @@ class Batch:
 
 def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *, config,
             system: str | None = None) -> Batch:
-    """Features of each utterance alone (Granite's encoder has no padding mask: batch padding
-    would make an answer depend on its batch mates); `config` is the model's, whose family
-    makes the features and the user turn."""
+    """B prompts with each utterance's features made alone, by the family of the model's
+    `config`: batch padding would make an answer depend on its batch mates."""
     fam = family(config)
     feats, frames, n_audio = zip(*(fam.features(data.wave(i), config) for i in idx))
     frames, n_audio = torch.tensor(frames), torch.tensor(n_audio)
@@ -661,10 +516,8 @@ def collate(data: SpeechData, idx: list[int], tokenizer, audio_token_id: int, *,
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """A speech LM of a known family and its tokenizer by local path or hub id, frozen
-    (setup_training says what trains: frozen weights need no autocast copies). Part II finds and
-    checks the files, and merges the released Granite 3.3 checkpoints' LoRA adapter into the LM
-    weights, peft or not: transformers gets the weights, not the directory, so it never sees it."""
+    """A speech LM and its tokenizer by local path or hub id, frozen (setup_training says what
+    trains). Part II finds and checks the files, and merges a released LoRA adapter first."""
     import transformers
     path, config, weights = model_files(name)                 # Part II: checks, hub, shards
     fam = family(config)
@@ -685,9 +538,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
 
 
 def suppressed_ids(tokenizer, config) -> torch.Tensor:
-    """Tokens a completion must never contain: specials but the family's stop token (a Qwen2
-    tokenizer's own eos is <|endoftext|>, the chat's <|im_end|>), <|audio|>, and ids past the
-    tokenizer. A sampled <|audio|> id would be replaced by audio features in the next forward."""
+    """Tokens a completion must never contain: specials but the stop token, ids past the
+    tokenizer, and <|audio|>, which the next forward would replace by audio features."""
     vocab_size = config.text_config.vocab_size
     bad = (set(tokenizer.all_special_ids) | {config.audio_token_id}
            | set(range(len(tokenizer), vocab_size)))
@@ -696,9 +548,8 @@ def suppressed_ids(tokenizer, config) -> torch.Tensor:
 
 
 def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Tensor:
-    """(B, F, H): the encoder on each utterance alone (the family's: Granite's on its own frames,
-    zero-padded to the batch's longest; Qwen2-Audio's on all 3000, its padding masked). A frozen
-    encoder runs without autograd: none of its activations are kept."""
+    """(B, F, H): the family's encoder on each utterance alone, zero-padded to the longest. A
+    frozen encoder runs without autograd, so none of its activations are kept."""
     fam = family(model.config)
     with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
         return pad_sequence([fam.encode(model, feats, n)[0]
@@ -708,9 +559,9 @@ def encoder_states(model, batch: Batch, train_encoder: bool = False) -> torch.Te
 
 def audio_embeddings(model, batch: Batch, train_encoder: bool = False,
                      encoded: torch.Tensor | None = None) -> torch.Tensor:
-    """Encoder + projector on each utterance's own frames: (B, A, D), zero rows past its audio
-    tokens. `encoded` is the frozen encoder's (B, F, H) states when the caller has them: they
-    depend on the audio alone, so train() runs the encoder once for a whole step."""
+    """(B, A, D): encoder + projector on each utterance, zero rows past its audio tokens.
+    `encoded` is the frozen encoder's states when the caller has them (train() runs it once a
+    step)."""
     if encoded is None:
         encoded = encoder_states(model, batch, train_encoder)                  # (B, F, H)
     fam = family(model.config)
@@ -722,9 +573,8 @@ def audio_embeddings(model, batch: Batch, train_encoder: bool = False,
 
 def prompt_embeddings(model, batch: Batch, train_encoder: bool = False,
                       encoded: torch.Tensor | None = None) -> torch.Tensor:
-    """The LM's input embeddings for B prompts, the audio spliced in at the audio token's ids:
-    (B, P, D), as both families' transformers classes do it. The G completions of a group repeat
-    the result, not the encoder."""
+    """(B, P, D): the LM's input embeddings for B prompts, the audio spliced in at the audio
+    token's positions, as the transformers classes do it."""
     audio = audio_embeddings(model, batch, train_encoder, encoded)            # (B, A, D)
     is_audio = batch.input_ids == model.config.audio_token_id                  # (B, P)
     embeds = model.get_input_embeddings()(torch.where(is_audio, 0, batch.input_ids))
@@ -739,11 +589,9 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def prompt_mask(model, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
     """The attention mask of a pass over P left-padded prompt positions: (B, K) as given when
-    no row is padded, else (B, 1, P, K), causal over the real keys, where each pad position also
-    sees itself. transformers 5.25 leaves a pad query with no key at all; some CUDA kernels give
-    NaN there, which the next layer's values carry into every real row (0 x NaN = NaN).
-    transformers passes a 4D mask through as given: boolean for SDPA (True: attend), additive
-    (0 or the fp32 minimum) for eager attention, which adds it to the scores."""
+    no row is padded, else (B, 1, P, K), causal over the real keys, each pad position also seeing
+    itself. transformers 5.25 leaves a pad query with no key, where some CUDA kernels give NaN
+    that the next layer carries into every real row. Boolean for SDPA, additive for eager."""
     # one host sync per prompt pass (a step's, a micro-batch's), never per token
     if bool(attention_mask.all()):  # transformers' own causal path: kept, no mask made
         return attention_mask
@@ -757,18 +605,17 @@ def prompt_mask(model, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from the LM's last hidden states, the one place they are computed, by
-    the family (Granite scales them): callers run model.model and never read model(...).logits."""
+    """Next-token logits from the LM's last hidden states, by the family (Granite scales them):
+    the one place they are computed, so no caller reads model(...).logits."""
     # contiguous: a strided (N, T, D) slice sends the bf16 head to a batched matmul that expands
     # the (V, D) weight N times (README: memory)
     return family(model.config).logits(model, hidden.contiguous())
 
 
 class PromptCache(DynamicCache):
-    """The keys and values of B prompts: the prompts' pass writes them, once per layer, and the
-    completions' pass reads them through for_groups(G), each prompt's repeated for its group.
-    Neither appends, so a layer that --grad-checkpointing reruns in the backward writes, or
-    reads, the same tensors again (a growing cache would double its length there)."""
+    """The keys and values of B prompts: the prompts' pass writes them and the completions'
+    pass reads them through for_groups(G), each repeated for its group. Neither appends, so a
+    layer rerun in the backward by --grad-checkpointing sees the same tensors again."""
     group_size = 0                                          # 0: this cache is written
 
     def update(self, keys, values, layer_idx: int, *args, **kwargs):
@@ -790,12 +637,9 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
                         temperature: float = 1.0, train_encoder: bool = False,
                         with_entropy: bool = False, encoded: torch.Tensor | None = None):
     """Teacher-forced log pi(o_{i,t} | q, o_{i,<t}) of N = B*G completions, (N, T), in fp32
-    (under bf16 the ratio of two nearly equal probabilities drifts from 1).
-    The G completions of a group share their prompt q, and a causal LM's states at q's positions
-    do not depend on what follows q: so the LM runs once over the B prompts, and each completion
-    attends to its prompt's keys and values. The loss is the same function of the same numbers;
-    autograd sums the G completions' gradients into the prompt's one pass, which is the gradient
-    running q G times would give (README: Speed)."""
+    (under bf16 the ratio of two nearly equal probabilities drifts from 1). A causal LM's states
+    at the prompt q do not depend on what follows it, so the LM reads the B prompts once and each
+    of the G completions attends to its prompt's keys and values (README: Speed)."""
     P, T = batch.attention_mask.shape[1], completions.shape[1]
     cache = PromptCache(config=model.config)
     prompt = model.model(inputs_embeds=prompt_embeddings(model, batch, train_encoder, encoded),
@@ -828,9 +672,8 @@ def completion_logprobs(model, batch: Batch, completions: torch.Tensor, group_si
 class Samples:
     tokens: torch.Tensor    # (N, T) completion ids, EOS included, pad after it
     lengths: torch.Tensor   # (N,) tokens up to and including the first EOS
-    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax over the whole
-    # vocabulary (top-p and suppression only choose the token, as in TRL). They are not pi_old,
-    # which training recomputes teacher-forced. Tests hold the two equal.
+    # (N, T) fp32 log-probs of the drawn tokens under the tempered softmax, as in TRL; training
+    # recomputes them teacher-forced, and tests hold the two equal
     sampler_logp: torch.Tensor
 
     def token_lists(self) -> list[list[int]]:
@@ -840,11 +683,10 @@ class Samples:
 
 def prefill(model, batch: Batch, copies: int, max_new_tokens: int, suppress=None,
             encoded: torch.Tensor | None = None):
-    """Encode and prefill B prompts once, then repeat the KV cache `copies` times: a group
-    shares its prompt, so it shares the prefill. Returns the cache, the (N, P + max_new_tokens)
-    attention mask, the (N, 1) next positions and (N, V) first logits of the N = B * copies
-    rows, and the (V,) mask of suppressed tokens. The cache is static (K/V buffers written in
-    place; a dynamic one copies itself every token); the causal mask hides later positions."""
+    """Prefill B prompts once and repeat the cache `copies` times, since a group shares its
+    prompt. Returns the static cache (written in place, where a dynamic one copies itself every
+    token), the (N, P + max_new_tokens) attention mask, the (N, 1) next positions, the (N, V)
+    first logits, and the (V,) mask of suppressed tokens."""
     from transformers import StaticCache
     B, P = batch.input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
@@ -868,10 +710,9 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
                   pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                   suppress: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
                   encoded: torch.Tensor | None = None) -> Samples:
-    """G completions for each of B prompts, o_i ~ pi(. | q), decoded with a KV cache in
-    lock-step (generate(num_return_sequences=G) would run the encoder G times). temperature 0
-    is greedy. Token t of row i inverts the CDF at uniforms[i, t], seeded per prompt
-    (row_uniforms): batch mates cannot change a completion."""
+    """G completions o_i ~ pi(. | q) for each of B prompts, decoded in lock-step from one
+    prefill (temperature 0: greedy). Token t of row i inverts the CDF at uniforms[i, t], seeded
+    per prompt (row_uniforms), so batch mates cannot change a completion."""
     N = batch.input_ids.shape[0] * group_size
     cache, attn, next_pos, logits, banned = prefill(model, batch, group_size, max_new_tokens,
                                                     suppress, encoded)
@@ -892,8 +733,7 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
         tokens[:, t] = token
         sampler_logp[:, t] = torch.where(done, 0.0,
                                          logp_all.gather(1, token[:, None]).squeeze(1))
-        # lengths count the first EOS: it is an action the policy took, and the loss's mask
-        # (built from lengths, never from == pad_id) must keep it
+        # lengths count the first EOS: it is an action the policy took, and the loss keeps it
         finished_now = ~done & (token == eos_id)
         lengths = torch.where(finished_now, t + 1, lengths)
         done |= finished_now
@@ -907,9 +747,8 @@ def sample_groups(model, batch: Batch, group_size: int, *, max_new_tokens: int, 
 
 
 def choose_tokens(logits, logp_all, banned, temperature: float, top_p: float, u: torch.Tensor):
-    """One token per row: the argmax at temperature 0, else a draw from the (top-p) distribution
-    without the banned tokens, inverting its CDF at the uniforms u (N,) (unlike
-    torch.multinomial, a pure function of (seed, step, prompt))."""
+    """One token per row: the argmax at temperature 0, else the (top-p) distribution without the
+    banned tokens, its CDF inverted at the (N,) uniforms u (unlike torch.multinomial, seeded)."""
     if temperature <= 0:
         return logits.masked_fill(banned, -float("inf")).argmax(-1)
     if top_p < 1.0:
@@ -967,8 +806,7 @@ def chrf_reward(completions: list[str], references: list[str]) -> torch.Tensor:
 
 
 def rouge_reward(completions: list[str], references: list[str], key: str) -> torch.Tensor:
-    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL; `rouge` is in the
-    evaluation section): the rewards the paper's ablation trains against BLEU's."""
+    """Sentence ROUGE F-measure in [0, 1] (key: rouge1, rouge2 or rougeL), the paper's ablation."""
     return torch.tensor([rouge(c, r)[key] for c, r in zip(completions, references)])
 
 
@@ -987,9 +825,8 @@ REWARDS = {  # --reward; only the ranking within a group matters once advantages
 
 def group_advantages(rewards: torch.Tensor, group_size: int,
                      scale_rewards: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean(r)) / std(r) within each group of G, shared by all tokens of o_i. std
-    is unbiased, +1e-4 so an all-equal group gives A = 0, not 0/0; unscaled (Dr. GRPO), easy and
-    hard prompts are not re-weighted."""
+    """A_i = (r_i - mean(r)) / (std(r) + 1e-4) within each group of G, shared by all tokens of
+    o_i; a group whose rewards tie gets A = 0. Unscaled (Dr. GRPO) it is r_i - mean(r)."""
     r = rewards.view(-1, group_size)                                        # (B, G)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale_rewards:
@@ -1007,8 +844,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
-    """Cross-entropy of the reference tokens (EOS included), a token mean. The sum is divided by
-    `normaliser`, the whole batch's token count, as in grpo_loss (default: this batch's)."""
+    """Cross-entropy of the reference tokens (EOS included), divided by `normaliser`, the whole
+    batch's token count as in grpo_loss (default: this batch's)."""
     if normaliser is None:
         normaliser = loss_normaliser(mask)
     return -(logp * mask).sum() / normaliser
@@ -1017,17 +854,12 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.T
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=0.2,
               epsilon_high=None, loss_type="dapo", off_policy=None, max_completion_length=None,
               normaliser=None):
-    """The KL-regularised clipped GRPO objective, negated, and its metrics (the paper's section 2:
-    the clipped surrogate minus beta KL, with DAPO's token mean).
-    logp, old_logp and ref_logp are (N, T) log-probs of the policy, the behaviour policy and the
-    frozen reference. advantages is (N,), mask (N, T) comes from completion lengths, off_policy
-    (N,) marks MP-GRPO's reference rows, and max_completion_length is dr_grpo's constant.
-    The normalisation: this micro-batch's sum is divided by `normaliser`, loss_normaliser counted
-    over the whole batch (every micro-batch, every process), as TRL passes num_items_in_batch.
-    Micro-batch losses then add up to the batch's loss, and their gradients to its gradient.
-    Without a normaliser the batch is this one.
-    A group whose rewards tie has A = 0. Its tokens add nothing to the surrogate, but they still
-    count in DAPO's denominator and keep their KL term, which holds them near pi_ref."""
+    """The paper's objective (section 2), negated: the clipped surrogate minus beta KL, with
+    DAPO's token mean; and its metrics. logp, old_logp and ref_logp are (N, T) log-probs of the
+    policy, the behaviour policy and the reference; advantages (N,); mask (N, T) from lengths;
+    off_policy (N,) marks MP-GRPO's reference rows. The sum is divided by `normaliser`, counted
+    by loss_normaliser over the whole batch (every micro-batch, every process, as TRL's
+    num_items_in_batch), so micro-batch losses add up to the batch's; default: this batch."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     A = advantages[:, None]                                                 # (N, 1)
@@ -1045,12 +877,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
     else:
         kl = torch.zeros_like(logp)
+    # a group whose rewards tie (A = 0) adds no surrogate but keeps its KL and its denominator
     per_token = -(surrogate - beta * kl)                                    # -l_{i,t}
     # padding never reaches the loss, not even as inf * 0
     per_token = torch.where(mask.bool(), per_token, 0.0)
-    # dapo sums every completion token (the paper's), so a long answer's tokens weigh as much as
-    # a short one's. grpo averages each sequence first, which gives a short answer's tokens more.
-    if normaliser is None:   # the batch is this one
+    # dapo sums every token (the paper's), so a long answer's tokens weigh as much as a short
+    # one's; grpo averages each sequence first, which gives a short answer's tokens more
+    if normaliser is None:
         normaliser = loss_normaliser(mask, loss_type, max_completion_length)
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
@@ -1079,9 +912,8 @@ def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
     if loss_type == "grpo":
         return torch.tensor(float(mask.shape[0]), device=mask.device)
     if loss_type == "dr_grpo":
-        # Dr. GRPO: a constant N * L_max, never the longest completion of this batch. A batch-
-        # dependent width would couple every token's gradient to the longest sample (the length
-        # bias Dr. GRPO removes) and differ between processes that pad to their own widths.
+        # a constant, never this batch's longest completion: that would bring back the length
+        # bias Dr. GRPO removes, and differ between processes
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length (the run's --max-new-tokens)")
         return torch.tensor(float(mask.shape[0] * max_completion_length), device=mask.device)
@@ -1095,8 +927,8 @@ def loss_normaliser(mask: torch.Tensor, loss_type: str = "dapo",
 
 
 def clock(device: torch.device) -> float:
-    """time.perf_counter() once the device's queued work is done: CUDA runs asynchronously, and
-    a perf/*_s timer read without waiting would time the kernel launches."""
+    """time.perf_counter() after the device's queued work: CUDA is asynchronous, and a perf/*_s
+    timer that does not wait times the kernel launches."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -1118,10 +950,9 @@ class Rollout:
 def rollout(cfg: Config, policy, ref_model, tokenizer, batch: Batch, step: int,
             prompt_ids: list[int], suppress, autocast,
             encoded: torch.Tensor | None = None) -> tuple[Rollout, dict]:
-    """Everything one update needs, fixed before it starts: the completions (GRPO: G samples a
-    prompt; MP-GRPO: G-1 samples and the reference answer; SFT: the references), their rewards
-    and advantages, and the log-probs held fixed through the update. `encoded`: the frozen
-    encoder's states, when train() has them."""
+    """Everything one update holds fixed: the completions (GRPO: G samples a prompt; MP-GRPO:
+    G-1 samples and the reference answer; SFT: the references), their rewards and advantages,
+    and the reference's (and, when mu > 1, the old policy's) log-probs."""
     device = batch.input_ids.device
     eos_id = family(policy.config).stop_id(policy.config)
     G = cfg.group_size if cfg.grpo else 1
@@ -1175,8 +1006,7 @@ def pad_completions(groups: list[list[int]], pad_id: int, device) -> tuple[torch
 
 def score_completions(cfg: Config, tokenizer, completions: list[list[int]],
                       references: list[str]) -> torch.Tensor:
-    """(N,) r_i = reward(o_i, reference), --reward's: the reward sees text, so it scores the
-    decoded completion."""
+    """(N,) r_i = reward(o_i, reference) of --reward, on the decoded text."""
     return torch.nan_to_num(REWARDS[cfg.reward](decode(tokenizer, completions), references),
                             nan=0.0)
 
@@ -1184,16 +1014,16 @@ def score_completions(cfg: Config, tokenizer, completions: list[list[int]],
 def with_reference_member(cfg: Config, tokenizer, batch: Batch, groups: list[list[int]],
                           rewards: torch.Tensor, eos_id: int):
     """MP-GRPO's groups: each prompt's n = G-1 samples, then its reference answer as the G-th,
-    off-policy member. The reference is cut to the completion budget like any sample, and scored
-    as cut: a truncated reference (no EOS) earns less than 1, so the same tokens never score 1 as
-    the reference and less as a sample. Returns the N groups, their (B, G) rewards and metrics."""
+    off-policy member, cut to the completion budget like a sample and scored as cut (the same
+    tokens never score 1 as the reference and less as a sample). Returns the N groups, their
+    (B, G) rewards and metrics."""
     n = rewards.shape[1]
     full = [encode_target(tokenizer, t, eos_id) for t in batch.targets]
     refs = [f[:cfg.max_new_tokens] for f in full]
     ref_r = score_completions(cfg, tokenizer, refs, batch.targets)                   # (B,)
     groups = [o for b, ref in enumerate(refs) for o in groups[b * n:(b + 1) * n] + [ref]]
     rewards = torch.cat([rewards, ref_r[:, None]], dim=1)                            # (B, G)
-    # reward/std and reward/zero_std_frac become the mixed group's, whose spread the advantages see
+    # reward/std and reward/zero_std_frac become the mixed groups', whose spread the advantages see
     metrics = {k: v for k, v in reward_metrics(rewards).items() if k != "reward/mean"}
     metrics["reward/ref_mean"] = ref_r.mean().item()
     metrics["reward/ref_truncated_frac"] = sum(len(f) > cfg.max_new_tokens
@@ -1202,10 +1032,8 @@ def with_reference_member(cfg: Config, tokenizer, batch: Batch, groups: list[lis
 
 
 def reward_metrics(r: torch.Tensor) -> dict:
-    """Of (B, n) rewards: reward/mean, their mean; reward/std, the mean within-group std; and
-    reward/zero_std_frac, the share of groups whose rewards tie (no advantage). rollout reports
-    the mean of the on-policy samples; under MP-GRPO std and zero_std_frac are the mixed groups'
-    (reference included), since those make the advantages."""
+    """Of (B, n) rewards: their mean, the mean within-group std, and the share of groups whose
+    rewards tie (no advantage)."""
     return {"reward/mean": r.mean().item(), "reward/std": r.std(dim=1).mean().item(),
             "reward/zero_std_frac": (r.std(dim=1) == 0).float().mean().item()}
 
@@ -1213,9 +1041,8 @@ def reward_metrics(r: torch.Tensor) -> dict:
 @torch.no_grad()
 def fixed_logprobs(cfg: Config, policy, ref_model, batch: Batch, completions: torch.Tensor,
                    G: int, autocast, encoded: torch.Tensor | None = None):
-    """The (N, T) log-probs the update holds constant: pi_ref's for the KL term (None when
-    beta = 0) and pi_old's for the ratio, when mu > 1 (None: with mu = 1 the update's own
-    logp.detach() is pi_old)."""
+    """The (N, T) log-probs the update holds constant: pi_ref's (None when beta = 0) and, when
+    mu > 1, pi_old's (else None: the update's own logp.detach() is pi_old)."""
     ref_logp = old_logp = None
     with autocast():
         if ref_model is not None:
@@ -1230,10 +1057,9 @@ def fixed_logprobs(cfg: Config, policy, ref_model, batch: Batch, completions: to
 def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout: Rollout,
                   B: int, state: TrainState, autocast, dist: Dist,
                   encoded: torch.Tensor | None = None) -> tuple[dict, float]:
-    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups. Every
-    micro-batch's loss is divided by the whole batch's normaliser (grpo_loss), so the gradients
-    summed over micro-batches and processes are the gradient of the batch's loss. Returns
-    metrics (mean over the mu passes) and the grad norm."""
+    """mu AdamW steps on one rollout (SFT: one), each over micro-batches of whole groups whose
+    losses share the whole batch's normaliser, so their gradients sum to the batch loss's.
+    Returns the metrics (mean over the mu passes) and the grad norm."""
     G = rollout.group_size
     # mu > 1 reuses one rollout for several updates (PPO's epochs): the clip is what keeps the
     # later passes honest, since the policy has moved away from pi_old that sampled the tokens
@@ -1281,9 +1107,8 @@ def policy_update(cfg: Config, policy, params, optimizer, batch: Batch, rollout:
 
 def optimizer_step(cfg: Config, params, optimizer, pass_loss: float, state,
                    dist: Dist) -> tuple[float, bool]:
-    """One AdamW step: the processes' gradients summed, clipped to --max-grad-norm, and applied
-    unless the loss or a gradient is non-finite (skipped; --max-bad-steps in a row stop the
-    run). Returns the grad norm and whether the step was skipped."""
+    """One AdamW step on the processes' summed gradients, clipped to --max-grad-norm; skipped if
+    the loss or a gradient is non-finite. Returns the grad norm and whether it was skipped."""
     for p in params:
         dist.sum(p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -1315,11 +1140,11 @@ def over_processes(metrics: dict, update: dict, dist: Dist) -> dict:
 
 
 def setup_training(cfg: Config, policy, dist: Dist):
-    """What trains (projector and LM, or LoRA's A, B; --train-encoder adds the encoder), AdamW,
-    the schedule, and pi_ref (None when beta = 0), copied from the start weights."""
+    """What trains (projector and LM, or LoRA; --train-encoder adds the encoder), AdamW, the
+    schedule, and pi_ref (None when beta = 0)."""
     encoder = family(policy.config).encoder_prefix
-    # What the class itself fixes (Qwen2-Audio's sinusoidal encoder positions) stays fixed under
-    # --train-encoder. from_pretrained forgets which those are, and a meta-device build knows.
+    # what the class itself freezes (Qwen2-Audio's sinusoidal positions) stays frozen under
+    # --train-encoder: from_pretrained forgets which those are, a meta-device build knows
     fixed = set()
     if cfg.train_encoder:
         with torch.device("meta"):
@@ -1329,8 +1154,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
         p.requires_grad_((cfg.train_encoder or not name.startswith(encoder)) and name not in fixed)
     if cfg.lora:  # the LM frozen, a rank-R path on its --lora-targets (see the LoRA section)
         add_lora(policy, cfg)                               # (Part II)
-    # what trains keeps fp32 weights, buffers (BatchNorm's running statistics) and AdamW state;
-    # under --lora --bf16 the frozen rest stays bf16 (run())
+    # what trains keeps fp32 weights, buffers and AdamW state (under --lora --bf16 the frozen
+    # rest stays bf16)
     for module in policy.modules():
         trained = [p for p in module.parameters(recurse=False) if p.requires_grad]
         for p in trained:
@@ -1355,9 +1180,8 @@ def setup_training(cfg: Config, policy, dist: Dist):
 
 
 def frozen_reference(model, cfg: Config):
-    """pi_ref: the start policy, frozen, for the KL term: a deep copy (in bf16 under --bf16:
-    autocast's matmuls see the same rounded weights). With LoRA the LM never changes, so Part II's
-    lora_reference shares it instead."""
+    """pi_ref: a frozen deep copy of the start policy, in bf16 under --bf16 as autocast rounds
+    the policy's. With LoRA the LM never changes, so Part II's lora_reference shares it."""
     if cfg.lora:
         return lora_reference(model)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -1400,13 +1224,11 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
     system = system_turn(tokenizer, cfg.system_prompt, policy.config)
     state = restore(cfg, policy, optimizer, scheduler, out, dist)   # Part II (checkpoints)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.mode, disable=not dist.main)
-    # rank 0 writes metrics.jsonl (Part II: checkpoints and faults)
-    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))
-    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit (Part II: command line)
+    log = functools.partial(dist.on_main, Logger(out / "metrics.jsonl", bar))   # Part II
+    # SIGINT / SIGTERM ask the loop to finish its step, checkpoint and exit (Part II)
     stop = threading.Event()
     restore_signals = handle_signals(lambda signum, frame: stop.set())
-    # --grad-checkpointing makes the policy's layers recompute in the backward (Part II: memory).
-    # pi_ref never runs a backward. The layers are unwrapped when the loop ends.
+    # the policy's layers recompute in the backward until the loop ends (Part II: memory)
     unwrap_layers = checkpoint_layers(policy, cfg.compile) if cfg.grad_checkpointing else None
     try:
         if state.step == 0:  # the start model is a candidate too: best-on-dev may be step 0
@@ -1418,8 +1240,7 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             idx = splits["train"].batch_indices(cfg.seed, state.step, B)[first:first + B_local]
             batch = collate(splits["train"], idx, tokenizer, audio_id, system=system,
                             config=policy.config).to(device)
-            # a frozen encoder's states depend on the audio alone, and it is pi_ref's too: one
-            # pass serves the step's sampling, pi_ref and update
+            # a frozen encoder is pi_ref's too: one pass serves sampling, pi_ref and the update
             encoded = None
             if not cfg.train_encoder:
                 with autocast():
@@ -1442,8 +1263,8 @@ def train(cfg: Config, policy, tokenizer, splits: dict[str, SpeechData], out: Pa
             if saves:
                 metrics.update(evaluate_and_keep_best(cfg, policy, tokenizer, splits["dev"],
                                                       autocast, state, out, dist))
-            # the line, then checkpoint/: a line past the checkpoint is trimmed on resume, while a
-            # step the checkpoint holds but the log lacks would be lost for good
+            # the line before checkpoint/: resuming trims a line past the checkpoint, but could
+            # not restore a step the checkpoint holds and the log lacks
             log(state.step, metrics)
             if saves:   # Part II (checkpoints)
                 save_checkpoint(policy, tokenizer, optimizer, scheduler, state, out, dist)
@@ -1523,9 +1344,9 @@ def rouge(hyp: str, ref: str) -> dict[str, float]:
 def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autocast,
              desc: str = "eval", dist: Dist | None = None,
              decoding: str | None = None) -> tuple[dict, list[dict]]:
-    """Decode the first `limit` utterances (greedy; the paper's T 0.9, top-p 0.9, seeded by
-    (--seed, utterance): no score depends on batch size, process count or order; or beam) and
-    score them. Under torchrun each process decodes every world-th utterance."""
+    """Decode the first `limit` utterances greedy, with the paper's sampling (T 0.9, top-p 0.9,
+    seeded per utterance) or by beam search, and score them; under torchrun each process decodes
+    every world-th utterance."""
     dist = dist or Dist()
     model.eval()
     idx = list(range(len(data) if limit <= 0 else min(limit, len(data))))[dist.rank::dist.world]
@@ -1573,8 +1394,118 @@ def evaluate(model, tokenizer, data: SpeechData, cfg: Config, limit: int, autoca
 
 
 # =========================================================================================
-# === Part II: the machinery (LoRA, released checkpoints, data layouts, processes, faults, CLI)
+# === Part II: the machinery (Qwen2-Audio, LoRA, released checkpoints, data, processes, faults, CLI)
 # =========================================================================================
+
+
+# -------------------------------------------------------- a second family: Qwen2-Audio ----
+# Qwen2-Audio (`--model Qwen/Qwen2-Audio-7B-Instruct`) runs the same Part I through its Family.
+# It hears Whisper's features: 128 Slaney-scale mel bands every 10 ms, each clip padded with
+# silence to 30 s (3000 frames). The encoder halves the frames twice (a stride-2 convolution, then
+# average pooling): 25 LM embeddings a second. A third family is one more section like this one
+# and a FAMILIES entry; Qwen2.5-Omni's thinker would also need M-RoPE positions, a hook there.
+WHISPER_SAMPLES = 30 * SAMPLE_RATE                  # every clip is cut or padded to 30 s
+
+
+@functools.cache
+def whisper_mel_filters() -> torch.Tensor:
+    """(201, 128) Slaney mel filters with Slaney area normalisation, 0-8 kHz: transformers'
+    mel_filter_bank builds exactly WhisperFeatureExtractor's, so it is used, not rewritten."""
+    return torch.from_numpy(mel_filter_bank(
+        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
+
+
+def whisper_log_mel(wave: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Qwen2-Audio features of one utterance, (128, 3000), and its real frames l: exactly
+    WhisperFeatureExtractor's, the clip zero-padded to 30 s before the log10 is floored at its
+    max - 8 (the silence counts, so a clip's features depend on the clip alone)."""
+    wave = wave[:WHISPER_SAMPLES]
+    x = F.pad(wave, (0, WHISPER_SAMPLES - wave.numel()))                     # (480000,)
+    spec = torch.stft(x, n_fft=400, hop_length=160, window=torch.hann_window(400),
+                      return_complex=True)[:, :-1].abs() ** 2                  # (201, 3000)
+    logmel = (whisper_mel_filters().T @ spec).clamp(min=1e-10).log10()         # (128, 3000)
+    logmel = (torch.maximum(logmel, logmel.max() - 8.0) + 4.0) / 4.0
+    return logmel, math.ceil(wave.numel() / 160)    # the feature mask's sum: frames with audio
+
+
+def whisper_encoder_frames(frames: int) -> int:
+    """Encoder positions that hold audio after the stride-2 convolution, of l real frames."""
+    return (frames - 1) // 2 + 1
+
+
+def whisper_audio_tokens(frames: int) -> int:
+    """<|AUDIO|> embeddings Qwen2-Audio makes from l real frames (Qwen2AudioProcessor's count)."""
+    return (whisper_encoder_frames(frames) - 2) // 2 + 1    # the stride-2 average pooling
+
+
+class Qwen2Audio(Family):
+    """Qwen2-Audio (Qwen2AudioForConditionalGeneration): a Whisper-large encoder on 30 s of
+    log-mel, one Linear projector, a Qwen2 LM; no adapter, no logits scaling."""
+    name = "Qwen2-Audio"
+    model_class = "Qwen2AudioForConditionalGeneration"
+    encoder_prefix = "model.audio_tower."
+    # no released adapter: every Linear of the LM's layers (ms-swift's all-linear default)
+    lora_targets = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+    card_system = None                       # the template writes its own default system turn
+    max_seconds = WHISPER_SAMPLES / SAMPLE_RATE   # 30: longer clips would be cut, not heard
+    released_adapter = False
+
+    def tokenizer(self, path: Path):
+        """With the processor's chat template where the checkpoint has it (chat_template.json):
+        the tokenizer's own, if any, is a text-only ChatML that does not place the audio."""
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (template := Path(path) / "chat_template.json").is_file():
+            try:
+                tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
+            except (ValueError, TypeError, KeyError):   # not JSON, not an object, no key
+                raise InputError(f"{template}: not a JSON object with a \"chat_template\" "
+                                 "string") from None
+        return tokenizer
+
+    def features(self, wave: torch.Tensor, config) -> tuple[torch.Tensor, int, int]:
+        """(128, 3000) Whisper features, the real frames l, and 25 audio embeddings a second."""
+        feats, frames = whisper_log_mel(wave)
+        return feats, frames, whisper_audio_tokens(frames)
+
+    def user_turn(self, text: str) -> list[dict]:
+        """The audio, then the instruction without its <|audio|>: the template writes
+        'Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>' before the text, as the model card."""
+        # the template asks for an 'audio' (or 'audio_url') key; it never reads its value
+        return [{"type": "audio", "audio": "clip"},
+                {"type": "text", "text": " ".join(text.replace(AUDIO_TOKEN, " ").split())}]
+
+    def encode(self, model, feats: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, 750, H): the encoder on all 3000 frames (it refuses fewer), its attention kept
+        off the padding after the stride-2 convolution, as Qwen2AudioModel builds the mask."""
+        from transformers.masking_utils import create_bidirectional_mask
+        tower = model.model.audio_tower
+        positions = feats.shape[-1] // 2                                        # 1500
+        keep = torch.arange(positions, device=feats.device) < whisper_encoder_frames(frames)
+        like = tower.conv1.weight.new_zeros(1, positions, 1)        # the mask's dtype and size
+        mask = create_bidirectional_mask(config=tower.config, attention_mask=keep[None].long(),
+                                         inputs_embeds=like)
+        return tower(feats[None], attention_mask=mask).last_hidden_state
+
+    def project(self, model, states: torch.Tensor, frames: int) -> torch.Tensor:
+        """(1, A, D): the first A = whisper_audio_tokens(l) states, projected."""
+        return model.model.multi_modal_projector(states[:, :whisper_audio_tokens(frames)])
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The head alone: Qwen has no logits scaling (its head is untied from the embeddings)."""
+        return model.lm_head(hidden)
+
+    def processor_config(self, config) -> dict:
+        """processor_config.json as Qwen2AudioProcessor.save_pretrained writes it (5.x)."""
+        from transformers import WhisperFeatureExtractor
+        whisper = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+        return {"audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+                "audio_token": "<|AUDIO|>", "feature_extractor": whisper.to_dict(),
+                "processor_class": "Qwen2AudioProcessor"}
+
+
+FAMILIES: dict[str, Family] = {"granite_speech": GraniteSpeech(), "qwen2_audio": Qwen2Audio()}
 
 
 # -------------------------------------------------------------------------------- LoRA ----
