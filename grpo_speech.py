@@ -887,8 +887,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta=0.02, epsilon=
         normaliser = loss_normaliser(mask, loss_type, max_completion_length)
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
-    else:
+    elif loss_type in ("dapo", "dr_grpo"):
         loss = (per_token * mask).sum() / normaliser
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
     with torch.no_grad():
         on = mask if off_policy is None else mask * (~off_policy[:, None]).float()
         n_on = on.sum().clamp(min=1)

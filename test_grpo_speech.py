@@ -696,8 +696,9 @@ def test_batch_indices_walk_each_epochs_permutation():
 
 
 def test_dr_grpo_two_processes_sum_to_the_one_process_gradient():
-    """Two halves of a batch, each padded to its own width and weighted as train() weights them
-    (prompts / B), give the summed gradient of the whole batch: what torchrun's all-reduce adds."""
+    """Two halves of a batch, each padded to its own width, normalised over its own rows and
+    weighted by its share of the prompts (1 / B each), give the summed gradient of the whole batch:
+    what torchrun's all-reduce adds."""
     G, B = 3, 2
     logp, old, ref, A, _, _ = _loss_inputs(seed=7, N=6, T=5)
     lengths = torch.tensor([2, 3, 1, 4, 5, 2])                 # widths 3 and 5 on the two processes
@@ -2635,8 +2636,14 @@ def test_bf16_base_weights_move_the_first_step_loss_little(model_tok, fixture_mo
 
 
 def test_nothing_of_the_trained_model_outlives_train_with_grad_checkpointing(fixture_model_dir, tiny_data,
-                                                                            tmp_path):
+                                                                            tmp_path, monkeypatch):
+    """train() wraps each LM layer in a checkpoint for the update (and only then: sampling and pi_ref
+    run without gradients), and nothing of the model outlives it: the wrappers are undone."""
     import weakref
+    calls = []
+    checkpointed = gs.checkpointed
+    monkeypatch.setattr(gs, "checkpointed", lambda *a, **k: calls.append(torch.is_grad_enabled())
+                        or checkpointed(*a, **k))
     cfg = gs.resolve_config(gs.Config(model=str(fixture_model_dir), data=str(tiny_data / "ast"),
                                       out=str(tmp_path), mode="grpo", max_steps=1, eval_every=1,
                                       dev_limit=1, batch_size=2, group_size=2, max_new_tokens=4,
@@ -2644,6 +2651,10 @@ def test_nothing_of_the_trained_model_outlives_train_with_grad_checkpointing(fix
     model, tok = gs.load_model(cfg.model, torch.device("cpu"))
     splits = {k: gs.SpeechData(v) for k, v in gs.load_splits(cfg.data, "ast", ("train", "dev")).items()}
     gs.train(cfg, model, tok, splits, tmp_path, nullamp, torch.device("cpu"))
+    layers = len(model.model.language_model.layers)
+    # the update's two passes (the prompts, then the completions on their cache) checkpointed, each layer
+    assert calls.count(True) == 2 * layers and len(calls) > 2 * layers
+    assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)
     alive = [weakref.ref(t) for t in [*model.parameters(), *model.buffers()]]
     del model
     assert [r for r in alive if r() is not None] == []          # no cycle: freed without gc.collect()
@@ -3479,3 +3490,10 @@ def test_bench_full_size_phases_name_functions_of_grpo_speech():
     import bench_grpo_speech as bench
     assert all(callable(getattr(gs, name, None)) for name in [*bench.PHASES, "train"])
     assert set(bench.ORDER) == {p for phases in bench.PHASES.values() for p in phases.values()} | {"other"}
+
+
+def test_grpo_loss_refuses_an_unknown_loss_type_with_or_without_a_normaliser():
+    logp, old, ref, A, _, mask = _loss_inputs(seed=3, N=4, T=3)
+    for normaliser in (None, torch.tensor(5.0)):
+        with pytest.raises(ValueError, match="unknown loss_type 'bnpo'"):
+            gs.grpo_loss(logp, old, ref, A, mask, loss_type="bnpo", normaliser=normaliser)
