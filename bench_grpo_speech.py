@@ -182,6 +182,11 @@ METHODS = [("SFT", "sft", False), ("GRPO", "grpo", False), ("MP-GRPO", "mp-grpo"
            ("SFT → GRPO", "grpo", True), ("SFT → SFT", "sft", True)]
 
 
+def method_seeds(args, seeds: list, from_sft: bool) -> list:
+    """The seeds a --compare method runs: all of them, or --continued-seeds K's first K for SFT -> X."""
+    return seeds[:args.continued_seeds] if from_sft and args.continued_seeds else seeds
+
+
 def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
     """root/<task>-<mode>-s<seed>, the mode prefixed by sft- for SFT -> X: e.g. ast-sft-grpo-s0."""
     _, mode, from_sft = next(m for m in METHODS if m[0] == label)
@@ -212,8 +217,9 @@ def side_by_side(args, jobs: list, job) -> dict:
 
 
 def sweep_header(args, command: str, seeds: list, steps: int, t0: float) -> str:
-    return (f"`{command}` ({seeds_phrase(seeds)}; {steps} steps per run; {(time.time() - t0) / 60:.1f} min on "
-            f"this machine, {os.cpu_count()} CPU cores, {args.jobs} runs side by side).")
+    # runs already done are kept, so the wall time is of this call's runs only (none: every run was there)
+    return (f"`{command}` ({seeds_phrase(seeds)}; {steps} steps per run; {os.cpu_count()} CPU cores, "
+            f"{args.jobs} runs side by side; {(time.time() - t0) / 60:.1f} min for the runs this call made).")
 
 
 def seeds_phrase(seeds: list) -> str:
@@ -242,7 +248,7 @@ def compare(args) -> None:
     t0 = time.time()
     # two phases: the SFT -> X runs start from the best/ checkpoint of a finished SFT run
     methods = [m for m in METHODS if not (args.no_continued and m[2])]
-    jobs = [(task, m, seed) for task in tasks for m in methods for seed in seeds]
+    jobs = [(task, m, seed) for task in tasks for m in methods for seed in method_seeds(args, seeds, m[2])]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def job(j):
@@ -258,10 +264,13 @@ def compare(args) -> None:
         sft = [done[(task, "SFT", s)] for s in seeds]
         rows.append((task, "start model", f"{sft[0]['base']['bleu']:.1f}", f"{sft[0]['base']['chrf']:.1f}",
                      *(mean_std([r["base_sample"][m] for r in sft]) for m in ("bleu", "chrf"))))
-        for label, _, _ in methods:
-            rows.append((task, label, *(mean_std([done[(task, label, s)][k][m] for s in seeds])
-                                        for k in ("final", "final_sample") for m in ("bleu", "chrf"))))
+        for label, _, from_sft in methods:
+            ss = method_seeds(args, seeds, from_sft)
+            rows.append((task, label + (f" ({seeds_phrase(ss)})" if ss != seeds else ""),
+                         *(mean_std([done[(task, label, s)][k][m] for s in ss])
+                           for k in ("final", "final_sample") for m in ("bleu", "chrf"))))
     command += " --no-continued" if args.no_continued else ""
+    command += f" --continued-seeds {args.continued_seeds}" if args.continued_seeds else ""
     table = md_table(["task", "method", "greedy BLEU", "greedy chrF", "sampled BLEU", "sampled chrF"], rows)
     test = "its first 100 utterances" if args.quick else "200 ast / 150 sqa utterances"
     text = (f"{sweep_header(args, command, seeds, steps, t0)} Each cell: the best-on-dev checkpoint (greedy dev "
@@ -274,7 +283,8 @@ def compare(args) -> None:
             f"of X (fresh optimizer and schedule, reference model = that checkpoint).") +
             f"\n\n{table}\n")
     publish(root / "table.md", text, None if args.out else "compare-quick" if args.quick else "compare")
-    plot_curves(root, tasks, seeds, args.quick or bool(args.out), methods)
+    plot_curves(root, tasks, seeds, args.quick or bool(args.out), methods,
+                lambda from_sft: method_seeds(args, seeds, from_sft))
 
 
 ABLATION_REWARDS = ("bleu", "rouge-1", "rouge-2", "rouge-l", "chrf")
@@ -324,7 +334,7 @@ def ablation(args) -> None:
     publish(root / "table.md", text, None if args.out else "ablation-quick" if args.quick else "ablation")
 
 
-def plot_curves(root: Path, tasks, seeds, scratch: bool, methods) -> None:
+def plot_curves(root: Path, tasks, seeds, scratch: bool, methods, seeds_of=None) -> None:
     """Sampled reward, policy entropy and greedy dev BLEU against step, each the mean over seeds."""
     try:
         import matplotlib
@@ -337,9 +347,9 @@ def plot_curves(root: Path, tasks, seeds, scratch: bool, methods) -> None:
     n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     smooth = lambda ys, k=20: [statistics.mean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
     for col, task in enumerate(tasks):
-        for label, mode, _ in methods:
-            runs = [[json.loads(l) for l in
-                     (run_dir(root, task, label, s) / "metrics.jsonl").open()] for s in seeds]
+        for label, mode, from_sft in methods:
+            runs = [[json.loads(l) for l in (run_dir(root, task, label, s) / "metrics.jsonl").open()]
+                    for s in (seeds_of(from_sft) if seeds_of else seeds)]
             mean_of = lambda key: [statistics.mean(v) for v in
                                    zip(*[[r[key] for r in run if key in r] for run in runs])]
             if mode != "sft":  # SFT samples nothing: no reward
@@ -398,11 +408,14 @@ def voices(args) -> None:
         raise gs.InputError(f"{root}: no --compare runs (python bench_grpo_speech.py --compare writes them)")
     # (method, the run whose hyps_<kind>*.jsonl it is scored by)
     methods = [("start model", "SFT", "base")] + [(label, label, "final") for label, _, _ in METHODS]
+    from_sft = {label: f for label, _, f in METHODS} | {"start model": False}
     decodings = (("greedy", ""), ("sampled", "_sample"))
     bleu, ids = collections.defaultdict(list), {}
     for task in ("ast", "sqa"):
         sets = voice_sets(task)
         for (method, run, kind), (decoding, suffix), seed in itertools.product(methods, decodings, seeds):
+            if seed not in method_seeds(args, seeds, from_sft[method]):
+                continue
             path = run_dir(root, task, run, seed) / f"hyps_{kind}{suffix}.jsonl"
             if not path.is_file():
                 raise gs.InputError(f"{path}: missing (--compare writes it; seeds {seeds} found)")
@@ -427,10 +440,14 @@ def voices(args) -> None:
     gains = md_table(["task", "gain", *(f"{d} {s}" for d, _ in decodings for s in "ABC")],
                      [[t, f"{m} over {base}", *(gain(t, m, d, s, base) for d, _ in decodings for s in "ABC")]
                       for t in ids for m, base in [*((m, "start model") for m, _, _ in methods[1:]), ("SFT", "GRPO")]])
-    text = (f"`python bench_grpo_speech.py --voices`: the comparison's test hypotheses (hyps_final*.jsonl of "
+    command = "python bench_grpo_speech.py --voices" + (f" --continued-seeds {args.continued_seeds}"
+                                                        if args.continued_seeds else "")
+    text = (f"`{command}`: the comparison's test hypotheses (hyps_final*.jsonl of "
             f"each run, the start model's hyps_base*.jsonl of the SFT runs), corpus BLEU per voice set of the "
             f"speaker (data/audio/synthesis.jsonl; utterances ast / sqa in each header), mean ± std over "
-            f"{seeds_phrase(seeds)}.\n\n{table}\n\nDifferences of the means (BLEU points):\n\n{gains}\n")
+            f"{seeds_phrase(seeds)}"
+            + (f" (SFT → X: the first {args.continued_seeds})" if args.continued_seeds else "")
+            + f".\n\n{table}\n\nDifferences of the means (BLEU points):\n\n{gains}\n")
     publish(root / "voices.md", text, None if args.out else "voices")
 
 
@@ -1414,6 +1431,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="with --compare / --ablation: one seed, 100 steps")
     p.add_argument("--no-continued", action="store_true",
                    help="with --compare: SFT, GRPO and MP-GRPO only (no SFT -> X runs)")
+    p.add_argument("--continued-seeds", type=int, default=0, metavar="K",
+                   help="with --compare / --voices: SFT -> GRPO and SFT -> SFT on the first K seeds only (0: all)")
     p.add_argument("--steps", type=int, default=0,
                    help="steps per run: --compare, --ablation 300 (--quick 100), --full-size 3, --contention 20")
     p.add_argument("--jobs", type=int, default=2,
